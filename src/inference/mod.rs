@@ -1,0 +1,5 @@
+//! Text generation.
+
+pub mod kv_cache;
+
+pub use kv_cache::KvCache;

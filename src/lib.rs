@@ -1,0 +1,18 @@
+//! metal-candle: LoRA fine-tuning, text generation and sentence embeddings
+//! in pure Rust, on [Candle](https://github.com/huggingface/candle).
+//!
+//! - [`models`]: loading (directory, Hugging Face cache, GGUF) and the Qwen2 decoder.
+//! - [`inference`]: generation with a KV cache, sampling and streaming.
+//! - [`training`]: LoRA adapters, optimizer, datasets and the trainer.
+//! - [`embeddings`]: BERT-family and MPNet sentence embeddings.
+//! - [`backend`]: devices, dtype policy and custom kernels.
+
+pub mod backend;
+pub mod embeddings;
+pub mod error;
+pub mod inference;
+pub mod models;
+pub mod training;
+
+pub use backend::Device;
+pub use error::{Error, Result};

@@ -1,0 +1,339 @@
+//! Checkpoint loading: safetensors (single file or sharded, memory-mapped),
+//! header-only inspection, and [`Weights`], the name → tensor source that
+//! models are built from.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+
+use super::hub::ModelRepo;
+use crate::error::{Error, Result};
+
+/// One tensor as described by a checkpoint header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    /// Tensor name.
+    pub name: String,
+    /// Stored dtype (`F32`, `BF16`, …, or a GGUF quantization type).
+    pub dtype: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+}
+
+impl TensorInfo {
+    /// Number of elements.
+    #[must_use]
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// What [`ModelLoader::inspect`] reports.
+#[derive(Debug, Clone)]
+pub struct CheckpointInfo {
+    /// The files read.
+    pub files: Vec<PathBuf>,
+    /// Every tensor, sorted by name.
+    pub tensors: Vec<TensorInfo>,
+}
+
+impl CheckpointInfo {
+    /// Total number of parameters.
+    #[must_use]
+    pub fn parameter_count(&self) -> usize {
+        self.tensors.iter().map(TensorInfo::numel).sum()
+    }
+}
+
+/// Finds and reads checkpoint files.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelLoader;
+
+impl ModelLoader {
+    /// The safetensors files of a model: `model.safetensors`, or the shards
+    /// listed in `model.safetensors.index.json`.
+    ///
+    /// # Errors
+    /// Fails when neither exists or the index is malformed.
+    pub fn safetensors_files(repo: &ModelRepo) -> Result<Vec<PathBuf>> {
+        if let Some(index) = repo.get_optional("model.safetensors.index.json")? {
+            #[derive(Deserialize)]
+            struct Index {
+                weight_map: BTreeMap<String, String>,
+            }
+            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+            let parsed: Index =
+                serde_json::from_str(&text).map_err(|e| Error::InvalidCheckpoint {
+                    path: index.clone(),
+                    message: format!("malformed shard index: {e}"),
+                })?;
+            let mut shards: Vec<&String> = parsed.weight_map.values().collect();
+            shards.sort();
+            shards.dedup();
+            return shards.into_iter().map(|s| repo.get(s)).collect();
+        }
+        match repo.get_optional("model.safetensors")? {
+            Some(p) => Ok(vec![p]),
+            None => Err(Error::ModelNotFound(format!(
+                "{} has neither model.safetensors nor model.safetensors.index.json",
+                repo.describe()
+            ))),
+        }
+    }
+
+    /// Names, shapes and dtypes of every tensor of a model, reading only the
+    /// file headers (no tensor data).
+    ///
+    /// # Errors
+    /// Fails when the files are missing, truncated or malformed.
+    pub fn inspect(repo: &ModelRepo) -> Result<CheckpointInfo> {
+        let files = Self::safetensors_files(repo)?;
+        Self::inspect_files(&files)
+    }
+
+    /// [`ModelLoader::inspect`] for explicit safetensors files.
+    ///
+    /// # Errors
+    /// Fails when a file is missing, truncated or malformed.
+    pub fn inspect_files(files: &[PathBuf]) -> Result<CheckpointInfo> {
+        let mut tensors = Vec::new();
+        for f in files {
+            tensors.extend(read_safetensors_header(f)?);
+        }
+        tensors.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(CheckpointInfo {
+            files: files.to_vec(),
+            tensors,
+        })
+    }
+
+    /// Memory-maps safetensors files as a [`Weights`] source that converts
+    /// tensors to `dtype` on `device` as they are read.
+    ///
+    /// # Errors
+    /// Fails when a file is missing, truncated or malformed.
+    pub fn load_safetensors(files: &[PathBuf], dtype: DType, device: &Device) -> Result<Weights> {
+        let mut shards = Vec::with_capacity(files.len());
+        let mut index = HashMap::new();
+        for (i, f) in files.iter().enumerate() {
+            // Validate the header ourselves first: it turns a truncated or
+            // corrupt file into a clear error naming the file.
+            for t in read_safetensors_header(f)? {
+                index.insert(t.name, i);
+            }
+            // SAFETY: the file is mapped read-only; like every safetensors
+            // reader we assume it is not modified while mapped.
+            let st =
+                unsafe { MmapedSafetensors::new(f) }.map_err(|e| Error::InvalidCheckpoint {
+                    path: f.clone(),
+                    message: e.to_string(),
+                })?;
+            shards.push(st);
+        }
+        Ok(Weights {
+            source: Source::Safetensors { shards, index },
+            location: files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            dtype,
+            device: device.clone(),
+        })
+    }
+}
+
+/// Parses a safetensors header and checks it against the file size.
+fn read_safetensors_header(path: &Path) -> Result<Vec<TensorInfo>> {
+    let bad = |message: String| Error::InvalidCheckpoint {
+        path: path.to_path_buf(),
+        message,
+    };
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut len_bytes = [0u8; 8];
+    file.read_exact(&mut len_bytes)
+        .map_err(|_| bad("file is shorter than a safetensors header".into()))?;
+    let header_len = u64::from_le_bytes(len_bytes);
+    if header_len > 100_000_000 || 8 + header_len > file_len {
+        return Err(bad(format!(
+            "header length {header_len} does not fit a file of {file_len} bytes (truncated or not safetensors)"
+        )));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| bad(format!("cannot read header: {e}")))?;
+    let parsed: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("header is not JSON: {e}")))?;
+    let data_len = file_len - 8 - header_len;
+    let mut out = Vec::new();
+    for (name, v) in parsed {
+        if name == "__metadata__" {
+            continue;
+        }
+        #[derive(Deserialize)]
+        struct Entry {
+            dtype: String,
+            shape: Vec<usize>,
+            data_offsets: (u64, u64),
+        }
+        let e: Entry = serde_json::from_value(v)
+            .map_err(|e| bad(format!("bad header entry for `{name}`: {e}")))?;
+        let elem = dtype_size(&e.dtype)
+            .ok_or_else(|| bad(format!("`{name}` has unknown dtype {}", e.dtype)))?;
+        let (start, end) = e.data_offsets;
+        let numel: u64 = e.shape.iter().map(|&d| d as u64).product();
+        if end < start || end - start != numel * elem {
+            return Err(bad(format!(
+                "`{name}`: data offsets {start}..{end} do not match shape {:?} of {}",
+                e.shape, e.dtype
+            )));
+        }
+        if end > data_len {
+            return Err(bad(format!(
+                "`{name}` ends at byte {end} but the file holds {data_len} data bytes (truncated?)"
+            )));
+        }
+        out.push(TensorInfo {
+            name,
+            dtype: e.dtype,
+            shape: e.shape,
+        });
+    }
+    Ok(out)
+}
+
+fn dtype_size(dtype: &str) -> Option<u64> {
+    Some(match dtype {
+        "BOOL" | "U8" | "I8" | "F8_E4M3" | "F8_E5M2" => 1,
+        "U16" | "I16" | "F16" | "BF16" => 2,
+        "U32" | "I32" | "F32" => 4,
+        "U64" | "I64" | "F64" => 8,
+        _ => return None,
+    })
+}
+
+enum Source {
+    Safetensors {
+        shards: Vec<MmapedSafetensors>,
+        index: HashMap<String, usize>,
+    },
+    Tensors(HashMap<String, Tensor>),
+}
+
+/// A checkpoint's tensors by name, read on demand and converted to one dtype
+/// on one device. Models are built from this.
+pub struct Weights {
+    source: Source,
+    location: String,
+    dtype: DType,
+    device: Device,
+}
+
+impl std::fmt::Debug for Weights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Weights")
+            .field("location", &self.location)
+            .field("dtype", &self.dtype)
+            .field("device", &self.device)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Weights {
+    /// Weights from tensors already in memory (tests, GGUF, merged adapters).
+    /// Tensors are converted to `dtype` and moved to `device` when read.
+    #[must_use]
+    pub fn from_tensors(
+        tensors: HashMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+        location: &str,
+    ) -> Self {
+        Self {
+            source: Source::Tensors(tensors),
+            location: location.to_string(),
+            dtype,
+            device: device.clone(),
+        }
+    }
+
+    /// The dtype tensors are converted to.
+    #[must_use]
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device tensors are moved to.
+    #[must_use]
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Whether a tensor of that name exists.
+    #[must_use]
+    pub fn contains(&self, name: &str) -> bool {
+        match &self.source {
+            Source::Safetensors { index, .. } => index.contains_key(name),
+            Source::Tensors(t) => t.contains_key(name),
+        }
+    }
+
+    /// Every tensor name, sorted.
+    #[must_use]
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = match &self.source {
+            Source::Safetensors { index, .. } => index.keys().cloned().collect(),
+            Source::Tensors(t) => t.keys().cloned().collect(),
+        };
+        names.sort();
+        names
+    }
+
+    /// Reads tensor `name`, checking it has `shape`.
+    ///
+    /// # Errors
+    /// [`Error::MissingTensor`] or [`Error::ShapeMismatch`].
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.get_opt(name, shape)?
+            .ok_or_else(|| Error::MissingTensor {
+                name: name.to_string(),
+                location: self.location.clone(),
+            })
+    }
+
+    /// Like [`Weights::get`] but `Ok(None)` when the tensor does not exist.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`], or a read failure.
+    pub fn get_opt(&self, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
+        let actual: Vec<usize> = match &self.source {
+            Source::Safetensors { shards, index } => match index.get(name) {
+                Some(&i) => shards[i].get(name)?.shape().to_vec(),
+                None => return Ok(None),
+            },
+            Source::Tensors(t) => match t.get(name) {
+                Some(t) => t.dims().to_vec(),
+                None => return Ok(None),
+            },
+        };
+        if actual != shape {
+            return Err(Error::ShapeMismatch {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                actual,
+            });
+        }
+        let t = match &self.source {
+            Source::Safetensors { shards, index } => {
+                shards[index[name]].load(name, &Device::Cpu)?
+            }
+            Source::Tensors(t) => t[name].clone(),
+        };
+        Ok(Some(t.to_dtype(self.dtype)?.to_device(&self.device)?))
+    }
+}

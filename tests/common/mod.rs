@@ -1,0 +1,53 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+
+/// `tests/fixtures/<name>`.
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("fixtures")
+        .join(name)
+}
+
+/// Loads a fixture's `reference.safetensors` (written by scripts/make_fixtures.py).
+pub fn reference(name: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture(name).join("reference.safetensors"), &Device::Cpu)
+        .expect("reference fixture")
+}
+
+/// Largest absolute difference between two tensors of the same shape.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    let a = a.to_dtype(candle_core::DType::F32).unwrap();
+    let b = b.to_dtype(candle_core::DType::F32).unwrap();
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Device for the tests: CUDA when the `cuda` feature is on and
+/// `METAL_CANDLE_TEST_DEVICE=cuda`, else the CPU.
+pub fn device() -> Device {
+    match std::env::var("METAL_CANDLE_TEST_DEVICE").as_deref() {
+        Ok("cuda") => Device::new_cuda(0).expect("CUDA device"),
+        _ => Device::Cpu,
+    }
+}
+
+/// True when the real-model tier is enabled (`METAL_CANDLE_REAL_MODELS=1`).
+/// Those tests need `scripts/fetch-models.sh` to have run.
+pub fn real_models() -> bool {
+    std::env::var("METAL_CANDLE_REAL_MODELS").is_ok_and(|v| v == "1")
+}
