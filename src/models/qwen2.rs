@@ -168,7 +168,8 @@ impl Qwen2Config {
                 return Err(format!("RoPE scaling `{}` is not supported", rope_type(v)));
             }
         }
-        if !(self.rms_norm_eps > 0.0) || !(self.rope_theta() > 0.0) {
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        if !positive(self.rms_norm_eps) || !positive(self.rope_theta()) {
             return Err("rms_norm_eps and rope_theta must be positive".into());
         }
         Ok(())
@@ -391,9 +392,16 @@ impl Qwen2Model {
             let g = super::gguf::GgufModel::load(&gguf, dtype, device)?;
             return Self::new(&g.config, &g.weights);
         }
-        let repo = ModelRepo::open(source)?;
+        Self::from_repo(&ModelRepo::open(source)?, dtype, device)
+    }
+
+    /// Loads `config.json` and the safetensors weights of `repo` as `dtype`.
+    ///
+    /// # Errors
+    /// Missing files, malformed config or checkpoint, wrong shapes.
+    pub fn from_repo(repo: &ModelRepo, dtype: DType, device: &Device) -> Result<Self> {
         let config = Qwen2Config::from_file(&repo.get("config.json")?)?;
-        let files = ModelLoader::safetensors_files(&repo)?;
+        let files = ModelLoader::safetensors_files(repo)?;
         let weights = ModelLoader::load_safetensors(&files, dtype, device)?;
         tracing::info!(
             "loaded {} ({} layers, hidden {}) as {dtype:?} on {device:?}",
