@@ -6,6 +6,8 @@
 
 pub use candle_core::{DType, Device};
 
+pub mod kernels;
+
 use crate::error::{Error, Result};
 
 /// The CPU device.

@@ -135,7 +135,7 @@ impl Linear {
     }
 }
 
-/// Root-mean-square layer norm, computed in f32 like transformers.
+/// Root-mean-square layer norm, statistics in f32 like transformers.
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
     weight: Tensor,
@@ -161,12 +161,9 @@ impl RmsNorm {
     pub fn forward(&self, x: &Tensor, mode: OpsMode) -> candle_core::Result<Tensor> {
         match mode {
             OpsMode::Fused => candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32),
+            // Our fused kernel has a backward pass (Candle's has none).
             OpsMode::Differentiable => {
-                let dtype = x.dtype();
-                let x = x.to_dtype(DType::F32)?;
-                let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-                let x = x.broadcast_mul(&(var + self.eps)?.sqrt()?.recip()?)?;
-                x.to_dtype(dtype)?.broadcast_mul(&self.weight)
+                crate::backend::kernels::rms_norm(x, &self.weight, self.eps as f32)
             }
         }
     }
