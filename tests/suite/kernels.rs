@@ -1,10 +1,8 @@
 //! Our fused kernels against compositions of Candle's differentiable ops:
 //! forward values and gradients (runs on CUDA too: METAL_CANDLE_TEST_DEVICE=cuda).
 
-mod common;
-
+use crate::common::{device, max_abs_diff};
 use candle_core::{DType, Tensor, Var, D};
-use common::{device, max_abs_diff};
 use metal_candle::backend::kernels::rms_norm;
 
 /// The reference composition (transformers' Qwen2RMSNorm, op by op).

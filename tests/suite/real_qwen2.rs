@@ -3,10 +3,8 @@
 //! file (tests/fixtures/qwen2.5-coder-0.5b, scripts/fixtures/qwen2_real.py).
 //! Runs with METAL_CANDLE_REAL_MODELS=1 after scripts/fetch-models.sh.
 
-mod common;
-
+use crate::common::{device, fixture, real_models, reference};
 use candle_core::{DType, IndexOp};
-use common::{device, fixture, real_models, reference};
 use metal_candle::inference::{LanguageModel, TextTokenizer};
 
 pub const QWEN_CODER: &str =
@@ -70,7 +68,7 @@ fn qwen_coder_gguf_matches_transformers() {
             .to_dtype(DType::U32)
             .unwrap();
         let ours_top = logits.index_select(&top_ids, 0).unwrap();
-        let d = common::max_abs_diff(&ours_top, &r[&format!("prompt{i}_top_logits")]);
+        let d = crate::common::max_abs_diff(&ours_top, &r[&format!("prompt{i}_top_logits")]);
         // Same dequantized weights in f32; the difference is summation order.
         assert!(d < 2e-3, "prompt {i}: top-20 logits differ by {d}");
         let argmax = logits.argmax(0).unwrap().to_scalar::<u32>().unwrap();

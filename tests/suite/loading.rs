@@ -1,13 +1,11 @@
 //! Checkpoint loading: sharded vs single file, header inspection, the Hugging
 //! Face cache layout and offline mode, and clear errors for broken inputs.
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::Path;
 
+use crate::common::{fixture, max_abs_diff};
 use candle_core::{DType, Device, Tensor};
-use common::{fixture, max_abs_diff};
 use metal_candle::models::{ModelLoader, ModelRepo, Qwen2Model};
 use metal_candle::Error;
 
@@ -191,7 +189,7 @@ fn hub_repo_ids_resolve_through_the_hugging_face_cache_offline() {
         let status = std::process::Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
-                "hub_repo_ids_resolve_through_the_hugging_face_cache_offline",
+                "loading::hub_repo_ids_resolve_through_the_hugging_face_cache_offline",
                 "--nocapture",
             ])
             .env("METAL_CANDLE_HUB_CHILD", home.path())
@@ -201,6 +199,11 @@ fn hub_repo_ids_resolve_through_the_hugging_face_cache_offline() {
             .status()
             .unwrap();
         assert!(status.success());
+        // The child leaves a mark, so a filter that matched nothing fails here.
+        assert!(
+            home.path().join("child-ran").exists(),
+            "the offline child test did not run"
+        );
         return;
     }
     let home = std::path::PathBuf::from(std::env::var("METAL_CANDLE_HUB_CHILD").unwrap());
@@ -225,6 +228,7 @@ fn hub_repo_ids_resolve_through_the_hugging_face_cache_offline() {
         msg.contains(&home.join("hub").display().to_string()),
         "names the cache folder: {msg}"
     );
+    std::fs::write(home.join("child-ran"), "").unwrap();
 }
 
 #[test]

@@ -1,10 +1,8 @@
 //! Our Qwen2 against Hugging Face transformers on the tiny fixtures
 //! (scripts/make_fixtures.py): logits, padding, the KV cache, causality.
 
-mod common;
-
+use crate::common::{device, fixture, max_abs_diff, reference};
 use candle_core::{DType, IndexOp, Tensor};
-use common::{device, fixture, max_abs_diff, reference};
 use metal_candle::models::{OpsMode, Qwen2Model};
 
 const TOL: f32 = 1e-4;

@@ -1,0 +1,13 @@
+//! The integration test suite, one binary (fast to link, and the single file
+//! the GPU tier carries to the GPU machine).
+//!
+//! Fast tier: tiny models and committed reference fixtures. Real-model tier:
+//! modules gated by `common::real_models()` (METAL_CANDLE_REAL_MODELS=1).
+//! `METAL_CANDLE_TEST_DEVICE=cuda` runs everything on the GPU.
+
+mod common;
+
+mod kernels;
+mod loading;
+mod qwen2_parity;
+mod real_qwen2;
