@@ -6,11 +6,16 @@ use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 
-/// `tests/fixtures/<name>`.
+/// `tests/fixtures/<name>` (`METAL_CANDLE_FIXTURES` overrides the folder, for
+/// a test binary run from another checkout, e.g. on the GPU machine).
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests")
-        .join("fixtures")
+    std::env::var_os("METAL_CANDLE_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("tests")
+                .join("fixtures")
+        })
         .join(name)
 }
 

@@ -1,0 +1,296 @@
+//! Our side of the side-by-side benchmark (scripts/bench.sh runs it and
+//! scripts/peers.py on the same machine in one go, then prints one table).
+//!
+//! Weights are random with the real models' shapes (same shapes as the
+//! peer's). Each row: warm-up runs excluded, the device synchronized before
+//! every clock read, the median of `--repeats` runs. Output: one JSON object
+//! per row on stdout.
+//!
+//!     cargo run --release --example bench_compare -- --device cpu --suite generation --quick
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use clap::Parser;
+use metal_candle::backend::{parse_device, parse_dtype, synchronize};
+use metal_candle::models::{Qwen2Config, Qwen2Model, Weights};
+
+#[derive(Parser)]
+#[command(about = "metal-candle's side of the benchmark table (JSON lines on stdout)")]
+struct Args {
+    /// cpu, cuda, cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Which rows: generation, kernels, all.
+    #[arg(long, default_value = "all")]
+    suite: String,
+    /// Timed repeats per row (median reported).
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    /// Smaller shapes and fewer tokens (for a CPU smoke run).
+    #[arg(long)]
+    quick: bool,
+    /// dtype for the generation rows (default bf16 on CUDA, f32 on CPU).
+    #[arg(long)]
+    dtype: Option<String>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Runs `f` once to warm up, then `repeats` times; median seconds.
+fn time(device: &Device, repeats: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    synchronize(device)?;
+    let mut t = Vec::with_capacity(repeats);
+    for _ in 0..repeats {
+        synchronize(device)?;
+        let start = Instant::now();
+        f()?;
+        synchronize(device)?;
+        t.push(start.elapsed().as_secs_f64());
+    }
+    Ok(median(t))
+}
+
+fn emit(job: &str, row: &str, shape: &str, dtype: DType, value: f64, unit: &str) {
+    emit_as("metal-candle", job, row, shape, dtype, value, unit);
+}
+
+/// A row measured for another Rust implementation (stock Candle ops or
+/// candle-transformers models) in the same run.
+fn emit_as(imp: &str, job: &str, row: &str, shape: &str, dtype: DType, value: f64, unit: &str) {
+    println!(
+        "{}",
+        serde_json::json!({"impl": imp, "job": job, "row": row, "shape": shape,
+            "dtype": format!("{dtype:?}").to_lowercase(), "value": value, "unit": unit})
+    );
+}
+
+/// Qwen2.5-0.5B's shape (tied embeddings).
+fn qwen05b_config(quick: bool) -> Qwen2Config {
+    let layers = if quick { 4 } else { 24 };
+    serde_json::from_value(serde_json::json!({
+        "model_type": "qwen2", "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864,
+        "num_hidden_layers": layers, "num_attention_heads": 14, "num_key_value_heads": 2,
+        "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": true,
+    }))
+    .expect("static config")
+}
+
+/// Random N(0, 0.02) weights (norms 1) for every tensor `config` needs.
+fn random_qwen2(config: &Qwen2Config, dtype: DType, device: &Device) -> Result<Qwen2Model> {
+    let (h, i) = (config.hidden_size, config.intermediate_size);
+    let d = config.head_dim();
+    let (nh, nkv) = (config.num_attention_heads, config.num_key_value_heads);
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![
+        (
+            "model.embed_tokens.weight".into(),
+            vec![config.vocab_size, h],
+        ),
+        ("model.norm.weight".into(), vec![h]),
+    ];
+    for l in 0..config.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        for (n, s) in [
+            ("self_attn.q_proj.weight", vec![nh * d, h]),
+            ("self_attn.q_proj.bias", vec![nh * d]),
+            ("self_attn.k_proj.weight", vec![nkv * d, h]),
+            ("self_attn.k_proj.bias", vec![nkv * d]),
+            ("self_attn.v_proj.weight", vec![nkv * d, h]),
+            ("self_attn.v_proj.bias", vec![nkv * d]),
+            ("self_attn.o_proj.weight", vec![h, nh * d]),
+            ("mlp.gate_proj.weight", vec![i, h]),
+            ("mlp.up_proj.weight", vec![i, h]),
+            ("mlp.down_proj.weight", vec![h, i]),
+            ("input_layernorm.weight", vec![h]),
+            ("post_attention_layernorm.weight", vec![h]),
+        ] {
+            shapes.push((format!("{p}.{n}"), s));
+        }
+    }
+    let mut tensors = HashMap::new();
+    for (name, shape) in shapes {
+        let t = if name.ends_with("norm.weight") {
+            Tensor::ones(shape, dtype, device)?
+        } else {
+            Tensor::randn(0f32, 0.02, shape, device)?.to_dtype(dtype)?
+        };
+        tensors.insert(name, t);
+    }
+    Ok(Qwen2Model::new(
+        config,
+        &Weights::from_tensors(tensors, dtype, device, "random"),
+    )?)
+}
+
+fn random_ids(b: usize, s: usize, vocab: usize, device: &Device) -> Result<Tensor> {
+    let ids: Vec<u32> = (0..b * s)
+        .map(|k| ((k as u64 * 2_654_435_761) % vocab as u64) as u32)
+        .collect();
+    Ok(Tensor::from_vec(ids, (b, s), device)?)
+}
+
+fn bench_generation(args: &Args, device: &Device) -> Result<()> {
+    let dtype = match &args.dtype {
+        Some(d) => parse_dtype(d)?,
+        None => metal_candle::backend::default_dtype(device),
+    };
+    let cfg = qwen05b_config(args.quick);
+    let model = random_qwen2(&cfg, dtype, device)?;
+    let prompts: &[usize] = if args.quick { &[32] } else { &[128, 1024] };
+    for &p in prompts {
+        let ids = random_ids(1, p, cfg.vocab_size, device)?;
+        let secs = time(device, args.repeats, || {
+            let mut cache = model.new_cache();
+            model.forward_last(&ids, None, Some(&mut cache))?;
+            Ok(())
+        })?;
+        emit(
+            "generation",
+            "prefill",
+            &format!("b1 prompt{p}"),
+            dtype,
+            p as f64 / secs,
+            "tok/s",
+        );
+    }
+    let new_tokens = if args.quick { 16 } else { 256 };
+    for b in [1usize, 8] {
+        let prompt = random_ids(b, 32, cfg.vocab_size, device)?;
+        let secs = time(device, args.repeats.min(3), || {
+            // Greedy decoding with the KV cache: argmax stays on the device.
+            let mut cache = model.new_cache();
+            let mut next = model
+                .forward_last(&prompt, None, Some(&mut cache))?
+                .argmax_keepdim(1)?;
+            for _ in 1..new_tokens {
+                next = model
+                    .forward_last(&next, None, Some(&mut cache))?
+                    .argmax_keepdim(1)?;
+            }
+            Ok(())
+        })?;
+        emit(
+            "generation",
+            "decode",
+            &format!("b{b} prompt32 new{new_tokens}"),
+            dtype,
+            (b * new_tokens) as f64 / secs,
+            "tok/s",
+        );
+    }
+    Ok(())
+}
+
+fn bench_kernels(args: &Args, device: &Device) -> Result<()> {
+    // RMSNorm over Qwen2.5-0.5B activations: batch 8 x 512 tokens x 896.
+    let dtype = metal_candle::backend::default_dtype(device);
+    let x = Tensor::randn(0f32, 1.0, (8, 512, 896), device)?.to_dtype(dtype)?;
+    let w = Tensor::randn(1f32, 0.1, 896, device)?.to_dtype(dtype)?;
+    let n = 50;
+    let ours = time(device, args.repeats, || {
+        for _ in 0..n {
+            metal_candle::backend::kernels::rms_norm(&x, &w, 1e-6)?;
+        }
+        Ok(())
+    })?;
+    emit(
+        "kernels",
+        "rms_norm fwd",
+        "8x512x896",
+        dtype,
+        ours / n as f64 * 1e6,
+        "us",
+    );
+    let fused = time(device, args.repeats, || {
+        for _ in 0..n {
+            candle_nn::ops::rms_norm(&x, &w, 1e-6)?;
+        }
+        Ok(())
+    })?;
+    emit_as(
+        "candle fused (no backward)",
+        "kernels",
+        "rms_norm fwd",
+        "8x512x896",
+        dtype,
+        fused / n as f64 * 1e6,
+        "us",
+    );
+    let composed = time(device, args.repeats, || {
+        for _ in 0..n {
+            let xf = x.to_dtype(DType::F32)?;
+            let r = (xf.sqr()?.mean_keepdim(2)? + 1e-6)?.sqrt()?.recip()?;
+            xf.broadcast_mul(&r)?.to_dtype(dtype)?.broadcast_mul(&w)?;
+        }
+        Ok(())
+    })?;
+    emit_as(
+        "candle composed ops",
+        "kernels",
+        "rms_norm fwd",
+        "8x512x896",
+        dtype,
+        composed / n as f64 * 1e6,
+        "us",
+    );
+    // Forward + backward, ours vs composed.
+    let xv = candle_core::Var::from_tensor(&x)?;
+    let fb_ours = time(device, args.repeats, || {
+        for _ in 0..n / 5 {
+            metal_candle::backend::kernels::rms_norm(xv.as_tensor(), &w, 1e-6)?
+                .sum_all()?
+                .backward()?;
+        }
+        Ok(())
+    })?;
+    emit(
+        "kernels",
+        "rms_norm fwd+bwd",
+        "8x512x896",
+        dtype,
+        fb_ours / (n / 5) as f64 * 1e6,
+        "us",
+    );
+    let fb_comp = time(device, args.repeats, || {
+        for _ in 0..n / 5 {
+            let xf = xv.as_tensor().to_dtype(DType::F32)?;
+            let r = (xf.sqr()?.mean_keepdim(2)? + 1e-6)?.sqrt()?.recip()?;
+            xf.broadcast_mul(&r)?
+                .to_dtype(dtype)?
+                .broadcast_mul(&w)?
+                .sum_all()?
+                .backward()?;
+        }
+        Ok(())
+    })?;
+    emit_as(
+        "candle composed ops",
+        "kernels",
+        "rms_norm fwd+bwd",
+        "8x512x896",
+        dtype,
+        fb_comp / (n / 5) as f64 * 1e6,
+        "us",
+    );
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let device = parse_device(&args.device)?;
+    let all = args.suite == "all";
+    if all || args.suite == "kernels" {
+        bench_kernels(&args, &device)?;
+    }
+    if all || args.suite == "generation" {
+        bench_generation(&args, &device)?;
+    }
+    Ok(())
+}
