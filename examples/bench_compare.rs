@@ -37,6 +37,8 @@ struct Args {
     dtype: Option<String>,
 }
 
+const STOCK: &str = "candle-transformers (stock Candle)";
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -84,7 +86,11 @@ fn qwen05b_config(quick: bool) -> Qwen2Config {
 }
 
 /// Random N(0, 0.02) weights (norms 1) for every tensor `config` needs.
-fn random_qwen2(config: &Qwen2Config, dtype: DType, device: &Device) -> Result<Qwen2Model> {
+fn random_qwen2_tensors(
+    config: &Qwen2Config,
+    dtype: DType,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
     let (h, i) = (config.hidden_size, config.intermediate_size);
     let d = config.head_dim();
     let (nh, nkv) = (config.num_attention_heads, config.num_key_value_heads);
@@ -123,10 +129,35 @@ fn random_qwen2(config: &Qwen2Config, dtype: DType, device: &Device) -> Result<Q
         };
         tensors.insert(name, t);
     }
-    Ok(Qwen2Model::new(
-        config,
-        &Weights::from_tensors(tensors, dtype, device, "random"),
-    )?)
+    Ok(tensors)
+}
+
+/// candle-transformers' Qwen2 on the same weights: the stock-Candle peer.
+fn candle_transformers_qwen2(
+    cfg: &Qwen2Config,
+    tensors: HashMap<String, Tensor>,
+    dtype: DType,
+    device: &Device,
+) -> Result<candle_transformers::models::qwen2::ModelForCausalLM> {
+    use candle_transformers::models::qwen2::{Config, ModelForCausalLM};
+    let c = Config {
+        vocab_size: cfg.vocab_size,
+        hidden_size: cfg.hidden_size,
+        intermediate_size: cfg.intermediate_size,
+        num_hidden_layers: cfg.num_hidden_layers,
+        num_attention_heads: cfg.num_attention_heads,
+        num_key_value_heads: cfg.num_key_value_heads,
+        max_position_embeddings: cfg.max_position_embeddings,
+        sliding_window: cfg.max_position_embeddings,
+        max_window_layers: cfg.num_hidden_layers,
+        tie_word_embeddings: cfg.tie_word_embeddings,
+        rope_theta: cfg.rope_theta(),
+        rms_norm_eps: cfg.rms_norm_eps,
+        use_sliding_window: false,
+        hidden_act: candle_nn::Activation::Silu,
+    };
+    let vb = candle_nn::VarBuilder::from_tensors(tensors, dtype, device);
+    Ok(ModelForCausalLM::new(&c, vb)?)
 }
 
 fn random_ids(b: usize, s: usize, vocab: usize, device: &Device) -> Result<Tensor> {
@@ -142,7 +173,12 @@ fn bench_generation(args: &Args, device: &Device) -> Result<()> {
         None => metal_candle::backend::default_dtype(device),
     };
     let cfg = qwen05b_config(args.quick);
-    let model = random_qwen2(&cfg, dtype, device)?;
+    let tensors = random_qwen2_tensors(&cfg, dtype, device)?;
+    let model = Qwen2Model::new(
+        &cfg,
+        &Weights::from_tensors(tensors.clone(), dtype, device, "random"),
+    )?;
+    let mut stock = candle_transformers_qwen2(&cfg, tensors, dtype, device)?;
     let prompts: &[usize] = if args.quick { &[32] } else { &[128, 1024] };
     for &p in prompts {
         let ids = random_ids(1, p, cfg.vocab_size, device)?;
@@ -176,10 +212,31 @@ fn bench_generation(args: &Args, device: &Device) -> Result<()> {
             }
             Ok(())
         })?;
+        let shape = format!("b{b} prompt32 new{new_tokens}");
         emit(
             "generation",
             "decode",
-            &format!("b{b} prompt32 new{new_tokens}"),
+            &shape,
+            dtype,
+            (b * new_tokens) as f64 / secs,
+            "tok/s",
+        );
+        let secs = time(device, args.repeats.min(3), || {
+            stock.clear_kv_cache();
+            let mut next = stock.forward(&prompt, 0)?.squeeze(1)?.argmax_keepdim(1)?;
+            for t in 1..new_tokens {
+                next = stock
+                    .forward(&next, 32 + t - 1)?
+                    .squeeze(1)?
+                    .argmax_keepdim(1)?;
+            }
+            Ok(())
+        })?;
+        emit_as(
+            STOCK,
+            "generation",
+            "decode",
+            &shape,
             dtype,
             (b * new_tokens) as f64 / secs,
             "tok/s",
