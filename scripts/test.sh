@@ -10,6 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "${METAL_CANDLE_REAL_MODELS:-1}" = "1" ]; then
+  python3 scripts/test_fetch_models.py
   scripts/fetch-models.sh
   export METAL_CANDLE_REAL_MODELS=1 HF_HUB_OFFLINE=1
 else
