@@ -1,0 +1,121 @@
+//! `cargo bench`: CPU micro-benchmarks of the three jobs and the hot ops, on
+//! small random models (shapes in each name). For side-by-side numbers
+//! against peers see scripts/bench.sh and BENCHMARKS.md.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use criterion::{criterion_group, criterion_main, Criterion};
+use metal_candle::backend::kernels::rms_norm;
+use metal_candle::models::{OpsMode, Qwen2Config, Qwen2Model, Weights};
+
+fn small_qwen2(device: &Device) -> Qwen2Model {
+    let cfg: Qwen2Config = serde_json::from_value(serde_json::json!({
+        "vocab_size": 4096, "hidden_size": 256, "intermediate_size": 768,
+        "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
+        "max_position_embeddings": 2048, "rope_theta": 1e6, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": true
+    }))
+    .unwrap();
+    let (h, i, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
+    let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+    let mut t = HashMap::new();
+    let mut put = |name: String, shape: Vec<usize>| {
+        let v = if name.ends_with("norm.weight") {
+            Tensor::ones(shape, DType::F32, device).unwrap()
+        } else {
+            Tensor::randn(0f32, 0.05, shape, device).unwrap()
+        };
+        t.insert(name, v);
+    };
+    put("model.embed_tokens.weight".into(), vec![cfg.vocab_size, h]);
+    put("model.norm.weight".into(), vec![h]);
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        for (n, s) in [
+            ("self_attn.q_proj.weight", vec![nh * d, h]),
+            ("self_attn.q_proj.bias", vec![nh * d]),
+            ("self_attn.k_proj.weight", vec![nkv * d, h]),
+            ("self_attn.k_proj.bias", vec![nkv * d]),
+            ("self_attn.v_proj.weight", vec![nkv * d, h]),
+            ("self_attn.v_proj.bias", vec![nkv * d]),
+            ("self_attn.o_proj.weight", vec![h, nh * d]),
+            ("mlp.gate_proj.weight", vec![i, h]),
+            ("mlp.up_proj.weight", vec![i, h]),
+            ("mlp.down_proj.weight", vec![h, i]),
+            ("input_layernorm.weight", vec![h]),
+            ("post_attention_layernorm.weight", vec![h]),
+        ] {
+            put(format!("{p}.{n}"), s);
+        }
+    }
+    Qwen2Model::new(
+        &cfg,
+        &Weights::from_tensors(t, DType::F32, device, "random"),
+    )
+    .unwrap()
+}
+
+fn kernels(c: &mut Criterion) {
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (4, 128, 896), &dev).unwrap();
+    let w = Tensor::randn(1f32, 0.1, 896, &dev).unwrap();
+    c.bench_function("rms_norm fwd ours 4x128x896 f32", |b| {
+        b.iter(|| rms_norm(&x, &w, 1e-6).unwrap())
+    });
+    c.bench_function("rms_norm fwd candle-fused 4x128x896 f32", |b| {
+        b.iter(|| candle_nn::ops::rms_norm(&x, &w, 1e-6).unwrap())
+    });
+    let xv = Var::from_tensor(&x).unwrap();
+    c.bench_function("rms_norm fwd+bwd ours 4x128x896 f32", |b| {
+        b.iter(|| {
+            rms_norm(xv.as_tensor(), &w, 1e-6)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+        })
+    });
+}
+
+fn generation(c: &mut Criterion) {
+    let dev = Device::Cpu;
+    let model = small_qwen2(&dev);
+    let prompt = Tensor::arange(0u32, 64, &dev)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    c.bench_function("qwen2 small (4L h256) prefill 64 tokens", |b| {
+        b.iter(|| {
+            let mut cache = model.new_cache();
+            model.forward_last(&prompt, None, Some(&mut cache)).unwrap()
+        })
+    });
+    let mut cache = model.new_cache();
+    model.forward_last(&prompt, None, Some(&mut cache)).unwrap();
+    let next = Tensor::new(&[[7u32]], &dev).unwrap();
+    c.bench_function("qwen2 small (4L h256) decode step after 64", |b| {
+        b.iter_batched(
+            || cache.clone(),
+            |mut c| model.forward_last(&next, None, Some(&mut c)).unwrap(),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    let mut train = small_qwen2(&dev);
+    train.set_ops_mode(OpsMode::Differentiable);
+    let batch = Tensor::arange(0u32, 256, &dev)
+        .unwrap()
+        .reshape((2, 128))
+        .unwrap();
+    c.bench_function("qwen2 small (4L h256) differentiable forward 2x128", |b| {
+        b.iter(|| train.forward(&batch, None, None).unwrap())
+    });
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(10);
+    targets = kernels, generation
+}
+criterion_main!(benches);
