@@ -243,7 +243,7 @@ mod cuda {
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         use candle_core::cuda_backend::CudaStorageSlice as S;
         let (x, xl) = inputs[0];
-        let dev = x.device().clone();
+        let dev = x.device.clone();
         let shape = xl.shape().clone();
         let n = *shape.dims().last().unwrap_or(&1);
         let rows = shape.elem_count() / n.max(1);
