@@ -9,7 +9,7 @@ use candle_core::{DType, IndexOp, Tensor};
 use common::{device, fixture, max_abs_diff, reference};
 use metal_candle::embeddings::mpnet::relative_position_bucket;
 use metal_candle::embeddings::search::{cosine_similarity, top_k};
-use metal_candle::embeddings::{EmbeddingModel, EmbeddingModelType, PoolingMode};
+use metal_candle::embeddings::{EmbeddingModel, EmbeddingModelType, Pooling, PoolingMode};
 use metal_candle::models::ModelRepo;
 
 const TOL: f32 = 1e-4;
@@ -259,4 +259,36 @@ fn top_k_ranks_by_cosine_similarity() {
     assert!(top_k(&q, &corpus, 10).unwrap().len() == docs.len());
     let wrong = Tensor::zeros(7, DType::F32, &device()).unwrap();
     assert!(top_k(&wrong, &corpus, 1).is_err());
+}
+
+#[test]
+fn every_pooling_mode_matches_sentence_transformers_pooling() {
+    // cls, max, mean, mean_sqrt_len_tokens, weightedmean and lasttoken,
+    // concatenated, on transformers' token embeddings of a padded batch.
+    let name = "embed-tiny-bert-max";
+    let r = reference(name);
+    let modes = meta(name)["all_pooling_modes"].clone();
+    let pooling =
+        Pooling::from_json(&serde_json::json!({ "pooling_mode": modes }).to_string()).unwrap();
+    assert_eq!(pooling.modes.len(), 6);
+    let mask: Vec<Vec<u32>> = r["attention_mask"]
+        .to_vec2::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|row| row.into_iter().map(|v| v as u32).collect())
+        .collect();
+    let tokens = r["token_embeddings"].to_device(&device()).unwrap();
+    let ours = pooling.pool(&tokens, &mask).unwrap();
+    let d = max_abs_diff(&ours, &r["all_modes_pooled"]);
+    assert!(d <= 1e-5, "all pooling modes: max abs diff {d}");
+    // The legacy boolean format gives the same modes in the same order.
+    let legacy = Pooling::from_json(
+        r#"{"pooling_mode_cls_token": true, "pooling_mode_max_tokens": true,
+            "pooling_mode_mean_tokens": true, "pooling_mode_mean_sqrt_len_tokens": true,
+            "pooling_mode_weightedmean_tokens": true, "pooling_mode_lasttoken": true}"#,
+    )
+    .unwrap();
+    assert_eq!(legacy, pooling);
+    assert!(Pooling::from_json(r#"{"pooling_mode": "nope"}"#).is_err());
+    assert!(Pooling::from_json(r#"{"pooling_mode_mean_tokens": false}"#).is_err());
 }
