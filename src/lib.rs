@@ -15,4 +15,5 @@ pub mod models;
 pub mod training;
 
 pub use backend::Device;
+pub use embeddings::{EmbeddingModel, EmbeddingModelType};
 pub use error::{Error, Result};

@@ -1,5 +1,5 @@
 //! Transformer parts shared by our models: linear layers with an adapter
-//! hook, RMSNorm, rotary embeddings, attention masks and softmax.
+//! hook, RMSNorm, LayerNorm, rotary embeddings, attention masks and softmax.
 //!
 //! Candle's fused `rms_norm`, `softmax_last_dim` and `rope` kernels have no
 //! backward pass: gradients silently stop at them. Every part here therefore
@@ -164,6 +164,58 @@ impl RmsNorm {
             // Our fused kernel has a backward pass (Candle's has none).
             OpsMode::Differentiable => {
                 crate::backend::kernels::rms_norm(x, &self.weight, self.eps as f32)
+            }
+        }
+    }
+}
+
+/// Layer normalisation with a weight and a bias (BERT, MPNet).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// Loads `{prefix}.weight` and `{prefix}.bias`, both of shape `[dim]`.
+    ///
+    /// # Errors
+    /// Missing tensor or wrong shape.
+    pub fn load(w: &Weights, prefix: &str, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: w.get(&format!("{prefix}.weight"), &[dim])?,
+            bias: w.get(&format!("{prefix}.bias"), &[dim])?,
+            eps,
+        })
+    }
+
+    /// Normalises over the last dimension.
+    ///
+    /// The fused kernel computes the variance as E[x²] − E[x]² in f32; the
+    /// differentiable path subtracts the mean first (two passes, in f32 for
+    /// half-precision inputs) like PyTorch.
+    ///
+    /// # Errors
+    /// Tensor errors.
+    pub fn forward(&self, x: &Tensor, mode: OpsMode) -> candle_core::Result<Tensor> {
+        match mode {
+            OpsMode::Fused => candle_nn::ops::layer_norm(
+                &x.contiguous()?,
+                &self.weight,
+                &self.bias,
+                self.eps as f32,
+            ),
+            OpsMode::Differentiable => {
+                let dtype = x.dtype();
+                let x = x.to_dtype(DType::F32)?;
+                let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+                let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+                let normed = centered.broadcast_mul(&(var + self.eps)?.sqrt()?.recip()?)?;
+                normed
+                    .to_dtype(dtype)?
+                    .broadcast_mul(&self.weight)?
+                    .broadcast_add(&self.bias)
             }
         }
     }

@@ -13,6 +13,6 @@ pub mod loader;
 pub mod qwen2;
 
 pub use hub::ModelRepo;
-pub use layers::{Linear, LinearAdapter, OpsMode};
+pub use layers::{LayerNorm, Linear, LinearAdapter, OpsMode};
 pub use loader::{CheckpointInfo, ModelLoader, TensorInfo, Weights};
 pub use qwen2::{Qwen2Config, Qwen2Model};

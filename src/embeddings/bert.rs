@@ -1,0 +1,265 @@
+//! The BERT encoder (all-MiniLM, E5, BGE and other BERT sentence models):
+//! word + absolute position + token-type embeddings, then post-norm
+//! encoder layers. Sentence models feed one segment, so token type ids are 0.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+
+use super::encoder::{
+    check_inputs, nonzero, padding_bias, Activation, EncoderLayer, LayerDims, LayerNames,
+};
+use crate::error::{Error, Result};
+use crate::models::layers::{mask_rows, LayerNorm, OpsMode};
+use crate::models::loader::Weights;
+
+/// Hyper-parameters of a BERT encoder, as in `config.json`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct BertConfig {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Model width.
+    pub hidden_size: usize,
+    /// Encoder layers.
+    pub num_hidden_layers: usize,
+    /// Attention heads.
+    pub num_attention_heads: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// MLP activation (`gelu` is the exact, erf-based GELU).
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    /// Size of the absolute position table.
+    pub max_position_embeddings: usize,
+    /// Token type (segment) vocabulary size.
+    #[serde(default = "default_type_vocab")]
+    pub type_vocab_size: usize,
+    /// LayerNorm epsilon.
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    /// Padding token id.
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+    /// Only `absolute` is supported.
+    #[serde(default = "default_pos_type")]
+    pub position_embedding_type: String,
+}
+
+fn default_act() -> String {
+    "gelu".into()
+}
+fn default_type_vocab() -> usize {
+    2
+}
+fn default_eps() -> f64 {
+    1e-12
+}
+fn default_pos_type() -> String {
+    "absolute".into()
+}
+
+impl BertConfig {
+    /// Reads and validates `config.json`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] or [`Error::InvalidConfig`].
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let invalid = |message: String| Error::InvalidConfig {
+            path: path.to_path_buf(),
+            message,
+        };
+        let cfg: Self = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        cfg.validate().map_err(invalid)?;
+        Ok(cfg)
+    }
+
+    /// Checks the values are consistent and supported.
+    ///
+    /// # Errors
+    /// A description of the first problem found.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        for (name, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("intermediate_size", self.intermediate_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            nonzero(name, v)?;
+        }
+        if self.hidden_size % self.num_attention_heads != 0 {
+            return Err(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if self.position_embedding_type != "absolute" {
+            return Err(format!(
+                "position_embedding_type `{}` is not supported (only `absolute`)",
+                self.position_embedding_type
+            ));
+        }
+        Activation::parse(&self.hidden_act)?;
+        Ok(())
+    }
+}
+
+const LAYER_NAMES: LayerNames = LayerNames {
+    q: "attention.self.query",
+    k: "attention.self.key",
+    v: "attention.self.value",
+    o: "attention.output.dense",
+    attn_norm: "attention.output.LayerNorm",
+    up: "intermediate.dense",
+    down: "output.dense",
+    out_norm: "output.LayerNorm",
+};
+
+/// Finds the prefix the checkpoint stores the encoder under: none for
+/// sentence-transformers exports, `bert.` for `BertFor*` heads.
+pub(crate) fn weight_prefix(w: &Weights, candidates: &[&'static str]) -> Result<&'static str> {
+    candidates
+        .iter()
+        .copied()
+        .find(|p| w.contains(&format!("{p}embeddings.word_embeddings.weight")))
+        .ok_or_else(|| Error::MissingTensor {
+            name: "embeddings.word_embeddings.weight".into(),
+            location: format!("the checkpoint (tried prefixes {candidates:?})"),
+        })
+}
+
+/// A BERT encoder returning the last hidden states.
+#[derive(Debug, Clone)]
+pub struct BertModel {
+    word: Tensor,
+    position: Tensor,
+    token_type: Option<Tensor>,
+    norm: LayerNorm,
+    layers: Vec<EncoderLayer>,
+    config: BertConfig,
+}
+
+impl BertModel {
+    /// Builds the encoder from `weights` (with or without a `bert.` prefix;
+    /// a pooler or MLM head, if present, is ignored).
+    ///
+    /// # Errors
+    /// Invalid config, missing tensors or wrong shapes.
+    pub fn new(config: &BertConfig, w: &Weights) -> Result<Self> {
+        config.validate().map_err(Error::InvalidConfiguration)?;
+        let p = weight_prefix(w, &["", "bert.", "model."])?;
+        let h = config.hidden_size;
+        let dims = LayerDims {
+            hidden: h,
+            heads: config.num_attention_heads,
+            intermediate: config.intermediate_size,
+            eps: config.layer_norm_eps,
+            act: Activation::parse(&config.hidden_act).map_err(Error::InvalidConfiguration)?,
+        };
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| EncoderLayer::load(w, &format!("{p}encoder.layer.{i}"), &LAYER_NAMES, dims))
+            .collect::<Result<Vec<_>>>()?;
+        let token_type = if config.type_vocab_size > 0 {
+            // Segment 0 only: keep row 0 as `[1, 1, h]`.
+            w.get_opt(
+                &format!("{p}embeddings.token_type_embeddings.weight"),
+                &[config.type_vocab_size, h],
+            )?
+            .map(|t| t.narrow(0, 0, 1)?.reshape((1, 1, h)))
+            .transpose()?
+        } else {
+            None
+        };
+        Ok(Self {
+            word: w.get(
+                &format!("{p}embeddings.word_embeddings.weight"),
+                &[config.vocab_size, h],
+            )?,
+            position: w.get(
+                &format!("{p}embeddings.position_embeddings.weight"),
+                &[config.max_position_embeddings, h],
+            )?,
+            token_type,
+            norm: LayerNorm::load(
+                w,
+                &format!("{p}embeddings.LayerNorm"),
+                h,
+                config.layer_norm_eps,
+            )?,
+            layers,
+            config: config.clone(),
+        })
+    }
+
+    /// The config.
+    #[must_use]
+    pub fn config(&self) -> &BertConfig {
+        &self.config
+    }
+
+    /// The device the weights live on.
+    #[must_use]
+    pub fn device(&self) -> &Device {
+        self.word.device()
+    }
+
+    /// The weights' dtype.
+    #[must_use]
+    pub fn dtype(&self) -> DType {
+        self.word.dtype()
+    }
+
+    /// Last hidden states `[b, s, hidden]` (model dtype) for `ids` (`[b, s]`
+    /// u32) with `attention_mask` (`[b, s]`, 1 = token, 0 = padding; any
+    /// dtype). Positions are `0..s`, token types 0.
+    ///
+    /// # Errors
+    /// Bad shapes, a sequence longer than `max_position_embeddings`, or an
+    /// id outside the vocabulary.
+    pub fn forward(&self, ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        let mask = mask_rows(attention_mask)?;
+        self.forward_rows(ids, &mask)
+    }
+
+    pub(crate) fn forward_rows(&self, ids: &Tensor, mask: &[Vec<u32>]) -> Result<Tensor> {
+        let (b, s) = check_inputs(ids, mask)?;
+        if s > self.config.max_position_embeddings {
+            return Err(Error::ContextLengthExceeded {
+                requested: s,
+                limit: self.config.max_position_embeddings,
+            });
+        }
+        let ids = ids.to_dtype(DType::U32)?.to_device(self.device())?;
+        check_vocab(&ids, self.config.vocab_size)?;
+        let h = self.config.hidden_size;
+        let words = self
+            .word
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, s, h))?;
+        let mut x = words.broadcast_add(&self.position.narrow(0, 0, s)?.unsqueeze(0)?)?;
+        if let Some(tt) = &self.token_type {
+            x = x.broadcast_add(tt)?;
+        }
+        let mut x = self.norm.forward(&x, OpsMode::Fused)?;
+        let bias = padding_bias(mask, self.device())?;
+        for layer in &self.layers {
+            x = layer.forward(&x, bias.as_ref())?;
+        }
+        Ok(x)
+    }
+}
+
+/// Fails with a clear error (instead of an index panic or garbage) on ids
+/// outside the embedding table.
+pub(crate) fn check_vocab(ids: &Tensor, vocab: usize) -> Result<()> {
+    let max = ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
+    if max as usize >= vocab {
+        return Err(Error::InvalidInput(format!(
+            "token id {max} is outside the vocabulary of {vocab}"
+        )));
+    }
+    Ok(())
+}

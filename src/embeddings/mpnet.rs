@@ -1,0 +1,317 @@
+//! The MPNet encoder (all-mpnet-base-v2), which Candle does not have.
+//!
+//! Differences from BERT, following transformers' `modeling_mpnet.py`:
+//! - no token type embeddings;
+//! - RoBERTa-style positions: padding id 1, real tokens numbered from 2
+//!   (`position = cumsum(ids != 1) * (ids != 1) + 1`);
+//! - a T5-style relative attention bias: `relative_position - bucket` tables
+//!   (32 buckets, max distance 128), computed once from the first layer's
+//!   shared table and added to every layer's attention scores.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+
+use super::bert::{check_vocab, weight_prefix};
+use super::encoder::{
+    check_inputs, nonzero, padding_bias, Activation, EncoderLayer, LayerDims, LayerNames,
+};
+use crate::error::{Error, Result};
+use crate::models::layers::{mask_rows, LayerNorm, OpsMode};
+use crate::models::loader::Weights;
+
+/// MPNet's padding id, hard-coded in transformers' `MPNetEmbeddings` (it
+/// also anchors the position ids).
+pub const PADDING_IDX: u32 = 1;
+
+/// transformers computes the buckets with these defaults whatever the config says.
+const NUM_BUCKETS: usize = 32;
+const MAX_DISTANCE: usize = 128;
+
+/// Hyper-parameters of an MPNet encoder, as in `config.json`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct MpnetConfig {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Model width.
+    pub hidden_size: usize,
+    /// Encoder layers.
+    pub num_hidden_layers: usize,
+    /// Attention heads.
+    pub num_attention_heads: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// MLP activation.
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    /// Size of the position table (positions start at 2, so 514 holds 512 tokens).
+    pub max_position_embeddings: usize,
+    /// LayerNorm epsilon.
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    /// Rows of the relative attention bias table.
+    #[serde(default = "default_buckets")]
+    pub relative_attention_num_buckets: usize,
+}
+
+fn default_act() -> String {
+    "gelu".into()
+}
+fn default_eps() -> f64 {
+    1e-12
+}
+fn default_buckets() -> usize {
+    NUM_BUCKETS
+}
+
+impl MpnetConfig {
+    /// Reads and validates `config.json`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] or [`Error::InvalidConfig`].
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let invalid = |message: String| Error::InvalidConfig {
+            path: path.to_path_buf(),
+            message,
+        };
+        let cfg: Self = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        cfg.validate().map_err(invalid)?;
+        Ok(cfg)
+    }
+
+    /// Checks the values are consistent and supported.
+    ///
+    /// # Errors
+    /// A description of the first problem found.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        for (name, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("intermediate_size", self.intermediate_size),
+        ] {
+            nonzero(name, v)?;
+        }
+        if self.hidden_size % self.num_attention_heads != 0 {
+            return Err(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if self.max_position_embeddings <= PADDING_IDX as usize + 1 {
+            return Err(format!(
+                "max_position_embeddings {} leaves no room for tokens",
+                self.max_position_embeddings
+            ));
+        }
+        if self.relative_attention_num_buckets < NUM_BUCKETS {
+            return Err(format!(
+                "relative_attention_num_buckets {} is below the {NUM_BUCKETS} buckets MPNet uses",
+                self.relative_attention_num_buckets
+            ));
+        }
+        Activation::parse(&self.hidden_act)?;
+        Ok(())
+    }
+
+    /// The longest sequence the position table holds.
+    #[must_use]
+    pub fn max_tokens(&self) -> usize {
+        self.max_position_embeddings - PADDING_IDX as usize - 1
+    }
+}
+
+/// The bucket of a relative position `key - query`, as transformers'
+/// `MPNetEncoder.relative_position_bucket`: half the buckets for each
+/// direction, exact below `num_buckets / 4`, logarithmic up to
+/// `max_distance`. The logarithm is taken in f32 like PyTorch does.
+#[must_use]
+pub fn relative_position_bucket(
+    relative_position: i64,
+    num_buckets: usize,
+    max_distance: usize,
+) -> usize {
+    let half = (num_buckets / 2) as i64;
+    let n = -relative_position;
+    let mut bucket = if n < 0 { half } else { 0 };
+    let n = n.abs();
+    let max_exact = half / 2;
+    if n < max_exact {
+        bucket += n;
+    } else {
+        let ratio = (n as f32 / max_exact as f32).ln()
+            / (max_distance as f32 / max_exact as f32).ln()
+            * (half - max_exact) as f32;
+        // `as i64` truncates towards zero, like `.to(torch.long)`.
+        bucket += (max_exact + ratio as i64).min(half - 1);
+    }
+    bucket as usize
+}
+
+const LAYER_NAMES: LayerNames = LayerNames {
+    q: "attention.attn.q",
+    k: "attention.attn.k",
+    v: "attention.attn.v",
+    o: "attention.attn.o",
+    attn_norm: "attention.LayerNorm",
+    up: "intermediate.dense",
+    down: "output.dense",
+    out_norm: "output.LayerNorm",
+};
+
+/// An MPNet encoder returning the last hidden states.
+#[derive(Debug, Clone)]
+pub struct MpnetModel {
+    word: Tensor,
+    position: Tensor,
+    norm: LayerNorm,
+    /// `[num_buckets, heads]`, f32.
+    relative_bias: Tensor,
+    layers: Vec<EncoderLayer>,
+    config: MpnetConfig,
+}
+
+impl MpnetModel {
+    /// Builds the encoder from `weights` (with or without an `mpnet.` prefix;
+    /// a pooler or MLM head, if present, is ignored).
+    ///
+    /// # Errors
+    /// Invalid config, missing tensors or wrong shapes.
+    pub fn new(config: &MpnetConfig, w: &Weights) -> Result<Self> {
+        config.validate().map_err(Error::InvalidConfiguration)?;
+        let p = weight_prefix(w, &["", "mpnet.", "model."])?;
+        let h = config.hidden_size;
+        let dims = LayerDims {
+            hidden: h,
+            heads: config.num_attention_heads,
+            intermediate: config.intermediate_size,
+            eps: config.layer_norm_eps,
+            act: Activation::parse(&config.hidden_act).map_err(Error::InvalidConfiguration)?,
+        };
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| EncoderLayer::load(w, &format!("{p}encoder.layer.{i}"), &LAYER_NAMES, dims))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            word: w.get(
+                &format!("{p}embeddings.word_embeddings.weight"),
+                &[config.vocab_size, h],
+            )?,
+            position: w.get(
+                &format!("{p}embeddings.position_embeddings.weight"),
+                &[config.max_position_embeddings, h],
+            )?,
+            norm: LayerNorm::load(
+                w,
+                &format!("{p}embeddings.LayerNorm"),
+                h,
+                config.layer_norm_eps,
+            )?,
+            relative_bias: w
+                .get(
+                    &format!("{p}encoder.relative_attention_bias.weight"),
+                    &[
+                        config.relative_attention_num_buckets,
+                        config.num_attention_heads,
+                    ],
+                )?
+                .to_dtype(DType::F32)?,
+            layers,
+            config: config.clone(),
+        })
+    }
+
+    /// The config.
+    #[must_use]
+    pub fn config(&self) -> &MpnetConfig {
+        &self.config
+    }
+
+    /// The device the weights live on.
+    #[must_use]
+    pub fn device(&self) -> &Device {
+        self.word.device()
+    }
+
+    /// The weights' dtype.
+    #[must_use]
+    pub fn dtype(&self) -> DType {
+        self.word.dtype()
+    }
+
+    /// Last hidden states `[b, s, hidden]` (model dtype) for `ids` (`[b, s]`
+    /// u32, padded with id 1) with `attention_mask` (`[b, s]`, 1 = token,
+    /// 0 = padding; any dtype).
+    ///
+    /// # Errors
+    /// Bad shapes, a sequence longer than the position table, or an id
+    /// outside the vocabulary.
+    pub fn forward(&self, ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        let mask = mask_rows(attention_mask)?;
+        self.forward_rows(ids, &mask)
+    }
+
+    pub(crate) fn forward_rows(&self, ids: &Tensor, mask: &[Vec<u32>]) -> Result<Tensor> {
+        let (b, s) = check_inputs(ids, mask)?;
+        if s > self.config.max_tokens() {
+            return Err(Error::ContextLengthExceeded {
+                requested: s,
+                limit: self.config.max_tokens(),
+            });
+        }
+        let ids = ids.to_dtype(DType::U32)?;
+        let id_rows = ids.to_vec2::<u32>()?;
+        let ids = ids.to_device(self.device())?;
+        check_vocab(&ids, self.config.vocab_size)?;
+        // Positions from the ids, like transformers' create_position_ids_from_input_ids.
+        let mut positions = Vec::with_capacity(b * s);
+        for row in &id_rows {
+            let mut count = 0;
+            for &id in row {
+                if id == PADDING_IDX {
+                    positions.push(PADDING_IDX);
+                } else {
+                    count += 1;
+                    positions.push(count + PADDING_IDX);
+                }
+            }
+        }
+        let positions = Tensor::from_vec(positions, b * s, self.device())?;
+        let h = self.config.hidden_size;
+        let words = self.word.index_select(&ids.flatten_all()?, 0)?;
+        let pos = self.position.index_select(&positions, 0)?;
+        let x = (words + pos)?.reshape((b, s, h))?;
+        let mut x = self.norm.forward(&x, OpsMode::Fused)?;
+
+        let bias = self.position_bias(s)?;
+        let bias = match padding_bias(mask, self.device())? {
+            Some(mask) => bias.broadcast_add(&mask)?,
+            None => bias,
+        };
+        for layer in &self.layers {
+            x = layer.forward(&x, Some(&bias))?;
+        }
+        Ok(x)
+    }
+
+    /// The relative attention bias `[1, heads, s, s]` (f32).
+    fn position_bias(&self, s: usize) -> Result<Tensor> {
+        let mut buckets = Vec::with_capacity(s * s);
+        for q in 0..s as i64 {
+            for k in 0..s as i64 {
+                buckets.push(relative_position_bucket(k - q, NUM_BUCKETS, MAX_DISTANCE) as u32);
+            }
+        }
+        let buckets = Tensor::from_vec(buckets, s * s, self.device())?;
+        let heads = self.config.num_attention_heads;
+        Ok(self
+            .relative_bias
+            .index_select(&buckets, 0)?
+            .reshape((s, s, heads))?
+            .permute((2, 0, 1))?
+            .unsqueeze(0)?
+            .contiguous()?)
+    }
+}

@@ -1,0 +1,255 @@
+//! sentence-transformers' `Pooling` and `Normalize` modules: token
+//! embeddings `[b, s, h]` and the attention mask to one vector per text.
+//!
+//! `1_Pooling/config.json` comes in two formats, both read here: the legacy
+//! booleans (`pooling_mode_mean_tokens: true`, ...) and sentence-transformers
+//! ≥ 6's `pooling_mode: "mean"` (or a list). Several modes are concatenated
+//! in the order given (legacy: cls, max, mean, mean_sqrt_len, weightedmean,
+//! lasttoken), as sentence-transformers does.
+
+use std::path::Path;
+
+use candle_core::{DType, Tensor, D};
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// One pooling strategy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolingMode {
+    /// The first token (`[CLS]` / `<s>`).
+    Cls,
+    /// Mean of the tokens (padding excluded).
+    Mean,
+    /// Element-wise max of the tokens (padding excluded).
+    Max,
+    /// Sum of the tokens divided by √(number of tokens).
+    MeanSqrtLen,
+    /// Mean weighted by position (1, 2, 3, ...).
+    WeightedMean,
+    /// The last real token.
+    LastToken,
+}
+
+impl PoolingMode {
+    /// Parses sentence-transformers' name for the mode.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] on an unknown name.
+    pub fn parse(name: &str) -> Result<Self> {
+        Ok(match name {
+            "cls" => Self::Cls,
+            "mean" => Self::Mean,
+            "max" => Self::Max,
+            "mean_sqrt_len_tokens" => Self::MeanSqrtLen,
+            "weightedmean" => Self::WeightedMean,
+            "lasttoken" => Self::LastToken,
+            other => {
+                return Err(Error::InvalidInput(format!(
+                    "unknown pooling mode `{other}` (expected cls, mean, max, \
+                     mean_sqrt_len_tokens, weightedmean or lasttoken)"
+                )))
+            }
+        })
+    }
+}
+
+/// The pooling of a sentence-transformers model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pooling {
+    /// Modes, concatenated in this order.
+    pub modes: Vec<PoolingMode>,
+    /// Whether prompt (prefix) tokens take part in the pooling.
+    pub include_prompt: bool,
+}
+
+impl Default for Pooling {
+    /// Mean pooling, what sentence-transformers uses for a plain transformers checkpoint.
+    fn default() -> Self {
+        Self {
+            modes: vec![PoolingMode::Mean],
+            include_prompt: true,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct RawPooling {
+    #[serde(default)]
+    pooling_mode: Option<serde_json::Value>,
+    #[serde(default)]
+    pooling_mode_cls_token: bool,
+    #[serde(default)]
+    pooling_mode_max_tokens: bool,
+    #[serde(default)]
+    pooling_mode_mean_tokens: bool,
+    #[serde(default)]
+    pooling_mode_mean_sqrt_len_tokens: bool,
+    #[serde(default)]
+    pooling_mode_weightedmean_tokens: bool,
+    #[serde(default)]
+    pooling_mode_lasttoken: bool,
+    #[serde(default = "yes")]
+    include_prompt: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Pooling {
+    /// Reads a `1_Pooling/config.json`.
+    ///
+    /// # Errors
+    /// [`Error::Io`], or [`Error::InvalidConfig`] when no mode is set or a
+    /// mode is unknown.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json(&text).map_err(|e| Error::InvalidConfig {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Parses the JSON of a pooling config.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] when no mode is set or a mode is unknown.
+    pub fn from_json(text: &str) -> Result<Self> {
+        let raw: RawPooling =
+            serde_json::from_str(text).map_err(|e| Error::InvalidInput(e.to_string()))?;
+        let modes = match &raw.pooling_mode {
+            Some(serde_json::Value::String(m)) => vec![PoolingMode::parse(m)?],
+            Some(serde_json::Value::Array(ms)) => ms
+                .iter()
+                .map(|m| {
+                    m.as_str()
+                        .ok_or_else(|| Error::InvalidInput(format!("bad pooling mode {m}")))
+                        .and_then(PoolingMode::parse)
+                })
+                .collect::<Result<Vec<_>>>()?,
+            Some(other) => return Err(Error::InvalidInput(format!("bad pooling_mode {other}"))),
+            None => [
+                (raw.pooling_mode_cls_token, PoolingMode::Cls),
+                (raw.pooling_mode_max_tokens, PoolingMode::Max),
+                (raw.pooling_mode_mean_tokens, PoolingMode::Mean),
+                (
+                    raw.pooling_mode_mean_sqrt_len_tokens,
+                    PoolingMode::MeanSqrtLen,
+                ),
+                (
+                    raw.pooling_mode_weightedmean_tokens,
+                    PoolingMode::WeightedMean,
+                ),
+                (raw.pooling_mode_lasttoken, PoolingMode::LastToken),
+            ]
+            .into_iter()
+            .filter_map(|(on, m)| on.then_some(m))
+            .collect(),
+        };
+        if modes.is_empty() {
+            return Err(Error::InvalidInput("no pooling mode is enabled".into()));
+        }
+        Ok(Self {
+            modes,
+            include_prompt: raw.include_prompt,
+        })
+    }
+
+    /// Pools `tokens` (`[b, s, h]`, any float dtype; computed in f32) with
+    /// `mask` (`[b, s]`, 1 = token; right padding) into `[b, h × modes]` f32.
+    ///
+    /// # Errors
+    /// Tensor errors, or a mask of the wrong shape.
+    pub fn pool(&self, tokens: &Tensor, mask: &[Vec<u32>]) -> Result<Tensor> {
+        let (b, s, h) = tokens.dims3()?;
+        if mask.len() != b || mask.iter().any(|r| r.len() != s) {
+            return Err(Error::InvalidInput(format!(
+                "pooling mask must be [{b}, {s}]"
+            )));
+        }
+        let dev = tokens.device();
+        let x = tokens.to_dtype(DType::F32)?;
+        let flat: Vec<f32> = mask.iter().flatten().map(|&m| f32::from(m != 0)).collect();
+        let m = Tensor::from_vec(flat, (b, s, 1), dev)?;
+        let lengths: Vec<usize> = mask
+            .iter()
+            .map(|r| r.iter().filter(|&&v| v != 0).count())
+            .collect();
+        let mut outs = Vec::with_capacity(self.modes.len());
+        for mode in &self.modes {
+            let v = match mode {
+                PoolingMode::Cls => {
+                    // The first real token (position 0 with right padding).
+                    let first: Vec<u32> = mask
+                        .iter()
+                        .map(|r| r.iter().position(|&v| v != 0).unwrap_or(0) as u32)
+                        .collect();
+                    gather_rows(&x, &first)?
+                }
+                PoolingMode::LastToken => {
+                    let last: Vec<u32> = mask
+                        .iter()
+                        .map(|r| r.iter().rposition(|&v| v != 0).unwrap_or(s - 1) as u32)
+                        .collect();
+                    gather_rows(&x.broadcast_mul(&m)?, &last)?
+                }
+                PoolingMode::Mean | PoolingMode::MeanSqrtLen => {
+                    let sum = x.broadcast_mul(&m)?.sum(1)?;
+                    let den: Vec<f32> = lengths
+                        .iter()
+                        .map(|&n| {
+                            let n = (n as f32).max(1e-9);
+                            if *mode == PoolingMode::Mean {
+                                n
+                            } else {
+                                n.sqrt()
+                            }
+                        })
+                        .collect();
+                    sum.broadcast_div(&Tensor::from_vec(den, (b, 1), dev)?)?
+                }
+                PoolingMode::Max => {
+                    let keep = m.broadcast_as((b, s, h))?.to_dtype(DType::U8)?;
+                    let neg = Tensor::full(f32::NEG_INFINITY, (b, s, h), dev)?;
+                    keep.where_cond(&x, &neg)?.max(1)?
+                }
+                PoolingMode::WeightedMean => {
+                    // Weights 1..s; with right padding the first token is at 0.
+                    let w = Tensor::arange(1f32, s as f32 + 1.0, dev)?.reshape((1, s, 1))?;
+                    let wm = m.broadcast_mul(&w)?;
+                    let sum = x.broadcast_mul(&wm)?.sum(1)?;
+                    sum.broadcast_div(&wm.sum(1)?.clamp(1e-9, f32::MAX)?)?
+                }
+            };
+            outs.push(v);
+        }
+        Ok(Tensor::cat(&outs, 1)?)
+    }
+}
+
+/// Rows `x[i, idx[i], :]` of `[b, s, h]` as `[b, h]`.
+fn gather_rows(x: &Tensor, idx: &[u32]) -> Result<Tensor> {
+    let (b, s, h) = x.dims3()?;
+    let flat: Vec<u32> = idx
+        .iter()
+        .enumerate()
+        .map(|(i, &j)| i as u32 * s as u32 + j)
+        .collect();
+    let flat = Tensor::from_vec(flat, b, x.device())?;
+    Ok(x.reshape((b * s, h))?.index_select(&flat, 0)?)
+}
+
+/// L2-normalises the rows of `x` (`[n, d]`), like `torch.nn.functional.normalize`
+/// (norms clamped at 1e-12, so a zero row stays zero).
+///
+/// # Errors
+/// Tensor errors.
+pub fn normalize(x: &Tensor) -> Result<Tensor> {
+    let norm = x
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12, f32::MAX)?;
+    Ok(x.broadcast_div(&norm)?)
+}

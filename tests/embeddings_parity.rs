@@ -1,0 +1,319 @@
+//! Our embedding models against transformers / sentence-transformers on tiny
+//! random checkpoints saved as full sentence-transformers folders
+//! (scripts/fixtures/embeddings.py): MiniLM-, E5- and BGE-like BERT configs,
+//! MPNet, and a max-pooling model without Normalize.
+
+mod common;
+
+use candle_core::{DType, IndexOp, Tensor};
+use common::{device, fixture, max_abs_diff, reference};
+use metal_candle::embeddings::mpnet::relative_position_bucket;
+use metal_candle::embeddings::search::{cosine_similarity, top_k};
+use metal_candle::embeddings::{EmbeddingModel, EmbeddingModelType, Pooling, PoolingMode};
+use metal_candle::models::ModelRepo;
+
+const TOL: f32 = 1e-5;
+const TINY: [&str; 5] = [
+    "embed-tiny-minilm",
+    "embed-tiny-e5",
+    "embed-tiny-bge",
+    "embed-tiny-mpnet",
+    "embed-tiny-bert-max",
+];
+
+fn load(name: &str) -> EmbeddingModel {
+    EmbeddingModel::load(
+        &ModelRepo::from_dir(fixture(name)),
+        Some(DType::F32),
+        &device(),
+    )
+    .unwrap()
+}
+
+fn meta(name: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture(name).join("reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn strings(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect()
+}
+
+fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+#[test]
+fn configs_are_read_from_the_sentence_transformers_files() {
+    for name in TINY {
+        let m = load(name);
+        let j = meta(name);
+        assert_eq!(
+            m.max_seq_length() as u64,
+            j["max_seq_length"].as_u64().unwrap(),
+            "{name}"
+        );
+        assert_eq!(m.normalizes(), j["normalize"].as_bool().unwrap(), "{name}");
+        let mode = PoolingMode::parse(j["pooling"].as_str().unwrap()).unwrap();
+        assert_eq!(m.pooling().modes, vec![mode], "{name}");
+        let prompt = |k: &str| {
+            j["prompts"]
+                .get(k)
+                .and_then(|p| p.as_str())
+                .filter(|p| !p.is_empty())
+        };
+        assert_eq!(m.query_prefix(), prompt("query"), "{name}");
+        assert_eq!(m.document_prefix(), prompt("document"), "{name}");
+    }
+}
+
+#[test]
+fn tokenization_matches_sentence_transformers() {
+    // The fixtures' tokenizer.json has a fixed padding to 40 and truncation
+    // at 40 baked in, like the real MiniLM/MPNet files: both must be off,
+    // and truncation at max_seq_length (24) instead.
+    for name in TINY {
+        let m = load(name);
+        let r = reference(name);
+        let sentences = strings(&meta(name)["sentences"]);
+        let ours = m.tokenize(&refs(&sentences)).unwrap();
+        let ids = r["input_ids"].to_vec2::<i64>().unwrap();
+        let mask = r["attention_mask"].to_vec2::<i64>().unwrap();
+        for (i, row) in ours.iter().enumerate() {
+            let n = mask[i].iter().filter(|&&v| v == 1).count();
+            let theirs: Vec<u32> = ids[i][..n].iter().map(|&v| v as u32).collect();
+            assert_eq!(row, &theirs, "{name}: sentence {i}");
+        }
+        assert!(
+            ours.iter().any(|r| r.len() == m.max_seq_length()),
+            "{name}: nothing truncated"
+        );
+    }
+}
+
+#[test]
+fn token_embeddings_match_transformers() {
+    for name in TINY {
+        let m = load(name);
+        let r = reference(name);
+        let ids = r["input_ids"].to_dtype(DType::U32).unwrap();
+        let out = m.forward_tokens(&ids, &r["attention_mask"]).unwrap();
+        let d = max_abs_diff(&out, &r["token_embeddings"]);
+        assert!(d <= TOL, "{name}: token embeddings max abs diff {d}");
+        eprintln!("{name}: token embeddings max abs diff {d:.2e}");
+    }
+}
+
+#[test]
+fn sentence_embeddings_match_sentence_transformers() {
+    for name in TINY {
+        let mut m = load(name);
+        let r = reference(name);
+        let sentences = strings(&meta(name)["sentences"]);
+        // Several batch sizes: sorting, padding per batch and restoring the order.
+        for bs in [1, 2, 32] {
+            m.set_batch_size(bs);
+            let ours = m.encode(&refs(&sentences)).unwrap();
+            let d = max_abs_diff(&ours, &r["sentence_embeddings"]);
+            assert!(d <= TOL, "{name} batch {bs}: max abs diff {d}");
+            eprintln!("{name} batch {bs}: sentence embeddings max abs diff {d:.2e}");
+        }
+        let vecs = m.encode_to_vecs(&refs(&sentences)).unwrap();
+        let theirs = r["sentence_embeddings"].to_vec2::<f32>().unwrap();
+        assert_eq!(vecs.len(), theirs.len());
+        for (a, b) in vecs.iter().zip(&theirs) {
+            assert!(cosine_similarity(a, b).unwrap() > 0.99999, "{name}");
+        }
+    }
+}
+
+#[test]
+fn query_and_document_prefixes_match_sentence_transformers_prompts() {
+    for name in ["embed-tiny-e5", "embed-tiny-bge"] {
+        let m = load(name);
+        let r = reference(name);
+        let j = meta(name);
+        let q = m.encode_queries(&refs(&strings(&j["queries"]))).unwrap();
+        let d = max_abs_diff(&q, &r["query_embeddings"]);
+        assert!(d <= TOL, "{name} queries: max abs diff {d}");
+        let docs = m
+            .encode_documents(&refs(&strings(&j["documents"])))
+            .unwrap();
+        let d = max_abs_diff(&docs, &r["document_embeddings"]);
+        assert!(d <= TOL, "{name} documents: max abs diff {d}");
+        // The prefix must matter, or this test proves nothing.
+        let plain = m.encode(&refs(&strings(&j["queries"]))).unwrap();
+        assert!(
+            max_abs_diff(&plain, &r["query_embeddings"]) > 1e-3,
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn known_model_types_use_their_prefix_conventions() {
+    let mut m = load("embed-tiny-minilm");
+    assert_eq!(m.query_prefix(), None);
+    for t in EmbeddingModelType::ALL {
+        m.set_prefixes(t.query_prefix(), t.document_prefix());
+        let q = m.encode_queries(&["what is a cat"]).unwrap();
+        let prefixed = format!("{}what is a cat", t.query_prefix().unwrap_or(""));
+        let expected = m.encode(&[prefixed.as_str()]).unwrap();
+        assert!(max_abs_diff(&q, &expected) <= 1e-6, "{t}");
+        assert_eq!(t.name().parse::<EmbeddingModelType>().unwrap(), t);
+        assert_eq!(t.repo_id().parse::<EmbeddingModelType>().unwrap(), t);
+    }
+    assert_eq!(
+        EmbeddingModelType::E5SmallV2.query_prefix(),
+        Some("query: ")
+    );
+    assert_eq!(
+        EmbeddingModelType::E5BaseV2.document_prefix(),
+        Some("passage: ")
+    );
+    assert_eq!(
+        EmbeddingModelType::BgeLargeEnV15.query_prefix(),
+        Some("Represent this sentence for searching relevant passages: ")
+    );
+    assert_eq!(EmbeddingModelType::BgeSmallEnV15.document_prefix(), None);
+    assert_eq!(EmbeddingModelType::AllMiniLmL6V2.name(), "all-minilm-l6-v2");
+    assert!("no-such-model".parse::<EmbeddingModelType>().is_err());
+}
+
+#[test]
+fn a_text_alone_equals_the_same_text_in_a_padded_batch() {
+    for name in TINY {
+        let m = load(name);
+        let sentences = strings(&meta(name)["sentences"]);
+        let batch = m.encode(&refs(&sentences)).unwrap();
+        for (i, s) in sentences.iter().enumerate() {
+            let alone = m.encode(&[s.as_str()]).unwrap();
+            let d = max_abs_diff(&alone.i(0).unwrap(), &batch.i(i).unwrap());
+            assert!(
+                d <= 1e-5,
+                "{name} sentence {i}: alone vs batch max abs diff {d}"
+            );
+        }
+    }
+}
+
+#[test]
+fn mpnet_relative_position_buckets_match_transformers() {
+    let r = reference("embed-tiny-mpnet");
+    let rel = r["relative_positions"].to_vec1::<i64>().unwrap();
+    let buckets = r["relative_buckets"].to_vec1::<i64>().unwrap();
+    for (p, b) in rel.iter().zip(&buckets) {
+        assert_eq!(
+            relative_position_bucket(*p, 32, 128) as i64,
+            *b,
+            "relative position {p}"
+        );
+    }
+}
+
+#[test]
+fn empty_inputs_and_bad_sources() {
+    let m = load("embed-tiny-minilm");
+    let e = m.encode(&[]).unwrap();
+    assert_eq!(e.dims(), &[0, m.dim()]);
+    // The empty string is [CLS] [SEP].
+    assert_eq!(m.tokenize(&[""]).unwrap()[0].len(), 2);
+    assert!(EmbeddingModel::from_dir(fixture("no-such-model"), &device()).is_err());
+    // A decoder is not an embedding model: a clear error, not a panic.
+    let err = EmbeddingModel::from_dir(fixture("qwen2-tiny"), &device()).unwrap_err();
+    assert!(err.to_string().contains("qwen2"), "{err}");
+    let mut m = m;
+    assert!(m.set_max_seq_length(100_000).is_err());
+    let bad = Tensor::new(&[[0u32, 5000]], &device()).unwrap();
+    let mask = Tensor::new(&[[1u32, 1]], &device()).unwrap();
+    assert!(m.forward_tokens(&bad, &mask).is_err());
+}
+
+#[test]
+fn top_k_ranks_by_cosine_similarity() {
+    let m = load("embed-tiny-e5");
+    let docs = [
+        "the cat sat on the mat",
+        "a man is playing music",
+        "hello",
+        "one two three",
+    ];
+    let corpus = m.encode_documents(&docs).unwrap();
+    let q = m.encode_queries(&["where is the cat"]).unwrap();
+    let hits = top_k(&q, &corpus, 3).unwrap();
+    assert_eq!(hits.len(), 3);
+    let qv = q.to_vec2::<f32>().unwrap().remove(0);
+    let cv = corpus.to_vec2::<f32>().unwrap();
+    let mut expected: Vec<(usize, f32)> = cv
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (i, cosine_similarity(&qv, c).unwrap()))
+        .collect();
+    expected.sort_by(|a, b| b.1.total_cmp(&a.1));
+    for (h, (i, s)) in hits.iter().zip(&expected) {
+        assert_eq!(h.index, *i);
+        assert!((h.score - s).abs() <= 1e-5);
+    }
+    assert!(top_k(&q, &corpus, 10).unwrap().len() == docs.len());
+    let wrong = Tensor::zeros(7, DType::F32, &device()).unwrap();
+    assert!(top_k(&wrong, &corpus, 1).is_err());
+}
+
+#[test]
+fn every_pooling_mode_matches_sentence_transformers_pooling() {
+    // cls, max, mean, mean_sqrt_len_tokens, weightedmean and lasttoken,
+    // concatenated, on transformers' token embeddings of a padded batch.
+    let name = "embed-tiny-bert-max";
+    let r = reference(name);
+    let modes = meta(name)["all_pooling_modes"].clone();
+    let pooling =
+        Pooling::from_json(&serde_json::json!({ "pooling_mode": modes }).to_string()).unwrap();
+    assert_eq!(pooling.modes.len(), 6);
+    let mask: Vec<Vec<u32>> = r["attention_mask"]
+        .to_vec2::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|row| row.into_iter().map(|v| v as u32).collect())
+        .collect();
+    let tokens = r["token_embeddings"].to_device(&device()).unwrap();
+    let ours = pooling.pool(&tokens, &mask).unwrap();
+    let d = max_abs_diff(&ours, &r["all_modes_pooled"]);
+    assert!(d <= 1e-5, "all pooling modes: max abs diff {d}");
+    // The legacy boolean format gives the same modes in the same order.
+    let legacy = Pooling::from_json(
+        r#"{"pooling_mode_cls_token": true, "pooling_mode_max_tokens": true,
+            "pooling_mode_mean_tokens": true, "pooling_mode_mean_sqrt_len_tokens": true,
+            "pooling_mode_weightedmean_tokens": true, "pooling_mode_lasttoken": true}"#,
+    )
+    .unwrap();
+    assert_eq!(legacy, pooling);
+    assert!(Pooling::from_json(r#"{"pooling_mode": "nope"}"#).is_err());
+    assert!(Pooling::from_json(r#"{"pooling_mode_mean_tokens": false}"#).is_err());
+}
+
+#[test]
+fn half_precision_weights_stay_close() {
+    // bf16/f16 weights (the CUDA default is bf16) with attention softmax,
+    // pooling and normalisation in f32: close to the f32 reference.
+    for name in TINY {
+        let r = reference(name);
+        let sentences = strings(&meta(name)["sentences"]);
+        for dtype in [DType::BF16, DType::F16] {
+            let m =
+                EmbeddingModel::load(&ModelRepo::from_dir(fixture(name)), Some(dtype), &device())
+                    .unwrap();
+            let ours = m.encode(&refs(&sentences)).unwrap();
+            assert_eq!(ours.dtype(), DType::F32);
+            let a = ours.to_vec2::<f32>().unwrap();
+            let b = r["sentence_embeddings"].to_vec2::<f32>().unwrap();
+            for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                let c = cosine_similarity(x, y).unwrap();
+                assert!(c >= 0.999, "{name} {dtype:?} sentence {i}: cosine {c}");
+            }
+        }
+    }
+}
