@@ -7,6 +7,8 @@
 
 mod common;
 
+mod embeddings_parity;
+mod embeddings_real;
 mod kernels;
 mod loading;
 mod qwen2_parity;

@@ -4,10 +4,8 @@
 //! after scripts/fetch-models.sh; the models are read from the Hugging Face
 //! cache (run with HF_HUB_OFFLINE=1 on machines without network).
 
-mod common;
-
+use crate::common::{device, fixture, max_abs_diff, real_models, reference};
 use candle_core::{DType, IndexOp, Tensor};
-use common::{device, fixture, max_abs_diff, real_models, reference};
 use metal_candle::embeddings::search::SemanticIndex;
 use metal_candle::models::ModelRepo;
 use metal_candle::{EmbeddingModel, EmbeddingModelType};

@@ -3,10 +3,8 @@
 //! (scripts/fixtures/embeddings.py): MiniLM-, E5- and BGE-like BERT configs,
 //! MPNet, and a max-pooling model without Normalize.
 
-mod common;
-
+use crate::common::{device, fixture, max_abs_diff, reference};
 use candle_core::{DType, IndexOp, Tensor};
-use common::{device, fixture, max_abs_diff, reference};
 use metal_candle::embeddings::mpnet::relative_position_bucket;
 use metal_candle::embeddings::search::{cosine_similarity, top_k};
 use metal_candle::embeddings::{EmbeddingModel, EmbeddingModelType, Pooling, PoolingMode};
