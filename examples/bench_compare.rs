@@ -35,6 +35,96 @@ struct Args {
     /// dtype for the generation rows (default bf16 on CUDA, f32 on CPU).
     #[arg(long)]
     dtype: Option<String>,
+    /// Random-weight embedding models written by `scripts/peers.py --prepare-only`
+    /// (both sides load the same files).
+    #[arg(long, default_value = ".dev/bench-models")]
+    embed_models: String,
+}
+
+const EMBED_MODELS: [&str; 2] = ["all-MiniLM-L6-v2", "all-mpnet-base-v2"];
+
+/// The same texts as scripts/peers.py's TEXTS.
+const TEXTS: [&str; 8] = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Retrieval-augmented generation grounds answers in documents.",
+    "Rust gives memory safety without a garbage collector, and Candle brings tensors to it.",
+    "Shall I compare thee to a summer's day? Thou art more lovely and more temperate.",
+    "Sentence embeddings map text to vectors so that similar meanings land close together.",
+    "A short one.",
+    "GPU kernels must be synchronized before a clock is read, or the numbers mean nothing.",
+    "Mean pooling averages token vectors where the attention mask is one.",
+];
+
+fn bench_embeddings(args: &Args, device: &Device) -> Result<()> {
+    use metal_candle::embeddings::{pooling::normalize, EmbeddingModel};
+    use metal_candle::models::ModelRepo;
+    let dtypes: &[DType] = if device.is_cuda() { &[DType::F32, DType::BF16] } else { &[DType::F32] };
+    let shapes: &[(usize, usize)] = if args.quick {
+        &[(1, 128), (32, 128)]
+    } else {
+        &[(1, 128), (32, 128), (512, 128), (128, 512)]
+    };
+    for name in EMBED_MODELS {
+        let dir = std::path::Path::new(&args.embed_models).join(name);
+        if !dir.join("model.safetensors").exists() {
+            anyhow::bail!("{} missing: run scripts/peers.py --prepare-only first", dir.display());
+        }
+        for &dtype in dtypes {
+            let model = EmbeddingModel::load(&ModelRepo::from_dir(&dir), Some(dtype), device)?;
+            // Stock candle-transformers BERT on the same file (it has no MPNet).
+            let stock_bert = if name.contains("MiniLM") {
+                let cfg: candle_transformers::models::bert::Config =
+                    serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
+                // SAFETY: read-only mapping of a file nobody modifies meanwhile.
+                let vb = unsafe {
+                    candle_nn::VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], dtype, device)?
+                };
+                Some(candle_transformers::models::bert::BertModel::load(vb, &cfg)?)
+            } else {
+                None
+            };
+            for &(b, s) in shapes {
+                if !device.is_cuda() && b * s > 32 * 128 {
+                    continue;
+                }
+                let first = if name.contains("mpnet") { 0 } else { 101 };
+                let mut v: Vec<u32> = (0..b * s).map(|k| ((k as u64 * 2_654_435_761) % 2600) as u32).collect();
+                for row in 0..b {
+                    v[row * s] = first;
+                }
+                let ids = Tensor::from_vec(v, (b, s), device)?;
+                let mask = Tensor::ones((b, s), DType::U32, device)?;
+                let rows = vec![vec![1u32; s]; b];
+                let secs = time(device, args.repeats, || {
+                    let tokens = model.forward_tokens(&ids, &mask)?;
+                    normalize(&model.pooling().pool(&tokens, &rows)?)?;
+                    Ok(())
+                })?;
+                let row = format!("{name} forward+pool");
+                emit("embeddings", &row, &format!("b{b} s{s}"), dtype, b as f64 / secs, "docs/s");
+                if let Some(bert) = &stock_bert {
+                    let types = ids.zeros_like()?;
+                    let secs = time(device, args.repeats, || {
+                        let h = bert.forward(&ids, &types, Some(&mask))?;
+                        let m = mask.to_dtype(h.dtype())?.unsqueeze(2)?;
+                        let e = (h.broadcast_mul(&m)?.sum(1)?.broadcast_div(&m.sum(1)?))?.to_dtype(DType::F32)?;
+                        e.broadcast_div(&e.sqr()?.sum_keepdim(1)?.sqrt()?)?;
+                        Ok(())
+                    })?;
+                    let shape = format!("b{b} s{s}");
+                    emit_as(STOCK, "embeddings", &row, &shape, dtype, b as f64 / secs, "docs/s");
+                }
+            }
+            let texts: Vec<&str> = TEXTS.iter().cycle().take(512).copied().collect();
+            let secs = time(device, args.repeats, || {
+                model.encode(&texts)?;
+                Ok(())
+            })?;
+            let row = format!("{name} encode (tokenize+embed)");
+            emit("embeddings", &row, "512 texts b32", dtype, texts.len() as f64 / secs, "docs/s");
+        }
+    }
+    Ok(())
 }
 
 const STOCK: &str = "candle-transformers (stock Candle)";
@@ -345,6 +435,9 @@ fn main() -> Result<()> {
     let all = args.suite == "all";
     if all || args.suite == "kernels" {
         bench_kernels(&args, &device)?;
+    }
+    if all || args.suite == "embeddings" {
+        bench_embeddings(&args, &device)?;
     }
     if all || args.suite == "generation" {
         bench_generation(&args, &device)?;

@@ -107,6 +107,99 @@ def bench_kernels(args):
     emit("pytorch eager", "kernels", "rms_norm fwd+bwd", "8x512x896", dtype, secs / (n // 5) * 1e6, "us")
 
 
+EMBED_MODELS = {
+    # name: (fixture folder whose tokenizer / pooling files are reused, config)
+    "all-MiniLM-L6-v2": ("embed-tiny-minilm", dict(model_type="bert", vocab_size=30522, hidden_size=384,
+                         num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+                         max_position_embeddings=512)),
+    "all-mpnet-base-v2": ("embed-tiny-mpnet", dict(model_type="mpnet", vocab_size=30527, hidden_size=768,
+                          num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                          max_position_embeddings=514)),
+}
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Retrieval-augmented generation grounds answers in documents.",
+    "Rust gives memory safety without a garbage collector, and Candle brings tensors to it.",
+    "Shall I compare thee to a summer's day? Thou art more lovely and more temperate.",
+    "Sentence embeddings map text to vectors so that similar meanings land close together.",
+    "A short one.",
+    "GPU kernels must be synchronized before a clock is read, or the numbers mean nothing.",
+    "Mean pooling averages token vectors where the attention mask is one.",
+]
+
+
+def prepare_embedding_models(root):
+    """Random-weight sentence-transformers folders with the real models'
+    shapes (tokenizer and pooling files from the tiny fixtures), which both
+    sides of the benchmark load: same weights on both sides."""
+    import os
+    import shutil
+    from transformers import AutoConfig, AutoModel
+    fixtures = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
+    for name, (fixture, cfg) in EMBED_MODELS.items():
+        out = os.path.join(root, name)
+        if os.path.exists(os.path.join(out, "model.safetensors")):
+            continue
+        torch.manual_seed(0)
+        kind = cfg.pop("model_type")
+        config = AutoConfig.for_model(kind, **cfg)
+        cfg["model_type"] = kind
+        AutoModel.from_config(config).save_pretrained(out)
+        src = os.path.join(fixtures, fixture)
+        for f in ["tokenizer.json", "tokenizer_config.json", "modules.json", "config_sentence_transformers.json"]:
+            if os.path.exists(os.path.join(src, f)):
+                shutil.copy(os.path.join(src, f), out)
+        for d in ["1_Pooling", "2_Normalize"]:
+            if os.path.isdir(os.path.join(src, d)):
+                shutil.copytree(os.path.join(src, d), os.path.join(out, d), dirs_exist_ok=True)
+        with open(os.path.join(out, "sentence_bert_config.json"), "w") as f:
+            json.dump({"max_seq_length": 512, "do_lower_case": False}, f)
+        tc = os.path.join(out, "tokenizer_config.json")
+        if os.path.exists(tc):
+            with open(tc) as f:
+                t = json.load(f)
+            t["model_max_length"] = 512
+            with open(tc, "w") as f:
+                json.dump(t, f)
+
+
+def bench_embeddings(args):
+    import os
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+    root = args.embed_models
+    prepare_embedding_models(root)
+    dtypes = ["f32", "bf16"] if args.device.startswith("cuda") else ["f32"]
+    shapes = [(1, 128), (32, 128)] if args.quick else [(1, 128), (32, 128), (512, 128), (128, 512)]
+    for name in EMBED_MODELS:
+        path = os.path.join(root, name)
+        for dtype in dtypes:
+            model = AutoModel.from_pretrained(path, dtype=DT[dtype]).to(args.device).eval()
+            for b, s in shapes:
+                if not args.device.startswith("cuda") and b * s > 32 * 128:
+                    continue
+                x = ids(b, s, 2600, args.device)
+                x[:, 0] = 0 if "mpnet" in name else 101
+                mask = torch.ones_like(x)
+
+                def run():
+                    h = model(input_ids=x, attention_mask=mask).last_hidden_state
+                    m = mask.unsqueeze(-1).to(h.dtype)
+                    e = (h * m).sum(1) / m.sum(1)
+                    return torch.nn.functional.normalize(e.float(), dim=-1)
+                with torch.no_grad():
+                    secs = timed(args.device, args.repeats, run)
+                emit("pytorch (sentence-transformers-style)", "embeddings", f"{name} forward+pool",
+                     f"b{b} s{s}", dtype, b / secs, "docs/s")
+            del model
+            st = SentenceTransformer(path, device=args.device, model_kwargs={"dtype": DT[dtype]})
+            texts = (TEXTS * 64)[:512]
+            secs = timed(args.device, args.repeats, lambda: st.encode(texts, batch_size=32))
+            emit("sentence-transformers", "embeddings", f"{name} encode (tokenize+embed)", "512 texts b32",
+                 dtype, len(texts) / secs, "docs/s")
+            del st
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -114,7 +207,15 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dtype", default=None)
+    ap.add_argument("--embed-models", default=".dev/bench-models",
+                    help="where the random-weight embedding models are written (shared with ours)")
+    ap.add_argument("--prepare-only", action="store_true", help="only write the embedding models")
     args = ap.parse_args()
+    if args.prepare_only:
+        prepare_embedding_models(args.embed_models)
+        return
+    if args.suite in ("all", "embeddings"):
+        bench_embeddings(args)
     if args.suite in ("all", "kernels"):
         bench_kernels(args)
     if args.suite in ("all", "generation"):
