@@ -16,3 +16,4 @@ pub mod training;
 
 pub use backend::Device;
 pub use error::{Error, Result};
+pub use inference::{Generator, GeneratorConfig, SamplingStrategy};
