@@ -1,6 +1,7 @@
 //! Real-model tier: greedy generation on Qwen2.5-Coder-0.5B-Instruct (GGUF)
 //! equals transformers' `generate(do_sample=False)` for the prompts of
-//! tests/fixtures/qwen2.5-coder-0.5b (with and without repetition penalty),
+//! tests/fixtures/qwen2.5-coder-0.5b (with and without repetition penalty, and
+//! as one left-padded batch), stopping at the GGUF's EOS as transformers does;
 //! the chat template equals transformers' `apply_chat_template`, and
 //! streaming CJK / emoji text equals the non-streaming text.
 //! Runs with METAL_CANDLE_REAL_MODELS=1 (HF_HUB_OFFLINE=1 works) after
@@ -16,8 +17,6 @@ use metal_candle::inference::{
 
 const QWEN_CODER: &str =
     "Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
-/// transformers' generation config for this GGUF stops on both.
-const EOS: [u32; 2] = [151645, 151643];
 
 fn json(name: &str) -> serde_json::Value {
     let text = std::fs::read_to_string(fixture(name).join("reference.json")).unwrap();
@@ -42,7 +41,6 @@ fn qwen_coder_greedy_generation_equals_transformers() {
         gen.set_config(GeneratorConfig {
             max_tokens: 32,
             repetition_penalty: penalty,
-            eos_token_ids: Some(EOS.to_vec()),
             ..GeneratorConfig::default()
         })
         .unwrap();
@@ -61,6 +59,28 @@ fn qwen_coder_greedy_generation_equals_transformers() {
             };
             assert_eq!(out.finish_reason, reason, "prompt {i} {suffix}");
         }
+    }
+    // The four prompts as one left-padded batch, each stopping on its own.
+    gen.set_config(GeneratorConfig {
+        max_tokens: 32,
+        ..GeneratorConfig::default()
+    })
+    .unwrap();
+    let texts: Vec<&str> = prompts
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    let ids: Vec<Vec<u32>> = texts.iter().map(|t| gen.encode(t).unwrap()).collect();
+    let batch = gen.generate_batch_tokens(&ids).unwrap();
+    for (i, out) in batch.iter().enumerate() {
+        let expected = r[&format!("prompt{i}_greedy")]
+            .to_dtype(DType::U32)
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap();
+        assert_eq!(out.tokens, expected, "batched prompt {i}");
     }
 }
 
