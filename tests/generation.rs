@@ -621,3 +621,75 @@ fn bad_inputs_are_clear_errors() {
     );
     assert!(GeneratorConfig::default().validate().is_ok());
 }
+
+#[test]
+fn text_that_may_start_a_stop_string_is_held_then_released() {
+    let mut gen = generator("qwen2-tiny", greedy_config());
+    let prompt = "The quick brown fox";
+    let full = gen.generate(prompt).unwrap();
+    let chars: Vec<char> = full.text.chars().collect();
+    // Every 2-character window of the text starts a stop string that never
+    // completes: each is held back, then released when it does not match.
+    let stops: Vec<String> = (0..chars.len() - 1)
+        .map(|i| chars[i..i + 2].iter().collect::<String>() + "\u{0}")
+        .collect();
+    gen.set_config(GeneratorConfig {
+        stop_strings: stops,
+        ..greedy_config()
+    })
+    .unwrap();
+    let (events, out) = collect_stream(&mut gen, prompt);
+    assert_eq!(out.text, full.text);
+    assert_eq!(out.finish_reason, FinishReason::MaxTokens);
+    assert_eq!(concat(&events), full.text);
+    let last = &events.last().unwrap().text;
+    assert!(
+        !last.is_empty(),
+        "the held-back tail comes with the last event"
+    );
+}
+
+#[test]
+fn stop_condition_hold_back_is_character_safe() {
+    use metal_candle::inference::StopConditions;
+    let s = StopConditions::new(
+        vec![],
+        vec![vec![7, 8, 9]],
+        vec!["<|end|>".into(), "日本".into()],
+    )
+    .unwrap();
+    assert_eq!(s.string_holdback("abc<|e"), "<|e".len());
+    assert_eq!(s.string_holdback("abc 日"), "日".len());
+    assert_eq!(s.string_holdback("abc 本"), 0);
+    assert_eq!(s.find_string("x 日本 <|end|>", 0), Some(2));
+    assert_eq!(s.sequence_holdback(&[1, 7, 8]), 2);
+    assert_eq!(s.sequence_holdback(&[7, 8, 1]), 0);
+    assert_eq!(s.sequence_match(&[1, 7, 8, 9]), Some(3));
+}
+
+#[test]
+fn presence_and_frequency_penalties_are_applied_when_generating() {
+    let r = refs();
+    let prompt = ids(&r["qwen2-tiny.prompt0"]);
+    let greedy = ids(&r["qwen2-tiny.prompt0_greedy"]);
+    let distinct = |t: &[u32]| t.iter().collect::<std::collections::HashSet<_>>().len();
+    assert!(distinct(&greedy) < greedy.len(), "plain greedy repeats");
+    for (presence, frequency) in [(1e4, 0.0), (0.0, 1e4)] {
+        let mut gen = generator(
+            "qwen2-tiny",
+            GeneratorConfig {
+                presence_penalty: presence,
+                frequency_penalty: frequency,
+                ..greedy_config()
+            },
+        );
+        let out = gen.generate_tokens(&prompt).unwrap();
+        // A penalty far above any logit gap forbids every generated token.
+        assert_eq!(
+            distinct(&out.tokens),
+            out.tokens.len(),
+            "{presence} {frequency}"
+        );
+        assert_eq!(out.tokens[0], greedy[0]);
+    }
+}
