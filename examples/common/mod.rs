@@ -57,6 +57,12 @@ pub struct GenArgs {
 impl GenArgs {
     /// The generator configuration these options describe.
     pub fn config(&self) -> GeneratorConfig {
+        let filters = self.top_k.is_some() || self.top_p.is_some() || self.min_p.is_some();
+        if self.temperature == 0.0 && filters {
+            tracing::warn!(
+                "--top-k/--top-p/--min-p only apply with --temperature > 0; decoding greedily"
+            );
+        }
         let sampling = if self.temperature == 0.0 {
             SamplingStrategy::Greedy
         } else {
