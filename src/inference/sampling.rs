@@ -239,6 +239,8 @@ impl LogitsProcessor {
             return Candidates { tokens: c };
         }
         if let Some(k) = top_k {
+            // `k == 0` is rejected by `validate`; keep one token if it gets here.
+            let k = k.max(1);
             if k < c.len() {
                 // Partial selection: the k-th largest value in linear time;
                 // ties with it are kept, as transformers' `scores < kth`.
