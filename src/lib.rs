@@ -17,3 +17,4 @@ pub mod training;
 pub use backend::Device;
 pub use embeddings::{EmbeddingModel, EmbeddingModelType};
 pub use error::{Error, Result};
+pub use inference::{Generator, GeneratorConfig, SamplingStrategy};

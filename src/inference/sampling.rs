@@ -1,0 +1,398 @@
+//! Choosing the next token: penalties, temperature, top-k / top-p / min-p
+//! filtering and a seeded draw, with transformers' semantics and order
+//! (penalties, temperature, top-k, top-p, min-p).
+//!
+//! Where the work happens: the penalties, the temperature and the greedy
+//! argmax run on the logits tensor on its device, so greedy decoding copies
+//! one `u32` back per token. Sampling copies the processed logits to the host
+//! once per token (one `f32` per vocabulary entry) and filters them there in
+//! linear time: top-k with a partial selection, min-p with a threshold, top-p
+//! by sorting only the few most likely candidates (growing the set until it
+//! holds the nucleus). No full-vocabulary sort happens per token. Candle has no
+//! top-k kernel, and its CUDA `arg_sort` sorts a row inside one block's shared
+//! memory, which a 150k-entry vocabulary does not fit; a single copy of the
+//! row is cheap next to the forward pass that produced it.
+//!
+//! Sampled tokens are reproducible for a given seed (rand's `StdRng`), but are
+//! not expected to equal transformers' samples: the random number generators
+//! differ. The filters themselves equal transformers' logits warpers
+//! (tests/generation.rs).
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::error::{Error, Result};
+
+/// How the next token is chosen from the logits.
+///
+/// Every non-greedy strategy first divides the logits by
+/// [`GeneratorConfig::temperature`](super::GeneratorConfig::temperature).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum SamplingStrategy {
+    /// The most likely token (transformers' `do_sample=False`).
+    #[default]
+    Greedy,
+    /// Sampling from the whole distribution.
+    Temperature,
+    /// Sampling from the `k` most likely tokens (ties with the k-th kept).
+    TopK(usize),
+    /// Nucleus sampling: the most likely tokens whose mass reaches `p`.
+    TopP(f32),
+    /// Sampling from the tokens at least `p` times as likely as the best one.
+    MinP(f32),
+    /// Any combination, applied in transformers' order: top-k, top-p, min-p.
+    Combined {
+        /// Top-k filter.
+        top_k: Option<usize>,
+        /// Top-p (nucleus) filter.
+        top_p: Option<f32>,
+        /// Min-p filter.
+        min_p: Option<f32>,
+    },
+}
+
+impl SamplingStrategy {
+    /// True for [`SamplingStrategy::Greedy`].
+    #[must_use]
+    pub fn is_greedy(&self) -> bool {
+        matches!(self, Self::Greedy)
+    }
+
+    /// The `(top_k, top_p, min_p)` filters this strategy applies.
+    #[must_use]
+    pub fn filters(&self) -> (Option<usize>, Option<f32>, Option<f32>) {
+        match *self {
+            Self::Greedy | Self::Temperature => (None, None, None),
+            Self::TopK(k) => (Some(k), None, None),
+            Self::TopP(p) => (None, Some(p), None),
+            Self::MinP(p) => (None, None, Some(p)),
+            Self::Combined {
+                top_k,
+                top_p,
+                min_p,
+            } => (top_k, top_p, min_p),
+        }
+    }
+
+    /// Checks the parameters.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfiguration`] for `top_k == 0`, `top_p` outside
+    /// `(0, 1]` or `min_p` outside `[0, 1]`.
+    pub fn validate(&self) -> Result<()> {
+        let (k, p, m) = self.filters();
+        if k == Some(0) {
+            return Err(Error::InvalidConfiguration(
+                "top_k must be at least 1".into(),
+            ));
+        }
+        if let Some(p) = p {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(Error::InvalidConfiguration(format!(
+                    "top_p must be in (0, 1], got {p}"
+                )));
+            }
+        }
+        if let Some(m) = m {
+            if !(0.0..=1.0).contains(&m) {
+                return Err(Error::InvalidConfiguration(format!(
+                    "min_p must be in [0, 1], got {m}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The logits processing pipeline of one generation: penalties, temperature
+/// and filters. Build it with [`LogitsProcessor::new`] or from a
+/// [`GeneratorConfig`](super::GeneratorConfig).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogitsProcessor {
+    /// transformers/CTRL repetition penalty (1 = off): every distinct token
+    /// of the context has its logit divided by it when positive, multiplied
+    /// when negative.
+    pub repetition_penalty: f32,
+    /// OpenAI frequency penalty: `logit -= frequency_penalty * count` for
+    /// each generated token.
+    pub frequency_penalty: f32,
+    /// OpenAI presence penalty: `logit -= presence_penalty` for each token
+    /// generated at least once.
+    pub presence_penalty: f32,
+    /// Logits are divided by it before filtering (sampling only).
+    pub temperature: f32,
+    /// Token selection.
+    pub strategy: SamplingStrategy,
+}
+
+impl Default for LogitsProcessor {
+    fn default() -> Self {
+        Self::new(SamplingStrategy::Greedy)
+    }
+}
+
+/// The tokens that survive filtering, with their (processed) logits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidates {
+    /// `(token id, logit)`; unordered unless top-p sorted them.
+    pub tokens: Vec<(u32, f32)>,
+}
+
+impl LogitsProcessor {
+    /// A processor with no penalty and temperature 1.
+    #[must_use]
+    pub fn new(strategy: SamplingStrategy) -> Self {
+        Self {
+            repetition_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            temperature: 1.0,
+            strategy,
+        }
+    }
+
+    /// Applies the penalties to `logits` (`[vocab]`, on its device).
+    /// `context` is every token the repetition penalty looks at (prompt and
+    /// generated, as transformers); `generated` the tokens the frequency and
+    /// presence penalties count.
+    ///
+    /// # Errors
+    /// A token id outside the vocabulary, or tensor errors.
+    pub fn apply_penalties(
+        &self,
+        logits: &Tensor,
+        context: &[u32],
+        generated: &[u32],
+    ) -> Result<Tensor> {
+        let vocab = logits.dim(0)?;
+        let check = |ids: &[u32]| match ids.iter().find(|&&t| t as usize >= vocab) {
+            Some(t) => Err(Error::InvalidInput(format!(
+                "token id {t} is outside the vocabulary ({vocab})"
+            ))),
+            None => Ok(()),
+        };
+        let mut logits = logits.clone();
+        let dev = logits.device().clone();
+        if self.repetition_penalty != 1.0 && !context.is_empty() {
+            check(context)?;
+            let mut ids = context.to_vec();
+            ids.sort_unstable();
+            ids.dedup();
+            let idx = Tensor::new(ids.as_slice(), &dev)?;
+            let g = logits.index_select(&idx, 0)?;
+            let p = Tensor::new(&[self.repetition_penalty], &dev)?;
+            // Division (not multiplication by the inverse), as transformers,
+            // so greedy ties resolve the same way.
+            let new = g
+                .lt(0f32)?
+                .where_cond(&g.broadcast_mul(&p)?, &g.broadcast_div(&p)?)?;
+            logits = logits.scatter(&idx, &new, 0)?;
+        }
+        if (self.frequency_penalty != 0.0 || self.presence_penalty != 0.0) && !generated.is_empty()
+        {
+            check(generated)?;
+            let mut counts: HashMap<u32, u32> = HashMap::new();
+            for &t in generated {
+                *counts.entry(t).or_default() += 1;
+            }
+            let mut ids: Vec<u32> = counts.keys().copied().collect();
+            ids.sort_unstable();
+            let sub: Vec<f32> = ids
+                .iter()
+                .map(|t| self.frequency_penalty * counts[t] as f32 + self.presence_penalty)
+                .collect();
+            let idx = Tensor::new(ids.as_slice(), &dev)?;
+            let g = logits.index_select(&idx, 0)?;
+            let new = (g - Tensor::new(sub.as_slice(), &dev)?)?;
+            logits = logits.scatter(&idx, &new, 0)?;
+        }
+        Ok(logits)
+    }
+
+    /// Divides by the temperature (on the device); identity at 1.
+    ///
+    /// # Errors
+    /// Tensor errors.
+    pub fn apply_temperature(&self, logits: &Tensor) -> Result<Tensor> {
+        if self.temperature == 1.0 {
+            return Ok(logits.clone());
+        }
+        let t = Tensor::new(&[self.temperature], logits.device())?;
+        Ok(logits.broadcast_div(&t)?)
+    }
+
+    /// Top-k, top-p and min-p over processed logits copied to the host.
+    /// At least one token always survives (the most likely).
+    #[must_use]
+    pub fn candidates(&self, logits: &[f32]) -> Candidates {
+        let (top_k, top_p, min_p) = self.strategy.filters();
+        let mut c: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| !l.is_nan() && **l > f32::NEG_INFINITY)
+            .map(|(i, &l)| (i as u32, l))
+            .collect();
+        if c.is_empty() {
+            return Candidates { tokens: c };
+        }
+        if let Some(k) = top_k {
+            // `k == 0` is rejected by `validate`; keep one token if it gets here.
+            let k = k.max(1);
+            if k < c.len() {
+                // Partial selection: the k-th largest value in linear time;
+                // ties with it are kept, as transformers' `scores < kth`.
+                let mut vals: Vec<f32> = c.iter().map(|x| x.1).collect();
+                let (_, kth, _) = vals.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+                let kth = *kth;
+                c.retain(|x| x.1 >= kth);
+            }
+        }
+        if let Some(p) = top_p {
+            if p < 1.0 {
+                c = nucleus(c, p);
+            }
+        }
+        if let Some(m) = min_p {
+            // prob < min_p * max_prob  <=>  exp(l - max) < min_p.
+            let max = c.iter().map(|x| x.1).fold(f32::NEG_INFINITY, f32::max);
+            let keep: Vec<(u32, f32)> = c
+                .iter()
+                .copied()
+                .filter(|x| f64::from(x.1 - max).exp() >= f64::from(m))
+                .collect();
+            if !keep.is_empty() {
+                c = keep;
+            }
+        }
+        Candidates { tokens: c }
+    }
+
+    /// The full processed logits (`[vocab]` f32 on the device of `logits`)
+    /// with filtered tokens at `-inf`, as transformers' processors and
+    /// warpers return them. Decoding uses the same steps without building
+    /// this tensor; it is here to inspect and test them.
+    ///
+    /// # Errors
+    /// See [`Self::apply_penalties`].
+    pub fn process(&self, logits: &Tensor, context: &[u32], generated: &[u32]) -> Result<Tensor> {
+        let l = self.apply_penalties(&logits.to_dtype(DType::F32)?, context, generated)?;
+        if self.strategy.is_greedy() {
+            return Ok(l);
+        }
+        let l = self.apply_temperature(&l)?;
+        let host = l.to_vec1::<f32>()?;
+        let mut out = vec![f32::NEG_INFINITY; host.len()];
+        for (i, v) in self.candidates(&host).tokens {
+            out[i as usize] = v;
+        }
+        Ok(Tensor::from_vec(out, host.len(), l.device())?)
+    }
+}
+
+/// transformers' top-p: a token is removed when the ascending cumulative
+/// probability up to and including it is `<= 1 - p`, i.e. kept when the mass
+/// of the tokens more likely than it is `< p`. Only the most likely tokens
+/// are sorted: the set grows until it contains the cut.
+fn nucleus(mut c: Vec<(u32, f32)>, p: f32) -> Vec<(u32, f32)> {
+    let max = c.iter().map(|x| x.1).fold(f32::NEG_INFINITY, f32::max);
+    let total: f64 = c.iter().map(|x| f64::from(x.1 - max).exp()).sum();
+    let p = f64::from(p);
+    let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let mut n = 64.min(c.len());
+    loop {
+        if n < c.len() {
+            c.select_nth_unstable_by(n - 1, desc);
+        }
+        c[..n].sort_unstable_by(desc);
+        let mut before = 0.0f64;
+        for i in 0..n {
+            if i > 0 && before >= p {
+                c.truncate(i);
+                return c;
+            }
+            before += f64::from(c[i].1 - max).exp() / total;
+        }
+        if n == c.len() {
+            return c;
+        }
+        n = (n * 4).min(c.len());
+    }
+}
+
+/// Picks tokens: greedy on the device, or a seeded draw over the candidates.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    processor: LogitsProcessor,
+    rng: StdRng,
+}
+
+impl Sampler {
+    /// A sampler whose draws are determined by `seed`.
+    #[must_use]
+    pub fn new(processor: LogitsProcessor, seed: u64) -> Self {
+        Self {
+            processor,
+            rng: StdRng::seed_from_u64(seed),
+        }
+    }
+
+    /// The processing pipeline.
+    #[must_use]
+    pub fn processor(&self) -> &LogitsProcessor {
+        &self.processor
+    }
+
+    /// The next token from `logits` (`[vocab]`, any float dtype, any
+    /// device). `context` and `generated` feed the penalties (see
+    /// [`LogitsProcessor::apply_penalties`]).
+    ///
+    /// # Errors
+    /// Tensor errors, or logits that are all `-inf`/NaN when sampling.
+    pub fn sample(&mut self, logits: &Tensor, context: &[u32], generated: &[u32]) -> Result<u32> {
+        let l =
+            self.processor
+                .apply_penalties(&logits.to_dtype(DType::F32)?, context, generated)?;
+        if self.processor.strategy.is_greedy() {
+            return Ok(l.argmax(0)?.to_scalar::<u32>()?);
+        }
+        let l = self.processor.apply_temperature(&l)?;
+        let host = l.to_vec1::<f32>()?;
+        let c = self.processor.candidates(&host);
+        self.draw(&c)
+    }
+
+    /// A draw from the softmax of the candidates' logits.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] when there is no candidate.
+    pub fn draw(&mut self, c: &Candidates) -> Result<u32> {
+        let max = c
+            .tokens
+            .iter()
+            .map(|x| x.1)
+            .fold(f32::NEG_INFINITY, f32::max);
+        if c.tokens.is_empty() || !max.is_finite() {
+            return Err(Error::InvalidInput(
+                "no token can be sampled: the logits are all -inf or NaN".into(),
+            ));
+        }
+        let weights: Vec<f64> = c
+            .tokens
+            .iter()
+            .map(|x| f64::from(x.1 - max).exp())
+            .collect();
+        let total: f64 = weights.iter().sum();
+        let mut u = self.rng.random::<f64>() * total;
+        for (w, t) in weights.iter().zip(&c.tokens) {
+            if u < *w {
+                return Ok(t.0);
+            }
+            u -= w;
+        }
+        // Rounding left `u` just above the last weight: take the last token.
+        Ok(c.tokens[c.tokens.len() - 1].0)
+    }
+}
