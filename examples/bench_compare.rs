@@ -58,7 +58,11 @@ const TEXTS: [&str; 8] = [
 fn bench_embeddings(args: &Args, device: &Device) -> Result<()> {
     use metal_candle::embeddings::{pooling::normalize, EmbeddingModel};
     use metal_candle::models::ModelRepo;
-    let dtypes: &[DType] = if device.is_cuda() { &[DType::F32, DType::BF16] } else { &[DType::F32] };
+    let dtypes: &[DType] = if device.is_cuda() {
+        &[DType::F32, DType::BF16]
+    } else {
+        &[DType::F32]
+    };
     let shapes: &[(usize, usize)] = if args.quick {
         &[(1, 128), (32, 128)]
     } else {
@@ -67,7 +71,10 @@ fn bench_embeddings(args: &Args, device: &Device) -> Result<()> {
     for name in EMBED_MODELS {
         let dir = std::path::Path::new(&args.embed_models).join(name);
         if !dir.join("model.safetensors").exists() {
-            anyhow::bail!("{} missing: run scripts/peers.py --prepare-only first", dir.display());
+            anyhow::bail!(
+                "{} missing: run scripts/peers.py --prepare-only first",
+                dir.display()
+            );
         }
         for &dtype in dtypes {
             let model = EmbeddingModel::load(&ModelRepo::from_dir(&dir), Some(dtype), device)?;
@@ -77,9 +84,15 @@ fn bench_embeddings(args: &Args, device: &Device) -> Result<()> {
                     serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
                 // SAFETY: read-only mapping of a file nobody modifies meanwhile.
                 let vb = unsafe {
-                    candle_nn::VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], dtype, device)?
+                    candle_nn::VarBuilder::from_mmaped_safetensors(
+                        &[dir.join("model.safetensors")],
+                        dtype,
+                        device,
+                    )?
                 };
-                Some(candle_transformers::models::bert::BertModel::load(vb, &cfg)?)
+                Some(candle_transformers::models::bert::BertModel::load(
+                    vb, &cfg,
+                )?)
             } else {
                 None
             };
@@ -88,7 +101,9 @@ fn bench_embeddings(args: &Args, device: &Device) -> Result<()> {
                     continue;
                 }
                 let first = if name.contains("mpnet") { 0 } else { 101 };
-                let mut v: Vec<u32> = (0..b * s).map(|k| ((k as u64 * 2_654_435_761) % 2600) as u32).collect();
+                let mut v: Vec<u32> = (0..b * s)
+                    .map(|k| ((k as u64 * 2_654_435_761) % 2600) as u32)
+                    .collect();
                 for row in 0..b {
                     v[row * s] = first;
                 }
@@ -101,18 +116,34 @@ fn bench_embeddings(args: &Args, device: &Device) -> Result<()> {
                     Ok(())
                 })?;
                 let row = format!("{name} forward+pool");
-                emit("embeddings", &row, &format!("b{b} s{s}"), dtype, b as f64 / secs, "docs/s");
+                emit(
+                    "embeddings",
+                    &row,
+                    &format!("b{b} s{s}"),
+                    dtype,
+                    b as f64 / secs,
+                    "docs/s",
+                );
                 if let Some(bert) = &stock_bert {
                     let types = ids.zeros_like()?;
                     let secs = time(device, args.repeats, || {
                         let h = bert.forward(&ids, &types, Some(&mask))?;
                         let m = mask.to_dtype(h.dtype())?.unsqueeze(2)?;
-                        let e = (h.broadcast_mul(&m)?.sum(1)?.broadcast_div(&m.sum(1)?))?.to_dtype(DType::F32)?;
+                        let e = (h.broadcast_mul(&m)?.sum(1)?.broadcast_div(&m.sum(1)?))?
+                            .to_dtype(DType::F32)?;
                         e.broadcast_div(&e.sqr()?.sum_keepdim(1)?.sqrt()?)?;
                         Ok(())
                     })?;
                     let shape = format!("b{b} s{s}");
-                    emit_as(STOCK, "embeddings", &row, &shape, dtype, b as f64 / secs, "docs/s");
+                    emit_as(
+                        STOCK,
+                        "embeddings",
+                        &row,
+                        &shape,
+                        dtype,
+                        b as f64 / secs,
+                        "docs/s",
+                    );
                 }
             }
             let texts: Vec<&str> = TEXTS.iter().cycle().take(512).copied().collect();
@@ -121,7 +152,14 @@ fn bench_embeddings(args: &Args, device: &Device) -> Result<()> {
                 Ok(())
             })?;
             let row = format!("{name} encode (tokenize+embed)");
-            emit("embeddings", &row, "512 texts b32", dtype, texts.len() as f64 / secs, "docs/s");
+            emit(
+                "embeddings",
+                &row,
+                "512 texts b32",
+                dtype,
+                texts.len() as f64 / secs,
+                "docs/s",
+            );
         }
     }
     Ok(())

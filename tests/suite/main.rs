@@ -9,7 +9,9 @@ mod common;
 
 mod embeddings_parity;
 mod embeddings_real;
+mod generation;
 mod kernels;
 mod loading;
 mod qwen2_parity;
+mod real_generation;
 mod real_qwen2;

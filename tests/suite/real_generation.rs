@@ -7,10 +7,8 @@
 //! Runs with METAL_CANDLE_REAL_MODELS=1 (HF_HUB_OFFLINE=1 works) after
 //! scripts/fetch-models.sh.
 
-mod common;
-
+use crate::common::{device, fixture, real_models, reference};
 use candle_core::DType;
-use common::{device, fixture, real_models, reference};
 use metal_candle::inference::{
     FinishReason, Generator, GeneratorConfig, IncrementalDecoder, LanguageModel, Message,
 };

@@ -4,12 +4,10 @@
 //! logits, the chat template, plus seeding, stop conditions and streaming.
 //! References: scripts/fixtures/generation.py -> tests/fixtures/generation.
 
-mod common;
-
 use std::collections::HashMap;
 
+use crate::common::{device, fixture, reference};
 use candle_core::{DType, IndexOp, Tensor};
-use common::{device, fixture, reference};
 use metal_candle::inference::{
     FinishReason, GenerationOutput, Generator, GeneratorConfig, IncrementalDecoder, LanguageModel,
     LogitsProcessor, Message, SamplingStrategy, TokenEvent,
