@@ -641,7 +641,8 @@ impl Qwen2Model {
     ) -> Result<Tensor> {
         let h = self.forward_hidden(input_ids, attention_mask, cache)?;
         let s = h.dim(1)?;
-        self.logits(&h.narrow(1, s - 1, 1)?.squeeze(1)?)?
+        // cuBLAS needs the row-strided slice made contiguous (the CPU gemm does not).
+        self.logits(&h.narrow(1, s - 1, 1)?.squeeze(1)?.contiguous()?)?
             .to_dtype(DType::F32)
             .map_err(Into::into)
     }

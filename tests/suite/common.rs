@@ -28,8 +28,9 @@ pub fn reference(name: &str) -> HashMap<String, Tensor> {
 /// Largest absolute difference between two tensors of the same shape.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    let a = a.to_dtype(candle_core::DType::F32).unwrap();
-    let b = b.to_dtype(candle_core::DType::F32).unwrap();
+    // References live on the CPU; results may be on the GPU.
+    let a = a.to_dtype(candle_core::DType::F32).unwrap().to_device(&Device::Cpu).unwrap();
+    let b = b.to_dtype(candle_core::DType::F32).unwrap().to_device(&Device::Cpu).unwrap();
     (a - b)
         .unwrap()
         .abs()

@@ -247,11 +247,9 @@ mod cuda {
         let shape = xl.shape().clone();
         let n = *shape.dims().last().unwrap_or(&1);
         let rows = shape.elem_count() / n.max(1);
-        let block = if n >= 1024 {
-            1024
-        } else {
-            n.div_ceil(32).max(1) * 32
-        } as u32;
+        // One warp per row below 1024 columns (many rows in flight, no
+        // shared-memory round trip), a full block above, as Candle's kernel.
+        let block: u32 = if n < 1024 { 32 } else { 1024 };
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
             block_dim: (block, 1, 1),
