@@ -16,3 +16,6 @@ pub mod training;
 
 pub use backend::Device;
 pub use error::{Error, Result};
+pub use training::{
+    LRScheduler, LoRAAdapter, LoRAAdapterConfig, TargetModule, Trainer, TrainingConfig,
+};
