@@ -328,3 +328,75 @@ fn nonfinite_loss_stops_with_a_clear_error() {
     );
     assert_eq!(m.ops_mode(), OpsMode::Differentiable);
 }
+
+/// Two micro-batches of 2 accumulated equal one batch of 4 (token-weighted
+/// loss), since both read the same seeded order.
+#[test]
+fn gradient_accumulation_equals_a_larger_batch() {
+    let data = synthetic_dataset(8, 4);
+    let run = |batch_size: usize, accum: usize| {
+        let mut m = tiny_model();
+        let adapter = LoRAAdapter::new(all_modules(4, 8.0), &m, &common::device(), 3).unwrap();
+        let cfg = TrainingConfig {
+            max_steps: Some(3),
+            batch_size,
+            grad_accum_steps: accum,
+            lr_schedule: LRScheduler::Constant { lr: 1e-2 },
+            max_grad_norm: Some(1.0),
+            progress: false,
+            ..TrainingConfig::default()
+        };
+        let metrics = Trainer::new(&mut m, &adapter, cfg)
+            .unwrap()
+            .train(&data, None)
+            .unwrap();
+        (losses(&metrics), adapter)
+    };
+    let (l1, a1) = run(4, 1);
+    let (l2, a2) = run(2, 2);
+    println!("batch 4: {l1:?}\n2 x 2:   {l2:?}");
+    for (x, y) in l1.iter().zip(&l2) {
+        assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+    }
+    for ((n, v1), (_, v2)) in a1.named_vars().iter().zip(a2.named_vars()) {
+        assert!(
+            common::max_abs_diff(v1.as_tensor(), v2.as_tensor()) < 1e-5,
+            "{n}"
+        );
+    }
+}
+
+#[test]
+fn dropout_only_in_training_mode() {
+    let mut m = tiny_model();
+    let cfg = LoRAAdapterConfig {
+        dropout: 0.5,
+        ..all_modules(4, 8.0)
+    };
+    let adapter = our_adapter_with(&m, cfg);
+    adapter.attach(&mut m).unwrap();
+    let eval1 = real_logits(&m);
+    let eval2 = real_logits(&m);
+    assert_eq!(
+        common::max_abs_diff(&eval1, &eval2),
+        0.0,
+        "no dropout in inference mode"
+    );
+    adapter.set_training(true);
+    let train = real_logits(&m);
+    adapter.set_training(false);
+    assert!(
+        common::max_abs_diff(&eval1, &train) > 1e-3,
+        "dropout active in training mode"
+    );
+}
+
+fn our_adapter_with(model: &Qwen2Model, cfg: LoRAAdapterConfig) -> LoRAAdapter {
+    let adapter = LoRAAdapter::new(cfg, model, &common::device(), 8).unwrap();
+    for (_, l) in adapter.layers() {
+        l.b()
+            .set(&(l.b().as_tensor().ones_like().unwrap() * 0.05).unwrap())
+            .unwrap();
+    }
+    adapter
+}
