@@ -2,7 +2,7 @@
 //! through the [`LinearAdapter`] hook, initialised and scaled as Hugging
 //! Face peft does.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -159,6 +159,13 @@ impl LoRAAdapterConfig {
     }
 }
 
+/// State all layers of one adapter share: training mode and the dropout seed.
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
+    training: AtomicBool,
+    dropout_seed: AtomicU64,
+}
+
 /// One low-rank update `scale · B A x` for a linear layer.
 ///
 /// `a` is `[r, in]`, `b` is `[out, r]`, both f32 [`Var`]s (trainable); the
@@ -169,20 +176,20 @@ pub struct LoRALayer {
     b: Var,
     scale: f64,
     dropout: f32,
-    training: Arc<AtomicBool>,
+    /// Position in the adapter, to give each layer its own dropout mask.
+    index: u64,
+    shared: Arc<Shared>,
 }
 
 impl LoRALayer {
     /// A layer from given `a` `[r, in]` and `b` `[out, r]` (converted to f32 Vars).
-    ///
-    /// # Errors
-    /// Shape mismatch between `a` and `b`.
-    pub fn from_tensors(
+    fn from_tensors(
         a: &Tensor,
         b: &Tensor,
         scale: f64,
         dropout: f32,
-        training: Arc<AtomicBool>,
+        index: u64,
+        shared: Arc<Shared>,
     ) -> Result<Self> {
         let (r, _) = a.dims2()?;
         let (_, rb) = b.dims2()?;
@@ -198,8 +205,23 @@ impl LoRALayer {
             b: Var::from_tensor(&b.to_dtype(DType::F32)?)?,
             scale,
             dropout,
-            training,
+            index,
+            shared,
         })
+    }
+
+    /// Inverted dropout with a mask drawn from (adapter seed, layer index):
+    /// reproducible, so a resumed run sees the same masks.
+    fn dropout(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let p = self.dropout;
+        let seed = self.shared.dropout_seed.load(Ordering::Relaxed)
+            ^ self.index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let keep = 1.0 / (1.0 - p);
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
+            .collect();
+        x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?)
     }
 
     /// `A` (`[r, in]`).
@@ -233,8 +255,8 @@ impl LinearAdapter for LoRALayer {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();
         let mut h = x.to_dtype(DType::F32)?;
-        if self.dropout > 0.0 && self.training.load(Ordering::Relaxed) {
-            h = candle_nn::ops::dropout(&h, self.dropout)?;
+        if self.dropout > 0.0 && self.shared.training.load(Ordering::Relaxed) {
+            h = self.dropout(&h)?;
         }
         let h = h.broadcast_matmul(&self.a.as_tensor().t()?)?;
         let h = h.broadcast_matmul(&self.b.as_tensor().t()?)?;
@@ -248,7 +270,7 @@ pub struct LoRAAdapter {
     config: LoRAAdapterConfig,
     /// `(layer path such as model.layers.0.self_attn.q_proj, layer)`, in model order.
     layers: Vec<(String, Arc<LoRALayer>)>,
-    training: Arc<AtomicBool>,
+    shared: Arc<Shared>,
 }
 
 impl LoRAAdapter {
@@ -268,7 +290,7 @@ impl LoRAAdapter {
     ) -> Result<Self> {
         config.validate()?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let training = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(Shared::default());
         let mut layers = Vec::new();
         for (path, lin) in model.linear_layers() {
             let Some(m) = TargetModule::of_path(&path) else {
@@ -291,7 +313,8 @@ impl LoRAAdapter {
                 &b,
                 config.scale(),
                 config.dropout as f32,
-                training.clone(),
+                layers.len() as u64,
+                shared.clone(),
             )?;
             layers.push((path, Arc::new(layer)));
         }
@@ -303,7 +326,7 @@ impl LoRAAdapter {
         Ok(Self {
             config,
             layers,
-            training,
+            shared,
         })
     }
 
@@ -313,16 +336,18 @@ impl LoRAAdapter {
         layers: Vec<(String, Tensor, Tensor)>,
     ) -> Result<Self> {
         config.validate()?;
-        let training = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(Shared::default());
         let layers = layers
             .into_iter()
-            .map(|(path, a, b)| {
+            .enumerate()
+            .map(|(i, (path, a, b))| {
                 let l = LoRALayer::from_tensors(
                     &a,
                     &b,
                     config.scale(),
                     config.dropout as f32,
-                    training.clone(),
+                    i as u64,
+                    shared.clone(),
                 )?;
                 Ok((path, Arc::new(l)))
             })
@@ -330,7 +355,7 @@ impl LoRAAdapter {
         Ok(Self {
             config,
             layers,
-            training,
+            shared,
         })
     }
 
@@ -348,13 +373,19 @@ impl LoRAAdapter {
 
     /// Training mode turns dropout on; inference mode (the default) off.
     pub fn set_training(&self, training: bool) {
-        self.training.store(training, Ordering::Relaxed);
+        self.shared.training.store(training, Ordering::Relaxed);
     }
 
     /// Whether dropout is active.
     #[must_use]
     pub fn is_training(&self) -> bool {
-        self.training.load(Ordering::Relaxed)
+        self.shared.training.load(Ordering::Relaxed)
+    }
+
+    /// Seeds the dropout masks of the next forward passes (the trainer sets
+    /// it per micro-batch, so runs and resumed runs draw the same masks).
+    pub fn set_dropout_seed(&self, seed: u64) {
+        self.shared.dropout_seed.store(seed, Ordering::Relaxed);
     }
 
     /// Hooks every layer into `model` (replacing any adapter there).

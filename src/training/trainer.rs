@@ -262,8 +262,12 @@ impl<'a> Trainer<'a> {
         self.adapter.set_training(true);
         let mut grads: Vec<Option<Tensor>> = vec![None; self.optimizer.vars().len()];
         let (mut loss_sum, mut tokens) = (0f64, 0usize);
-        for (_, b) in &batches {
+        for (j, (_, b)) in batches.iter().enumerate() {
             tokens += b.num_tokens;
+            // Dropout masks depend only on the seed and the micro-batch.
+            let u = (self.step * accum + j) as u64;
+            self.adapter
+                .set_dropout_seed(self.config.seed ^ u.wrapping_mul(0xD1B5_4A32_D192_ED03));
             if b.num_targets == 0 {
                 continue;
             }
