@@ -118,3 +118,31 @@ pub fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, 
         message: e.to_string(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_writes_replace_whole_files_and_directories() {
+        let root = tempfile::tempdir().unwrap();
+        let f = root.path().join("a.json");
+        write_atomic(&f, b"one").unwrap();
+        write_atomic(&f, b"two").unwrap();
+        assert_eq!(std::fs::read(&f).unwrap(), b"two");
+
+        let d = root.path().join("checkpoint-1");
+        write_dir_atomic(&d, |tmp| write_atomic(&tmp.join("x"), b"1")).unwrap();
+        write_dir_atomic(&d, |tmp| write_atomic(&tmp.join("y"), b"2")).unwrap();
+        assert!(!d.join("x").exists() && d.join("y").exists());
+        // A failing fill leaves the previous directory intact.
+        let err = write_dir_atomic(&d, |_| Err(Error::InvalidInput("boom".into())));
+        assert!(err.is_err() && d.join("y").exists());
+        // No temporary files or directories are left behind.
+        let names: Vec<String> = std::fs::read_dir(root.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+    }
+}
