@@ -63,6 +63,30 @@ fn smollm2_lora_lowers_held_out_loss() {
     let (train, eval) = data.split(0.1, 0).unwrap();
     let train = Dataset::from_examples(train.examples()[..48].to_vec()).unwrap();
     let eval = Dataset::from_examples(eval.examples()[..8].to_vec()).unwrap();
+    // Chat examples with the model's real template: only the assistant
+    // replies (and their end-of-turn token) are trained on.
+    let chat = Dataset::from_jsonl_str(
+        r#"{"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "Red, of course."}]}"#,
+        &lm.tokenizer,
+        &DatasetConfig::default(),
+    )
+    .unwrap();
+    let ex = &chat.examples()[0];
+    let kept: Vec<u32> = ex
+        .labels
+        .iter()
+        .filter(|&&l| l >= 0)
+        .map(|&l| l as u32)
+        .collect();
+    let kept_text = lm.tokenizer.decode(&kept, false).unwrap();
+    println!("trained chat tokens: {kept_text:?}");
+    assert!(kept_text.starts_with("Blue."), "{kept_text}");
+    assert!(kept_text.contains("Red, of course."), "{kept_text}");
+    assert!(
+        !kept_text.contains("colour") && !kept_text.contains("Another"),
+        "{kept_text}"
+    );
+
     let prompt = "Shall I compare thee";
     let before = greedy(&lm, prompt, 12);
 
