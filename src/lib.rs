@@ -18,3 +18,6 @@ pub use backend::Device;
 pub use embeddings::{EmbeddingModel, EmbeddingModelType};
 pub use error::{Error, Result};
 pub use inference::{Generator, GeneratorConfig, SamplingStrategy};
+pub use training::{
+    LRScheduler, LoRAAdapter, LoRAAdapterConfig, TargetModule, Trainer, TrainingConfig,
+};

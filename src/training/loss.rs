@@ -49,3 +49,34 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let picked = logp.gather(&targets.unsqueeze(1)?, 1)?;
     Ok(picked.neg()?.mean_all()?)
 }
+
+/// Next-token loss of a batch, as transformers' causal LM loss: the
+/// logits at position `t` (`[b, s, vocab]`) predict `labels[t + 1]`
+/// (`[b, s]`, `-100` on prompt and padding), mean over the kept labels.
+/// Returns the loss and the number of kept labels.
+///
+/// # Errors
+/// Shape mismatch, no kept label, tensor errors.
+pub fn shifted_causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, usize)> {
+    let (b, s, v) = logits.dims3()?;
+    if labels.dims() != [b, s] {
+        return Err(Error::InvalidInput(format!(
+            "labels must be [{b}, {s}], got {:?}",
+            labels.dims()
+        )));
+    }
+    if s < 2 {
+        return Err(Error::InvalidInput(
+            "sequences need at least two tokens for a next-token loss".into(),
+        ));
+    }
+    let logits = logits.narrow(1, 0, s - 1)?.reshape((b * (s - 1), v))?;
+    let labels = labels.narrow(1, 1, s - 1)?.flatten_all()?;
+    let kept = labels
+        .to_dtype(DType::I64)?
+        .to_vec1::<i64>()?
+        .iter()
+        .filter(|&&l| l != IGNORE_INDEX)
+        .count();
+    Ok((causal_lm_loss(&logits, &labels)?, kept))
+}

@@ -1,5 +1,23 @@
-//! LoRA fine-tuning.
+//! LoRA fine-tuning: adapters ([`lora`]), peft-format files ([`peft`]),
+//! AdamW ([`optimizer`]), learning-rate schedules ([`scheduler`]), JSONL
+//! datasets ([`dataset`]), the training loop ([`trainer`]), atomic
+//! checkpoints ([`checkpoint`]) and an adapter registry ([`registry`]).
 
+pub mod checkpoint;
+pub mod dataset;
+pub mod lora;
 pub mod loss;
+pub mod optimizer;
+pub mod peft;
+pub mod registry;
+pub mod scheduler;
+pub mod trainer;
 
-pub use loss::{causal_lm_loss, IGNORE_INDEX};
+pub use dataset::{Batch, Dataset, DatasetConfig, Example};
+pub use lora::{LoRAAdapter, LoRAAdapterConfig, LoRALayer, TargetModule};
+pub use loss::{causal_lm_loss, shifted_causal_lm_loss, IGNORE_INDEX};
+pub use optimizer::{clip_grad_norm, global_grad_norm, AdamW, AdamWConfig};
+pub use peft::{load_peft_adapter, save_peft_adapter};
+pub use registry::AdapterRegistry;
+pub use scheduler::LRScheduler;
+pub use trainer::{StepMetrics, Trainer, TrainingConfig, TrainingMetrics};

@@ -1,0 +1,260 @@
+//! AdamW with decoupled weight decay, as `torch.optim.AdamW`, and gradient
+//! clipping by global norm, as `torch.nn.utils.clip_grad_norm_`.
+
+use candle_core::{backprop::GradStore, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// AdamW hyperparameters. The defaults are torch's: betas (0.9, 0.999),
+/// eps 1e-8, weight decay 0.01; lr 1e-3.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AdamWConfig {
+    /// Learning rate (a scheduler may override it per step).
+    pub lr: f64,
+    /// Decay of the first moment.
+    pub beta1: f64,
+    /// Decay of the second moment.
+    pub beta2: f64,
+    /// Added to the denominator for stability.
+    pub eps: f64,
+    /// Decoupled weight decay (`p -= lr · wd · p` before the Adam update).
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
+    }
+}
+
+/// AdamW over a fixed list of [`Var`]s, with per-parameter moments.
+#[derive(Debug)]
+pub struct AdamW {
+    config: AdamWConfig,
+    vars: Vec<Var>,
+    /// First and second moments, created on a parameter's first update.
+    m: Vec<Option<Tensor>>,
+    v: Vec<Option<Tensor>>,
+    /// Optimizer steps taken (drives bias correction).
+    step: usize,
+}
+
+impl AdamW {
+    /// An optimizer for `vars`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfiguration`] for betas outside [0, 1), a negative
+    /// lr, eps or weight decay.
+    pub fn new(vars: Vec<Var>, config: AdamWConfig) -> Result<Self> {
+        let c = &config;
+        if !(0.0..1.0).contains(&c.beta1) || !(0.0..1.0).contains(&c.beta2) {
+            return Err(Error::InvalidConfiguration(format!(
+                "AdamW betas must be in [0, 1), got ({}, {})",
+                c.beta1, c.beta2
+            )));
+        }
+        if c.lr < 0.0 || c.eps < 0.0 || c.weight_decay < 0.0 {
+            return Err(Error::InvalidConfiguration(
+                "AdamW lr, eps and weight decay must be non-negative".into(),
+            ));
+        }
+        let n = vars.len();
+        Ok(Self {
+            config,
+            vars,
+            m: vec![None; n],
+            v: vec![None; n],
+            step: 0,
+        })
+    }
+
+    /// The hyperparameters.
+    #[must_use]
+    pub fn config(&self) -> &AdamWConfig {
+        &self.config
+    }
+
+    /// Sets the learning rate for the next steps.
+    pub fn set_lr(&mut self, lr: f64) {
+        self.config.lr = lr;
+    }
+
+    /// Steps taken so far.
+    #[must_use]
+    pub fn step_count(&self) -> usize {
+        self.step
+    }
+
+    /// The optimized variables.
+    #[must_use]
+    pub fn vars(&self) -> &[Var] {
+        &self.vars
+    }
+
+    /// One update with `grads[i]` for `vars[i]`; a `None` gradient leaves
+    /// that parameter (and its moments) untouched, like torch.
+    ///
+    /// # Errors
+    /// Wrong number of gradients, shape or tensor errors.
+    pub fn step_with(&mut self, grads: &[Option<Tensor>]) -> Result<()> {
+        if grads.len() != self.vars.len() {
+            return Err(Error::InvalidInput(format!(
+                "{} gradients for {} parameters",
+                grads.len(),
+                self.vars.len()
+            )));
+        }
+        self.step += 1;
+        let c = self.config;
+        let t = self.step as i32;
+        let step_size = c.lr / (1.0 - c.beta1.powi(t));
+        let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
+        for (i, g) in grads.iter().enumerate() {
+            let Some(g) = g else { continue };
+            let p = &self.vars[i];
+            let m_prev = match &self.m[i] {
+                Some(m) => m.clone(),
+                None => g.zeros_like()?,
+            };
+            let v_prev = match &self.v[i] {
+                Some(v) => v.clone(),
+                None => g.zeros_like()?,
+            };
+            let m = ((m_prev * c.beta1)? + (g * (1.0 - c.beta1))?)?;
+            let v = ((v_prev * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let decayed = (p.as_tensor() * (1.0 - c.lr * c.weight_decay))?;
+            let denom = ((v.sqrt()? / bc2_sqrt)? + c.eps)?;
+            let update = (m.div(&denom)? * step_size)?;
+            p.set(&(decayed - update)?)?;
+            self.m[i] = Some(m);
+            self.v[i] = Some(v);
+        }
+        Ok(())
+    }
+
+    /// The moments as named tensors (`{i}.exp_avg`, `{i}.exp_avg_sq`) for a
+    /// checkpoint; the step count is stored separately.
+    #[must_use]
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for i in 0..self.vars.len() {
+            if let (Some(m), Some(v)) = (&self.m[i], &self.v[i]) {
+                out.push((format!("{i}.exp_avg"), m.clone()));
+                out.push((format!("{i}.exp_avg_sq"), v.clone()));
+            }
+        }
+        out
+    }
+
+    /// Restores moments saved by [`Self::state_tensors`] and the step count.
+    ///
+    /// # Errors
+    /// A moment whose shape differs from its parameter, or an unknown name.
+    pub fn load_state(
+        &mut self,
+        tensors: &std::collections::HashMap<String, Tensor>,
+        step: usize,
+    ) -> Result<()> {
+        let mut m = vec![None; self.vars.len()];
+        let mut v = vec![None; self.vars.len()];
+        for (name, t) in tensors {
+            let (idx, kind) = name
+                .split_once('.')
+                .and_then(|(i, k)| Some((i.parse::<usize>().ok()?, k)))
+                .filter(|(i, _)| *i < self.vars.len())
+                .ok_or_else(|| {
+                    Error::InvalidInput(format!("unknown optimizer state tensor `{name}`"))
+                })?;
+            if t.dims() != self.vars[idx].as_tensor().dims() {
+                return Err(Error::ShapeMismatch {
+                    name: name.clone(),
+                    expected: self.vars[idx].as_tensor().dims().to_vec(),
+                    actual: t.dims().to_vec(),
+                });
+            }
+            let t = t.to_device(self.vars[idx].device())?;
+            match kind {
+                "exp_avg" => m[idx] = Some(t),
+                "exp_avg_sq" => v[idx] = Some(t),
+                _ => {
+                    return Err(Error::InvalidInput(format!(
+                        "unknown optimizer state tensor `{name}`"
+                    )))
+                }
+            }
+        }
+        self.m = m;
+        self.v = v;
+        self.step = step;
+        Ok(())
+    }
+
+    /// The gradients of this optimizer's vars in `grads`, in var order.
+    #[must_use]
+    pub fn collect_grads(&self, grads: &GradStore) -> Vec<Option<Tensor>> {
+        self.vars
+            .iter()
+            .map(|v| grads.get(v.as_tensor()).cloned())
+            .collect()
+    }
+}
+
+impl candle_nn::Optimizer for AdamW {
+    type Config = AdamWConfig;
+
+    fn new(vars: Vec<Var>, config: AdamWConfig) -> candle_core::Result<Self> {
+        AdamW::new(vars, config).map_err(|e| candle_core::Error::Msg(e.to_string()))
+    }
+
+    fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
+        let g = self.collect_grads(grads);
+        self.step_with(&g)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))
+    }
+
+    fn learning_rate(&self) -> f64 {
+        self.config.lr
+    }
+
+    fn set_learning_rate(&mut self, lr: f64) {
+        self.config.lr = lr;
+    }
+}
+
+/// The global L2 norm of all gradients (f32 sums, like torch).
+///
+/// # Errors
+/// Tensor errors.
+pub fn global_grad_norm(grads: &[Option<Tensor>]) -> Result<f64> {
+    let mut total = 0f64;
+    for g in grads.iter().flatten() {
+        let n = g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?;
+        total += n.to_scalar::<f64>()?;
+    }
+    Ok(total.sqrt())
+}
+
+/// Scales `grads` so their global L2 norm is at most `max_norm`, as
+/// `torch.nn.utils.clip_grad_norm_`: the factor is
+/// `max_norm / (norm + 1e-6)`, applied only when below 1. Returns the norm
+/// before clipping.
+///
+/// # Errors
+/// Tensor errors.
+pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
+    let norm = global_grad_norm(grads)?;
+    let coef = max_norm / (norm + 1e-6);
+    if coef < 1.0 {
+        for g in grads.iter_mut().flatten() {
+            *g = (&*g * coef)?;
+        }
+    }
+    Ok(norm)
+}
