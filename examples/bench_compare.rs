@@ -467,6 +467,100 @@ fn bench_kernels(args: &Args, device: &Device) -> Result<()> {
     Ok(())
 }
 
+/// Polls the device's used memory (cuMemGetInfo: the whole device, the same
+/// measure scripts/peers.py takes with torch.cuda.mem_get_info) every 2 ms
+/// while `f` runs; returns `f`'s result and the peak in bytes.
+fn with_peak_memory<T>(device: &Device, f: impl FnOnce() -> Result<T>) -> Result<(T, usize)> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let stop = Arc::new(AtomicBool::new(false));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let poller = {
+        let (stop, peak, device) = (stop.clone(), peak.clone(), device.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(Some((free, total))) = metal_candle::backend::device_memory(&device) {
+                    peak.fetch_max(total - free, Ordering::Relaxed);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        })
+    };
+    let out = f();
+    synchronize(device)?;
+    stop.store(true, Ordering::Relaxed);
+    let _ = poller.join();
+    Ok((out?, peak.load(Ordering::Relaxed)))
+}
+
+fn bench_lora(args: &Args, device: &Device) -> Result<()> {
+    use metal_candle::training::loss::shifted_causal_lm_loss;
+    use metal_candle::training::optimizer::{AdamW, AdamWConfig};
+    use metal_candle::training::{LoRAAdapter, LoRAAdapterConfig, TargetModule};
+    let dtype = match &args.dtype {
+        Some(d) => parse_dtype(d)?,
+        None => metal_candle::backend::default_dtype(device),
+    };
+    let cfg = qwen05b_config(args.quick);
+    let (b, s) = if args.quick { (2, 64) } else { (8, 512) };
+    let (result, peak) = with_peak_memory(device, || {
+        let tensors = random_qwen2_tensors(&cfg, dtype, device)?;
+        let mut model = Qwen2Model::new(
+            &cfg,
+            &Weights::from_tensors(tensors, dtype, device, "random"),
+        )?;
+        model.set_ops_mode(metal_candle::models::OpsMode::Differentiable);
+        let lora = LoRAAdapterConfig {
+            rank: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            target_modules: vec![TargetModule::QProj, TargetModule::VProj],
+            use_rslora: false,
+        };
+        let adapter = LoRAAdapter::new(lora, &model, device, 0)?;
+        adapter.attach(&mut model)?;
+        adapter.set_training(true);
+        let mut opt = AdamW::new(
+            adapter.trainable_vars(),
+            AdamWConfig {
+                lr: 1e-4,
+                ..Default::default()
+            },
+        )?;
+        let ids = random_ids(b, s, cfg.vocab_size, device)?;
+        let labels = ids.to_dtype(DType::I64)?;
+        let secs = time(device, args.repeats, || {
+            let logits = model.forward(&ids, None, None)?;
+            let (loss, _) = shifted_causal_lm_loss(&logits, &labels)?;
+            let grads = loss.backward()?;
+            let g = opt.collect_grads(&grads);
+            opt.step_with(&g)?;
+            Ok(())
+        })?;
+        Ok(secs)
+    })?;
+    let shape = format!("b{b} s{s} r8 q,v");
+    emit(
+        "lora",
+        "train step (fwd+bwd+AdamW)",
+        &shape,
+        dtype,
+        (b * s) as f64 / result,
+        "tok/s",
+    );
+    if peak > 0 {
+        emit(
+            "lora",
+            "peak device memory",
+            &shape,
+            dtype,
+            peak as f64 / (1 << 20) as f64,
+            "MiB",
+        );
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let device = parse_device(&args.device)?;
@@ -476,6 +570,9 @@ fn main() -> Result<()> {
     }
     if all || args.suite == "embeddings" {
         bench_embeddings(&args, &device)?;
+    }
+    if all || args.suite == "lora" {
+        bench_lora(&args, &device)?;
     }
     if all || args.suite == "generation" {
         bench_generation(&args, &device)?;

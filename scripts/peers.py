@@ -200,6 +200,59 @@ def bench_embeddings(args):
             del st
 
 
+def with_peak_memory(device, fn):
+    """Polls torch.cuda.mem_get_info (the whole device, as our side polls
+    cuMemGetInfo) every 2 ms while fn runs; returns (result, peak bytes)."""
+    import threading
+    if not device.startswith("cuda"):
+        return fn(), 0
+    peak, stop = [0], threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            free, total = torch.cuda.mem_get_info()
+            peak[0] = max(peak[0], total - free)
+            time.sleep(0.002)
+    t = threading.Thread(target=poll)
+    t.start()
+    try:
+        out = fn()
+        torch.cuda.synchronize()
+    finally:
+        stop.set()
+        t.join()
+    return out, peak[0]
+
+
+def bench_lora(args):
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2ForCausalLM
+    dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "f32")
+    cfg = qwen05b(args.quick)
+    b, s = (2, 64) if args.quick else (8, 512)
+
+    def run():
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM._from_config(cfg, attn_implementation="eager", dtype=DT[dtype]).to(args.device)
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                 target_modules=["q_proj", "v_proj"]))
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        x = ids(b, s, cfg.vocab_size, args.device)
+
+        def step():
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return timed(args.device, args.repeats, step)
+    secs, peak = with_peak_memory(args.device, run)
+    shape = f"b{b} s{s} r8 q,v"
+    emit("peft (transformers eager)", "lora", "train step (fwd+bwd+AdamW)", shape, dtype, b * s / secs, "tok/s")
+    if peak:
+        emit("peft (transformers eager)", "lora", "peak device memory", shape, dtype, peak / 2**20, "MiB")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -218,6 +271,8 @@ def main():
         bench_embeddings(args)
     if args.suite in ("all", "kernels"):
         bench_kernels(args)
+    if args.suite in ("all", "lora"):
+        bench_lora(args)
     if args.suite in ("all", "generation"):
         bench_generation(args)
 

@@ -102,3 +102,21 @@ pub fn parse_dtype(name: &str) -> Result<DType> {
 pub fn synchronize(device: &Device) -> Result<()> {
     Ok(device.synchronize()?)
 }
+
+/// `(free, total)` bytes of the GPU behind `device`, or `None` on the CPU.
+///
+/// # Errors
+/// Fails if the driver query fails.
+pub fn device_memory(device: &Device) -> Result<Option<(usize, usize)>> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        let info = d
+            .cuda_stream()
+            .context()
+            .mem_get_info()
+            .map_err(|e| Error::Candle(candle_core::Error::Cuda(Box::new(e))))?;
+        return Ok(Some(info));
+    }
+    let _ = device;
+    Ok(None)
+}

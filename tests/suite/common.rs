@@ -29,8 +29,16 @@ pub fn reference(name: &str) -> HashMap<String, Tensor> {
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
     // References live on the CPU; results may be on the GPU.
-    let a = a.to_dtype(candle_core::DType::F32).unwrap().to_device(&Device::Cpu).unwrap();
-    let b = b.to_dtype(candle_core::DType::F32).unwrap().to_device(&Device::Cpu).unwrap();
+    let a = a
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap();
+    let b = b
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap();
     (a - b)
         .unwrap()
         .abs()

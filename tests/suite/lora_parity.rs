@@ -3,8 +3,6 @@
 //! schedule + clipping against torch; the schedules against transformers.
 //! References: scripts/fixtures/lora.py.
 
-
-
 use std::collections::HashMap;
 
 use candle_core::{DType, Tensor};
@@ -16,9 +14,12 @@ use metal_candle::training::{
 
 fn tiny_model(mode: OpsMode) -> Qwen2Model {
     let dir = crate::common::fixture("qwen2-tiny");
-    let mut m =
-        Qwen2Model::from_pretrained(dir.to_str().unwrap(), Some(DType::F32), &crate::common::device())
-            .unwrap();
+    let mut m = Qwen2Model::from_pretrained(
+        dir.to_str().unwrap(),
+        Some(DType::F32),
+        &crate::common::device(),
+    )
+    .unwrap();
     m.set_ops_mode(mode);
     m
 }
@@ -131,7 +132,11 @@ fn check_against_peft(adapter: &LoRAAdapter, suffix: &str) {
 
 #[test]
 fn loss_logits_and_gradients_match_peft() {
-    let adapter = load_peft_adapter(&crate::common::fixture("lora-peft"), &crate::common::device()).unwrap();
+    let adapter = load_peft_adapter(
+        &crate::common::fixture("lora-peft"),
+        &crate::common::device(),
+    )
+    .unwrap();
     assert!(
         (adapter.layers()[0].1.scale() - 2.0).abs() < 1e-12,
         "alpha/r = 8/4"
@@ -163,7 +168,11 @@ fn rslora_scale_matches_peft() {
 /// which shows this test can fail.
 fn nonzero_gradient_layers(mode: OpsMode) -> usize {
     let r = crate::common::reference("lora");
-    let adapter = load_peft_adapter(&crate::common::fixture("lora-peft"), &crate::common::device()).unwrap();
+    let adapter = load_peft_adapter(
+        &crate::common::fixture("lora-peft"),
+        &crate::common::device(),
+    )
+    .unwrap();
     let (_, _, grads) = run(&adapter, &batch(&r), mode);
     adapter
         .layers()

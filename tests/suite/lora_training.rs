@@ -2,8 +2,6 @@
 //! by us), merging, the adapter registry, exact resume, and the NaN guard.
 //! References: scripts/fixtures/lora.py.
 
-
-
 use std::path::Path;
 
 use candle_core::{DType, Tensor};
@@ -18,7 +16,12 @@ use metal_candle::{
 
 fn tiny_model() -> Qwen2Model {
     let dir = crate::common::fixture("qwen2-tiny");
-    Qwen2Model::from_pretrained(dir.to_str().unwrap(), Some(DType::F32), &crate::common::device()).unwrap()
+    Qwen2Model::from_pretrained(
+        dir.to_str().unwrap(),
+        Some(DType::F32),
+        &crate::common::device(),
+    )
+    .unwrap()
 }
 
 fn all_modules(rank: usize, alpha: f64) -> LoRAAdapterConfig {
@@ -82,7 +85,8 @@ fn rel(ours: &Tensor, theirs: &Tensor) -> f32 {
 /// Our adapter with deterministic non-zero weights (seeded A; B from a
 /// fixed formula, since fresh B is zero and would make the test trivial).
 fn our_adapter(model: &Qwen2Model) -> LoRAAdapter {
-    let adapter = LoRAAdapter::new(all_modules(4, 8.0), model, &crate::common::device(), 1234).unwrap();
+    let adapter =
+        LoRAAdapter::new(all_modules(4, 8.0), model, &crate::common::device(), 1234).unwrap();
     for (i, (_, l)) in adapter.layers().iter().enumerate() {
         let n = l.b().elem_count();
         let b = (Tensor::arange(0u32, n as u32, &crate::common::device())
@@ -127,7 +131,10 @@ fn our_adapter_loads_in_peft_with_the_same_logits() {
         .attach(&mut m)
         .unwrap();
     let ours = real_logits(&m);
-    let theirs = real_rows(peft_logits, &crate::common::reference("lora")["attention_mask"]);
+    let theirs = real_rows(
+        peft_logits,
+        &crate::common::reference("lora")["attention_mask"],
+    );
     let d = rel(&ours, &theirs);
     let base = rel(&real_logits(&model), &theirs);
     println!("ours-saved adapter: logits rel diff vs peft {d:e} (base model differs by {base:e})");
@@ -140,7 +147,11 @@ fn our_adapter_loads_in_peft_with_the_same_logits() {
 
 #[test]
 fn merged_weights_equal_the_attached_adapter() {
-    let adapter = load_peft_adapter(&crate::common::fixture("lora-peft"), &crate::common::device()).unwrap();
+    let adapter = load_peft_adapter(
+        &crate::common::fixture("lora-peft"),
+        &crate::common::device(),
+    )
+    .unwrap();
     let mut with_adapter = tiny_model();
     adapter.attach(&mut with_adapter).unwrap();
     let want = real_logits(&with_adapter);
@@ -160,7 +171,11 @@ fn merged_weights_equal_the_attached_adapter() {
 fn registry_switches_adapters_on_one_base() {
     let mut model = tiny_model();
     let base = real_logits(&model);
-    let peft = load_peft_adapter(&crate::common::fixture("lora-peft"), &crate::common::device()).unwrap();
+    let peft = load_peft_adapter(
+        &crate::common::fixture("lora-peft"),
+        &crate::common::device(),
+    )
+    .unwrap();
     let ours = our_adapter(&model);
     let mut reg = AdapterRegistry::new();
     reg.insert("peft", peft.clone());
@@ -184,7 +199,10 @@ fn registry_switches_adapters_on_one_base() {
         0.0
     );
     reg.deactivate(&mut model);
-    assert_eq!(crate::common::max_abs_diff(&real_logits(&model), &base), 0.0);
+    assert_eq!(
+        crate::common::max_abs_diff(&real_logits(&model), &base),
+        0.0
+    );
     assert!(reg.activate("missing", &mut model).is_err());
 }
 
@@ -337,7 +355,8 @@ fn gradient_accumulation_equals_a_larger_batch() {
     let data = synthetic_dataset(8, 4);
     let run = |batch_size: usize, accum: usize| {
         let mut m = tiny_model();
-        let adapter = LoRAAdapter::new(all_modules(4, 8.0), &m, &crate::common::device(), 3).unwrap();
+        let adapter =
+            LoRAAdapter::new(all_modules(4, 8.0), &m, &crate::common::device(), 3).unwrap();
         let cfg = TrainingConfig {
             max_steps: Some(3),
             batch_size,

@@ -3,8 +3,6 @@
 //! `METAL_CANDLE_REAL_MODELS=1` (and HF_HUB_OFFLINE=1 with the files from
 //! scripts/fetch-models.sh).
 
-
-
 use candle_core::{DType, Tensor};
 use metal_candle::inference::LanguageModel;
 use metal_candle::models::OpsMode;
