@@ -14,9 +14,9 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use candle_core::{DType, Tensor};
+use candle_core::DType;
 use clap::Parser;
-use metal_candle::inference::{LanguageModel, TextTokenizer};
+use metal_candle::inference::{Generator, GeneratorConfig, LanguageModel, TextTokenizer};
 use metal_candle::models::{OpsMode, Qwen2Model};
 use metal_candle::training::{AdamWConfig, Dataset, DatasetConfig, TrainingMetrics};
 use metal_candle::{
@@ -88,22 +88,15 @@ struct Args {
     sample_tokens: usize,
 }
 
-/// Greedy decoding with a KV cache (a stand-in until the crate's generator is used here).
+/// Greedy continuation of `prompt` with the crate's [`Generator`].
 fn greedy(model: &Qwen2Model, tok: &TextTokenizer, prompt: &str, n: usize) -> Result<String> {
-    let mut ids = tok.encode(prompt)?;
-    let prompt_len = ids.len();
-    let mut cache = model.new_cache();
-    let mut input = Tensor::new(ids.as_slice(), model.device())?.unsqueeze(0)?;
-    for _ in 0..n {
-        let logits = model.forward_last(&input, None, Some(&mut cache))?;
-        let next = logits.argmax(1)?.to_vec1::<u32>()?[0];
-        if tok.eos_token_ids().contains(&next) {
-            break;
-        }
-        ids.push(next);
-        input = Tensor::new(&[next], model.device())?.unsqueeze(0)?;
-    }
-    Ok(tok.decode(&ids[prompt_len..], true)?)
+    let config = GeneratorConfig {
+        max_tokens: n,
+        ..GeneratorConfig::default()
+    };
+    Ok(Generator::with_model(model, tok.clone(), config)?
+        .generate(prompt)?
+        .text)
 }
 
 /// A minimal SVG plot of the training loss (and eval points).

@@ -42,7 +42,7 @@ impl Message {
 }
 
 /// A compiled chat template.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ChatTemplate {
     env: minijinja::Environment<'static>,
     bos_token: String,

@@ -56,6 +56,28 @@ impl CausalLm for Qwen2Model {
     }
 }
 
+/// A borrowed model generates too, so a model being trained can be sampled
+/// without giving it up.
+impl<M: CausalLm + ?Sized> CausalLm for &M {
+    fn forward_last(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        (**self).forward_last(input_ids, attention_mask, cache)
+    }
+    fn new_cache(&self) -> KvCache {
+        (**self).new_cache()
+    }
+    fn context_length(&self) -> usize {
+        (**self).context_length()
+    }
+    fn device(&self) -> &Device {
+        (**self).device()
+    }
+}
+
 /// Generation settings. [`Default`]: greedy, 256 tokens, stop on the
 /// model's EOS ids, no penalty, special tokens left out of the text.
 #[derive(Debug, Clone, PartialEq)]

