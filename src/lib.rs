@@ -21,3 +21,8 @@ pub use inference::{Generator, GeneratorConfig, SamplingStrategy};
 pub use training::{
     LRScheduler, LoRAAdapter, LoRAAdapterConfig, TargetModule, Trainer, TrainingConfig,
 };
+
+/// The README's code blocks compile as doctests, so they cannot drift from the API.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
