@@ -157,7 +157,7 @@ impl ModelRepo {
                     .with_progress(true)
                     .build()
                     .map_err(|e| self.hub_error(&e))?;
-                api.repo(self.hub_repo())
+                api.repo(hub_repo(repo_id, revision))
                     .get(filename)
                     .map_err(|e| self.hub_error(&e))
             }
@@ -206,7 +206,7 @@ impl ModelRepo {
                 snap => {
                     let online = ApiBuilder::from_cache(cache.clone())
                         .build()
-                        .and_then(|api| api.repo(self.hub_repo()).info());
+                        .and_then(|api| api.repo(hub_repo(repo_id, revision)).info());
                     match (online, snap) {
                         (Ok(info), _) => info.siblings.into_iter().map(|s| s.rfilename).collect(),
                         // Unreachable Hub but a cached snapshot: use what is cached.
@@ -222,24 +222,17 @@ impl ModelRepo {
         Ok(self.listing.get_or_init(|| files))
     }
 
-    fn hub_repo(&self) -> Repo {
-        match &self.location {
-            Location::Hub {
-                repo_id, revision, ..
-            } => Repo::with_revision(repo_id.clone(), RepoType::Model, revision.clone()),
-            Location::Dir(_) => unreachable!("hub_repo is only called for Hub locations"),
-        }
-    }
-
     /// The cached snapshot folder of a Hub repo at its revision, if any.
     fn snapshot_dir(&self) -> Option<PathBuf> {
         let Location::Hub {
-            revision, cache, ..
+            repo_id,
+            revision,
+            cache,
         } = &self.location
         else {
             return None;
         };
-        let repo_dir = cache.path().join(self.hub_repo().folder_name());
+        let repo_dir = cache.path().join(hub_repo(repo_id, revision).folder_name());
         let commit = if revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit()) {
             revision.clone()
         } else {
@@ -271,6 +264,10 @@ impl ModelRepo {
             ),
         }
     }
+}
+
+fn hub_repo(repo_id: &str, revision: &str) -> Repo {
+    Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.to_string())
 }
 
 fn list_dir(root: &Path, dir: &Path) -> Result<Vec<String>> {
