@@ -35,6 +35,12 @@ struct Args {
     /// dtype for the generation rows (default bf16 on CUDA, f32 on CPU).
     #[arg(long)]
     dtype: Option<String>,
+    /// New tokens per decode row (default 256; 16 with --quick).
+    #[arg(long)]
+    new_tokens: Option<usize>,
+    /// Prompt lengths of the prefill rows (default 128,1024; 32 with --quick).
+    #[arg(long, value_delimiter = ',')]
+    prompts: Option<Vec<usize>>,
     /// Random-weight embedding models written by `scripts/peers.py --prepare-only`
     /// (both sides load the same files).
     #[arg(long, default_value = ".dev/bench-models")]
@@ -307,8 +313,11 @@ fn bench_generation(args: &Args, device: &Device) -> Result<()> {
         &Weights::from_tensors(tensors.clone(), dtype, device, "random"),
     )?;
     let mut stock = candle_transformers_qwen2(&cfg, tensors, dtype, device)?;
-    let prompts: &[usize] = if args.quick { &[32] } else { &[128, 1024] };
-    for &p in prompts {
+    let prompts = args
+        .prompts
+        .clone()
+        .unwrap_or_else(|| if args.quick { vec![32] } else { vec![128, 1024] });
+    for &p in &prompts {
         let ids = random_ids(1, p, cfg.vocab_size, device)?;
         let secs = time(device, args.repeats, || {
             let mut cache = model.new_cache();
@@ -324,7 +333,7 @@ fn bench_generation(args: &Args, device: &Device) -> Result<()> {
             "tok/s",
         );
     }
-    let new_tokens = if args.quick { 16 } else { 256 };
+    let new_tokens = args.new_tokens.unwrap_or(if args.quick { 16 } else { 256 });
     for b in [1usize, 8] {
         let prompt = random_ids(b, 32, cfg.vocab_size, device)?;
         let secs = time(device, args.repeats.min(3), || {

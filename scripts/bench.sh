@@ -35,7 +35,10 @@ case "$cmd" in
     ;;
   cpu)
     lscpu | grep -E "Model name|^CPU\(s\)" | tee "$out/cpu.txt"
-    cargo run --release --example bench_compare -- --device cpu "$@" | tee "$out/ours.jsonl"
+    python3 scripts/peers.py --prepare-only "$@" >/dev/null
+    # The dev profile shares the test build (dependencies, candle-transformers
+    # included, at opt-level 3; our crate at opt-level 1, a handicap to us).
+    cargo run --example bench_compare -- --device cpu "$@" | tee "$out/ours.jsonl"
     python3 scripts/peers.py --device cpu "$@" | tee "$out/peers.jsonl"
     python3 scripts/bench_table.py "$out/ours.jsonl" "$out/peers.jsonl" | tee "$out/table.md"
     ;;

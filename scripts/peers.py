@@ -65,11 +65,11 @@ def bench_generation(args):
         try:
             with torch.no_grad():
                 if cache == "dynamic":
-                    for p in ([32] if args.quick else [128, 1024]):
+                    for p in args.prompts or ([32] if args.quick else [128, 1024]):
                         x = ids(1, p, cfg.vocab_size, args.device)
                         secs = timed(args.device, args.repeats, lambda: model(input_ids=x, use_cache=True))
                         emit(impl, "generation", "prefill", f"b1 prompt{p}", dtype, p / secs, "tok/s")
-                new = 16 if args.quick else 256
+                new = args.new_tokens or (16 if args.quick else 256)
                 for b in [1, 8]:
                     x = ids(b, 32, cfg.vocab_size, args.device)
                     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
@@ -260,6 +260,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dtype", default=None)
+    ap.add_argument("--new-tokens", type=int, default=None, help="new tokens per decode row")
+    ap.add_argument("--prompts", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                    help="prompt lengths of the prefill rows, e.g. 128,1024")
     ap.add_argument("--embed-models", default=".dev/bench-models",
                     help="where the random-weight embedding models are written (shared with ours)")
     ap.add_argument("--prepare-only", action="store_true", help="only write the embedding models")
