@@ -2,8 +2,6 @@
 //! small random models (shapes in each name). For side-by-side numbers
 //! against peers see scripts/bench.sh and BENCHMARKS.md.
 
-use std::collections::HashMap;
-
 use candle_core::{DType, Device, Tensor, Var};
 use criterion::{criterion_group, criterion_main, Criterion};
 use metal_candle::backend::kernels::rms_norm;
@@ -17,38 +15,7 @@ fn small_qwen2(device: &Device) -> Qwen2Model {
         "tie_word_embeddings": true
     }))
     .unwrap();
-    let (h, i, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
-    let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-    let mut t = HashMap::new();
-    let mut put = |name: String, shape: Vec<usize>| {
-        let v = if name.ends_with("norm.weight") {
-            Tensor::ones(shape, DType::F32, device).unwrap()
-        } else {
-            Tensor::randn(0f32, 0.05, shape, device).unwrap()
-        };
-        t.insert(name, v);
-    };
-    put("model.embed_tokens.weight".into(), vec![cfg.vocab_size, h]);
-    put("model.norm.weight".into(), vec![h]);
-    for l in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        for (n, s) in [
-            ("self_attn.q_proj.weight", vec![nh * d, h]),
-            ("self_attn.q_proj.bias", vec![nh * d]),
-            ("self_attn.k_proj.weight", vec![nkv * d, h]),
-            ("self_attn.k_proj.bias", vec![nkv * d]),
-            ("self_attn.v_proj.weight", vec![nkv * d, h]),
-            ("self_attn.v_proj.bias", vec![nkv * d]),
-            ("self_attn.o_proj.weight", vec![h, nh * d]),
-            ("mlp.gate_proj.weight", vec![i, h]),
-            ("mlp.up_proj.weight", vec![i, h]),
-            ("mlp.down_proj.weight", vec![h, i]),
-            ("input_layernorm.weight", vec![h]),
-            ("post_attention_layernorm.weight", vec![h]),
-        ] {
-            put(format!("{p}.{n}"), s);
-        }
-    }
+    let t = metal_candle::models::qwen2::random_weights(&cfg, 0.05, DType::F32, device).unwrap();
     Qwen2Model::new(
         &cfg,
         &Weights::from_tensors(t, DType::F32, device, "random"),

@@ -10,12 +10,15 @@
 //! with the base model and with each adapter. The base weights are loaded
 //! once; switching only re-points the linear layers' adapter hooks.
 
+mod common;
+
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use candle_core::DType;
 use clap::Parser;
-use metal_candle::inference::{Generator, GeneratorConfig, LanguageModel, TextTokenizer};
+use common::greedy;
+use metal_candle::inference::{LanguageModel, TextTokenizer};
 use metal_candle::models::{OpsMode, Qwen2Model};
 use metal_candle::training::{load_peft_adapter, AdapterRegistry, Dataset, DatasetConfig};
 use metal_candle::{
@@ -46,17 +49,6 @@ struct Args {
     /// cpu, cuda, cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
-}
-
-/// Greedy continuation of `prompt` with the crate's [`Generator`].
-fn greedy(model: &Qwen2Model, tok: &TextTokenizer, prompt: &str, n: usize) -> Result<String> {
-    let config = GeneratorConfig {
-        max_tokens: n,
-        ..GeneratorConfig::default()
-    };
-    Ok(Generator::with_model(model, tok.clone(), config)?
-        .generate(prompt)?
-        .text)
 }
 
 fn train_demo(

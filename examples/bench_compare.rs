@@ -225,45 +225,9 @@ fn random_qwen2_tensors(
     dtype: DType,
     device: &Device,
 ) -> Result<HashMap<String, Tensor>> {
-    let (h, i) = (config.hidden_size, config.intermediate_size);
-    let d = config.head_dim();
-    let (nh, nkv) = (config.num_attention_heads, config.num_key_value_heads);
-    let mut shapes: Vec<(String, Vec<usize>)> = vec![
-        (
-            "model.embed_tokens.weight".into(),
-            vec![config.vocab_size, h],
-        ),
-        ("model.norm.weight".into(), vec![h]),
-    ];
-    for l in 0..config.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        for (n, s) in [
-            ("self_attn.q_proj.weight", vec![nh * d, h]),
-            ("self_attn.q_proj.bias", vec![nh * d]),
-            ("self_attn.k_proj.weight", vec![nkv * d, h]),
-            ("self_attn.k_proj.bias", vec![nkv * d]),
-            ("self_attn.v_proj.weight", vec![nkv * d, h]),
-            ("self_attn.v_proj.bias", vec![nkv * d]),
-            ("self_attn.o_proj.weight", vec![h, nh * d]),
-            ("mlp.gate_proj.weight", vec![i, h]),
-            ("mlp.up_proj.weight", vec![i, h]),
-            ("mlp.down_proj.weight", vec![h, i]),
-            ("input_layernorm.weight", vec![h]),
-            ("post_attention_layernorm.weight", vec![h]),
-        ] {
-            shapes.push((format!("{p}.{n}"), s));
-        }
-    }
-    let mut tensors = HashMap::new();
-    for (name, shape) in shapes {
-        let t = if name.ends_with("norm.weight") {
-            Tensor::ones(shape, dtype, device)?
-        } else {
-            Tensor::randn(0f32, 0.02, shape, device)?.to_dtype(dtype)?
-        };
-        tensors.insert(name, t);
-    }
-    Ok(tensors)
+    Ok(metal_candle::models::qwen2::random_weights(
+        config, 0.02, dtype, device,
+    )?)
 }
 
 /// candle-transformers' Qwen2 on the same weights: the stock-Candle peer.
@@ -313,10 +277,13 @@ fn bench_generation(args: &Args, device: &Device) -> Result<()> {
         &Weights::from_tensors(tensors.clone(), dtype, device, "random"),
     )?;
     let mut stock = candle_transformers_qwen2(&cfg, tensors, dtype, device)?;
-    let prompts = args
-        .prompts
-        .clone()
-        .unwrap_or_else(|| if args.quick { vec![32] } else { vec![128, 1024] });
+    let prompts = args.prompts.clone().unwrap_or_else(|| {
+        if args.quick {
+            vec![32]
+        } else {
+            vec![128, 1024]
+        }
+    });
     for &p in &prompts {
         let ids = random_ids(1, p, cfg.vocab_size, device)?;
         let secs = time(device, args.repeats, || {

@@ -11,13 +11,16 @@
 //! loadable with `PeftModel.from_pretrained`), `metrics.jsonl`,
 //! `loss.svg` and checkpoints into `--output-dir`.
 
+mod common;
+
 use std::path::PathBuf;
 
 use anyhow::Result;
 use candle_core::DType;
 use clap::Parser;
-use metal_candle::inference::{Generator, GeneratorConfig, LanguageModel, TextTokenizer};
-use metal_candle::models::{OpsMode, Qwen2Model};
+use common::greedy;
+use metal_candle::inference::LanguageModel;
+use metal_candle::models::OpsMode;
 use metal_candle::training::{AdamWConfig, Dataset, DatasetConfig, TrainingMetrics};
 use metal_candle::{
     LRScheduler, LoRAAdapter, LoRAAdapterConfig, TargetModule, Trainer, TrainingConfig,
@@ -86,17 +89,6 @@ struct Args {
     /// Tokens to generate for the samples.
     #[arg(long, default_value_t = 24)]
     sample_tokens: usize,
-}
-
-/// Greedy continuation of `prompt` with the crate's [`Generator`].
-fn greedy(model: &Qwen2Model, tok: &TextTokenizer, prompt: &str, n: usize) -> Result<String> {
-    let config = GeneratorConfig {
-        max_tokens: n,
-        ..GeneratorConfig::default()
-    };
-    Ok(Generator::with_model(model, tok.clone(), config)?
-        .generate(prompt)?
-        .text)
 }
 
 /// A minimal SVG plot of the training loss (and eval points).

@@ -2,7 +2,8 @@
 #![allow(dead_code)]
 
 use clap::Args;
-use metal_candle::inference::{Generator, GeneratorConfig, SamplingStrategy};
+use metal_candle::inference::{Generator, GeneratorConfig, SamplingStrategy, TextTokenizer};
+use metal_candle::models::Qwen2Model;
 
 /// The real model the examples default to (fetched by scripts/fetch-models.sh).
 pub const DEFAULT_MODEL: &str =
@@ -116,4 +117,23 @@ pub fn init_tracing() {
         )
         .with_writer(std::io::stderr)
         .init();
+}
+
+/// Greedy continuation of `prompt` (at most `n` tokens) with a borrowed model.
+///
+/// # Errors
+/// Generation failures.
+pub fn greedy(
+    model: &Qwen2Model,
+    tok: &TextTokenizer,
+    prompt: &str,
+    n: usize,
+) -> metal_candle::Result<String> {
+    let config = GeneratorConfig {
+        max_tokens: n,
+        ..GeneratorConfig::default()
+    };
+    Ok(Generator::with_model(model, tok.clone(), config)?
+        .generate(prompt)?
+        .text)
 }

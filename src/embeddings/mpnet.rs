@@ -71,14 +71,7 @@ impl MpnetConfig {
     /// # Errors
     /// [`Error::Io`] or [`Error::InvalidConfig`].
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let invalid = |message: String| Error::InvalidConfig {
-            path: path.to_path_buf(),
-            message,
-        };
-        let cfg: Self = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
-        cfg.validate().map_err(invalid)?;
-        Ok(cfg)
+        crate::models::loader::read_config(path, Self::validate)
     }
 
     /// Checks the values are consistent and supported.

@@ -147,6 +147,23 @@ impl ModelLoader {
     }
 }
 
+/// Reads a model's `config.json` into `T` and validates it with `validate`:
+/// one place for the "unreadable / malformed / inconsistent config" errors of
+/// every architecture.
+pub(crate) fn read_config<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    validate: impl Fn(&T) -> std::result::Result<(), String>,
+) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let invalid = |message: String| Error::InvalidConfig {
+        path: path.to_path_buf(),
+        message,
+    };
+    let cfg: T = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+    validate(&cfg).map_err(invalid)?;
+    Ok(cfg)
+}
+
 /// Parses a safetensors header and checks it against the file size.
 fn read_safetensors_header(path: &Path) -> Result<Vec<TensorInfo>> {
     let bad = |message: String| Error::InvalidCheckpoint {

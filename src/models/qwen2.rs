@@ -90,16 +90,7 @@ impl Qwen2Config {
     /// # Errors
     /// [`Error::InvalidConfig`] naming the file and the problem.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let cfg: Self = serde_json::from_str(&text).map_err(|e| Error::InvalidConfig {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-        cfg.validate().map_err(|message| Error::InvalidConfig {
-            path: path.to_path_buf(),
-            message,
-        })?;
-        Ok(cfg)
+        crate::models::loader::read_config(path, Self::validate)
     }
 
     /// Checks the values are consistent and supported.
@@ -215,6 +206,70 @@ impl Qwen2Config {
             _ => Vec::new(),
         }
     }
+}
+
+/// Random tensors for every weight of a `config` model, under the names
+/// [`Qwen2Model::new`] reads: N(0, `std`) matrices and biases, norm weights 1.
+/// For benchmarks and tests at real shapes without a checkpoint.
+///
+/// # Errors
+/// Tensor allocation failures.
+pub fn random_weights(
+    config: &Qwen2Config,
+    std: f32,
+    dtype: DType,
+    device: &Device,
+) -> Result<std::collections::HashMap<String, Tensor>> {
+    let (h, i, d) = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.head_dim(),
+    );
+    let (nh, nkv) = (config.num_attention_heads, config.num_key_value_heads);
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![
+        (
+            "model.embed_tokens.weight".into(),
+            vec![config.vocab_size, h],
+        ),
+        ("model.norm.weight".into(), vec![h]),
+    ];
+    if !config.tie_word_embeddings {
+        shapes.push(("lm_head.weight".into(), vec![config.vocab_size, h]));
+    }
+    for l in 0..config.num_hidden_layers {
+        let mut layer = vec![
+            ("self_attn.q_proj.weight", vec![nh * d, h]),
+            ("self_attn.k_proj.weight", vec![nkv * d, h]),
+            ("self_attn.v_proj.weight", vec![nkv * d, h]),
+            ("self_attn.o_proj.weight", vec![h, nh * d]),
+            ("mlp.gate_proj.weight", vec![i, h]),
+            ("mlp.up_proj.weight", vec![i, h]),
+            ("mlp.down_proj.weight", vec![h, i]),
+            ("input_layernorm.weight", vec![h]),
+            ("post_attention_layernorm.weight", vec![h]),
+        ];
+        if config.qkv_bias() {
+            layer.push(("self_attn.q_proj.bias", vec![nh * d]));
+            layer.push(("self_attn.k_proj.bias", vec![nkv * d]));
+            layer.push(("self_attn.v_proj.bias", vec![nkv * d]));
+        }
+        shapes.extend(
+            layer
+                .into_iter()
+                .map(|(n, s)| (format!("model.layers.{l}.{n}"), s)),
+        );
+    }
+    shapes
+        .into_iter()
+        .map(|(name, shape)| {
+            let t = if name.ends_with("norm.weight") {
+                Tensor::ones(shape, dtype, device)?
+            } else {
+                Tensor::randn(0f32, std, shape, device)?.to_dtype(dtype)?
+            };
+            Ok((name, t))
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone)]
