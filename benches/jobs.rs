@@ -1,5 +1,5 @@
 //! `cargo bench`: CPU micro-benchmarks of the three jobs and the hot ops, on
-//! small random models (shapes in each name). For side-by-side numbers
+//! small random models and the tiny embedding fixture (shapes in each name). For side-by-side numbers
 //! against peers see scripts/bench.sh and BENCHMARKS.md.
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -80,9 +80,57 @@ fn generation(c: &mut Criterion) {
     });
 }
 
+fn embeddings(c: &mut Criterion) {
+    use metal_candle::EmbeddingModel;
+    let dir = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/embed-tiny-minilm"
+    );
+    let model = EmbeddingModel::from_dir(dir, &Device::Cpu).unwrap();
+    let texts: Vec<String> = (0..32)
+        .map(|i| format!("sentence number {i} about search, retrieval and vectors"))
+        .collect();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    c.bench_function("embeddings tiny BERT (2L h32) encode 32 texts", |b| {
+        b.iter(|| model.encode(&refs).unwrap())
+    });
+}
+
+fn lora(c: &mut Criterion) {
+    use metal_candle::training::{shifted_causal_lm_loss, AdamW, AdamWConfig};
+    use metal_candle::{LoRAAdapter, LoRAAdapterConfig, TargetModule};
+    let dev = Device::Cpu;
+    let mut model = small_qwen2(&dev);
+    model.set_ops_mode(OpsMode::Differentiable);
+    let config = LoRAAdapterConfig {
+        rank: 8,
+        alpha: 16.0,
+        dropout: 0.0,
+        target_modules: vec![TargetModule::QProj, TargetModule::VProj],
+        use_rslora: false,
+    };
+    let adapter = LoRAAdapter::new(config, &model, &dev, 0).unwrap();
+    adapter.attach(&mut model).unwrap();
+    let mut opt = AdamW::new(adapter.trainable_vars(), AdamWConfig::default()).unwrap();
+    let ids = Tensor::arange(0u32, 256, &dev)
+        .unwrap()
+        .reshape((2, 128))
+        .unwrap();
+    let labels = ids.to_dtype(DType::I64).unwrap();
+    c.bench_function("lora r8 q,v train step qwen2 small (4L h256) 2x128", |b| {
+        b.iter(|| {
+            let logits = model.forward(&ids, None, None).unwrap();
+            let (loss, _) = shifted_causal_lm_loss(&logits, &labels).unwrap();
+            let grads = loss.backward().unwrap();
+            let g = opt.collect_grads(&grads);
+            opt.step_with(&g).unwrap();
+        })
+    });
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(10);
-    targets = kernels, generation
+    targets = kernels, generation, embeddings, lora
 }
 criterion_main!(benches);
