@@ -291,10 +291,25 @@ fn bench_generation(args: &Args, device: &Device) -> Result<()> {
             model.forward_last(&ids, None, Some(&mut cache))?;
             Ok(())
         })?;
+        let shape = format!("b1 prompt{p}");
         emit(
             "generation",
             "prefill",
-            &format!("b1 prompt{p}"),
+            &shape,
+            dtype,
+            p as f64 / secs,
+            "tok/s",
+        );
+        let secs = time(device, args.repeats, || {
+            stock.clear_kv_cache();
+            stock.forward(&ids, 0)?;
+            Ok(())
+        })?;
+        emit_as(
+            STOCK,
+            "generation",
+            "prefill",
+            &shape,
             dtype,
             p as f64 / secs,
             "tok/s",
