@@ -65,3 +65,34 @@ pub fn device() -> Device {
 pub fn real_models() -> bool {
     std::env::var("METAL_CANDLE_REAL_MODELS").is_ok_and(|v| v == "1")
 }
+
+/// A fixture's `reference.json` (written by scripts/make_fixtures.py).
+pub fn reference_json(name: &str) -> serde_json::Value {
+    let text =
+        std::fs::read_to_string(fixture(name).join("reference.json")).expect("reference.json");
+    serde_json::from_str(&text).expect("reference.json is JSON")
+}
+
+/// A JSON array of strings.
+pub fn json_strings(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .expect("a JSON array")
+        .iter()
+        .map(|s| s.as_str().expect("a string").to_string())
+        .collect()
+}
+
+/// `max |ours - theirs| / max |theirs|`, the relative difference the
+/// gradient and logit tolerances are stated in.
+pub fn rel_diff(ours: &Tensor, theirs: &Tensor) -> f32 {
+    let scale = theirs
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    max_abs_diff(ours, theirs) / scale
+}

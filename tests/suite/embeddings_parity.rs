@@ -3,7 +3,7 @@
 //! (scripts/fixtures/embeddings.py): MiniLM-, E5- and BGE-like BERT configs,
 //! MPNet, and a max-pooling model without Normalize.
 
-use crate::common::{device, fixture, max_abs_diff, reference};
+use crate::common::{device, fixture, json_strings, max_abs_diff, reference, reference_json};
 use candle_core::{DType, IndexOp, Tensor};
 use metal_candle::embeddings::mpnet::relative_position_bucket;
 use metal_candle::embeddings::search::{cosine_similarity, top_k};
@@ -28,19 +28,6 @@ fn load(name: &str) -> EmbeddingModel {
     .unwrap()
 }
 
-fn meta(name: &str) -> serde_json::Value {
-    let text = std::fs::read_to_string(fixture(name).join("reference.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-fn strings(v: &serde_json::Value) -> Vec<String> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_str().unwrap().to_string())
-        .collect()
-}
-
 fn refs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
@@ -49,7 +36,7 @@ fn refs(v: &[String]) -> Vec<&str> {
 fn configs_are_read_from_the_sentence_transformers_files() {
     for name in TINY {
         let m = load(name);
-        let j = meta(name);
+        let j = reference_json(name);
         assert_eq!(
             m.max_seq_length() as u64,
             j["max_seq_length"].as_u64().unwrap(),
@@ -77,7 +64,7 @@ fn tokenization_matches_sentence_transformers() {
     for name in TINY {
         let m = load(name);
         let r = reference(name);
-        let sentences = strings(&meta(name)["sentences"]);
+        let sentences = json_strings(&reference_json(name)["sentences"]);
         let ours = m.tokenize(&refs(&sentences)).unwrap();
         let ids = r["input_ids"].to_vec2::<i64>().unwrap();
         let mask = r["attention_mask"].to_vec2::<i64>().unwrap();
@@ -111,7 +98,7 @@ fn sentence_embeddings_match_sentence_transformers() {
     for name in TINY {
         let mut m = load(name);
         let r = reference(name);
-        let sentences = strings(&meta(name)["sentences"]);
+        let sentences = json_strings(&reference_json(name)["sentences"]);
         // Several batch sizes: sorting, padding per batch and restoring the order.
         for bs in [1, 2, 32] {
             m.set_batch_size(bs);
@@ -134,17 +121,19 @@ fn query_and_document_prefixes_match_sentence_transformers_prompts() {
     for name in ["embed-tiny-e5", "embed-tiny-bge"] {
         let m = load(name);
         let r = reference(name);
-        let j = meta(name);
-        let q = m.encode_queries(&refs(&strings(&j["queries"]))).unwrap();
+        let j = reference_json(name);
+        let q = m
+            .encode_queries(&refs(&json_strings(&j["queries"])))
+            .unwrap();
         let d = max_abs_diff(&q, &r["query_embeddings"]);
         assert!(d <= TOL, "{name} queries: max abs diff {d}");
         let docs = m
-            .encode_documents(&refs(&strings(&j["documents"])))
+            .encode_documents(&refs(&json_strings(&j["documents"])))
             .unwrap();
         let d = max_abs_diff(&docs, &r["document_embeddings"]);
         assert!(d <= TOL, "{name} documents: max abs diff {d}");
         // The prefix must matter, or this test proves nothing.
-        let plain = m.encode(&refs(&strings(&j["queries"]))).unwrap();
+        let plain = m.encode(&refs(&json_strings(&j["queries"]))).unwrap();
         assert!(
             max_abs_diff(&plain, &r["query_embeddings"]) > 1e-3,
             "{name}"
@@ -186,7 +175,7 @@ fn known_model_types_use_their_prefix_conventions() {
 fn a_text_alone_equals_the_same_text_in_a_padded_batch() {
     for name in TINY {
         let m = load(name);
-        let sentences = strings(&meta(name)["sentences"]);
+        let sentences = json_strings(&reference_json(name)["sentences"]);
         let batch = m.encode(&refs(&sentences)).unwrap();
         for (i, s) in sentences.iter().enumerate() {
             let alone = m.encode(&[s.as_str()]).unwrap();
@@ -267,7 +256,7 @@ fn every_pooling_mode_matches_sentence_transformers_pooling() {
     // concatenated, on transformers' token embeddings of a padded batch.
     let name = "embed-tiny-bert-max";
     let r = reference(name);
-    let modes = meta(name)["all_pooling_modes"].clone();
+    let modes = reference_json(name)["all_pooling_modes"].clone();
     let pooling =
         Pooling::from_json(&serde_json::json!({ "pooling_mode": modes }).to_string()).unwrap();
     assert_eq!(pooling.modes.len(), 6);
@@ -299,7 +288,7 @@ fn half_precision_weights_stay_close() {
     // pooling and normalisation in f32: close to the f32 reference.
     for name in TINY {
         let r = reference(name);
-        let sentences = strings(&meta(name)["sentences"]);
+        let sentences = json_strings(&reference_json(name)["sentences"]);
         for dtype in [DType::BF16, DType::F16] {
             let m =
                 EmbeddingModel::load(&ModelRepo::from_dir(fixture(name)), Some(dtype), &device())

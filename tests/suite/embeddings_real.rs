@@ -4,26 +4,13 @@
 //! after scripts/fetch-models.sh; the models are read from the Hugging Face
 //! cache (run with HF_HUB_OFFLINE=1 on machines without network).
 
-use crate::common::{device, fixture, max_abs_diff, real_models, reference};
+use crate::common::{device, json_strings, max_abs_diff, real_models, reference, reference_json};
 use candle_core::{DType, IndexOp, Tensor};
 use metal_candle::embeddings::search::SemanticIndex;
 use metal_candle::models::ModelRepo;
 use metal_candle::{EmbeddingModel, EmbeddingModelType};
 
 const MIN_COSINE: f32 = 0.99999;
-
-fn meta(name: &str) -> serde_json::Value {
-    let text = std::fs::read_to_string(fixture(name).join("reference.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-fn strings(v: &serde_json::Value) -> Vec<String> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_str().unwrap().to_string())
-        .collect()
-}
 
 fn load(kind: EmbeddingModelType) -> EmbeddingModel {
     // f32 on every device: the tolerance is sentence-transformers' f32.
@@ -48,8 +35,8 @@ fn cosines(a: &Tensor, b: &Tensor) -> Vec<f32> {
 fn check_model(kind: EmbeddingModelType, name: &str) {
     let mut m = load(kind);
     let r = reference(name);
-    let j = meta(name);
-    let sentences = strings(&j["sentences"]);
+    let j = reference_json(name);
+    let sentences = json_strings(&j["sentences"]);
     let texts: Vec<&str> = sentences.iter().map(String::as_str).collect();
     assert_eq!(
         m.max_seq_length() as u64,
@@ -138,10 +125,10 @@ fn semantic_search_finds_the_right_neighbour_with_minilm() {
         return;
     }
     let name = "embed-real-minilm-l6";
-    let j = meta(name);
+    let j = reference_json(name);
     let r = reference(name);
-    let corpus = strings(&j["search_corpus"]);
-    let queries = strings(&j["search_queries"]);
+    let corpus = json_strings(&j["search_corpus"]);
+    let queries = json_strings(&j["search_queries"]);
     let model =
         EmbeddingModel::from_pretrained(EmbeddingModelType::AllMiniLmL6V2, &device()).unwrap();
     let docs: Vec<&str> = corpus.iter().map(String::as_str).collect();

@@ -20,11 +20,6 @@ fn refs() -> HashMap<String, Tensor> {
     reference("generation")
 }
 
-fn meta() -> serde_json::Value {
-    let text = std::fs::read_to_string(fixture("generation").join("reference.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
 fn ids(t: &Tensor) -> Vec<u32> {
     t.to_dtype(DType::U32).unwrap().to_vec1::<u32>().unwrap()
 }
@@ -493,7 +488,7 @@ fn stop_strings_and_sequences() {
 
 #[test]
 fn chat_template_and_tokenizer_equal_transformers() {
-    let meta = meta();
+    let meta = crate::common::reference_json("generation");
     let chats: Vec<Vec<Message>> = serde_json::from_value(meta["chats"].clone()).unwrap();
     for name in MODELS {
         let mut gen = generator(name, greedy_config());

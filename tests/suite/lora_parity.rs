@@ -47,22 +47,6 @@ fn batch(r: &HashMap<String, Tensor>) -> Batch {
     }
 }
 
-/// max |ours - theirs| / max |theirs|.
-fn rel_diff(ours: &Tensor, theirs: &Tensor) -> f32 {
-    let scale = theirs
-        .to_dtype(DType::F32)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    crate::common::max_abs_diff(&ours.to_device(&candle_core::Device::Cpu).unwrap(), theirs) / scale
-}
-
 /// Relative logits difference at real (non-padding) tokens only: padding
 /// positions get other (irrelevant) positions here than in transformers.
 fn real_token_logits_diff(ours: &Tensor, theirs: &Tensor, mask: &Tensor) -> f32 {
@@ -72,7 +56,7 @@ fn real_token_logits_diff(ours: &Tensor, theirs: &Tensor, mask: &Tensor) -> f32 
         let n = row.iter().filter(|&&m| m == 1).count();
         let o = ours.get(b).unwrap().narrow(0, 0, n).unwrap();
         let t = theirs.get(b).unwrap().narrow(0, 0, n).unwrap();
-        worst = worst.max(rel_diff(&o, &t));
+        worst = worst.max(crate::common::rel_diff(&o, &t));
     }
     worst
 }
@@ -123,7 +107,7 @@ fn check_against_peft(adapter: &LoRAAdapter, suffix: &str) {
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("no gradient for {name}"));
         let theirs = &r[&format!("grad{suffix}.base_model.model.{name}")];
-        let d = rel_diff(g, theirs);
+        let d = crate::common::rel_diff(g, theirs);
         assert!(d < 1e-4, "{name}: gradient rel diff {d}");
         worst = worst.max(d);
     }

@@ -69,19 +69,6 @@ fn real_rows(logits: &Tensor, mask: &Tensor) -> Tensor {
     Tensor::cat(&parts, 0).unwrap()
 }
 
-fn rel(ours: &Tensor, theirs: &Tensor) -> f32 {
-    let scale = theirs
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    crate::common::max_abs_diff(ours, theirs) / scale
-}
-
 /// Our adapter with deterministic non-zero weights (seeded A; B from a
 /// fixed formula, since fresh B is zero and would make the test trivial).
 fn our_adapter(model: &Qwen2Model) -> LoRAAdapter {
@@ -153,8 +140,8 @@ fn our_adapter_loads_in_peft_with_the_same_logits() {
         peft_logits,
         &crate::common::reference("lora")["attention_mask"],
     );
-    let d = rel(&ours, &theirs);
-    let base = rel(&real_logits(&model), &theirs);
+    let d = crate::common::rel_diff(&ours, &theirs);
+    let base = crate::common::rel_diff(&real_logits(&model), &theirs);
     println!("ours-saved adapter: logits rel diff vs peft {d:e} (base model differs by {base:e})");
     assert!(d < 1e-4);
     assert!(
@@ -179,10 +166,10 @@ fn merged_weights_equal_the_attached_adapter() {
         .linear_layers()
         .iter()
         .all(|(_, l)| l.adapter().is_none()));
-    let d = rel(&real_logits(&merged), &want);
+    let d = crate::common::rel_diff(&real_logits(&merged), &want);
     println!("merged vs attached: rel diff {d:e}");
     assert!(d < 1e-5);
-    assert!(rel(&real_logits(&tiny_model()), &want) > 1e-2);
+    assert!(crate::common::rel_diff(&real_logits(&tiny_model()), &want) > 1e-2);
 }
 
 #[test]

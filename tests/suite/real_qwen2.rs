@@ -3,18 +3,12 @@
 //! file (tests/fixtures/qwen2.5-coder-0.5b, scripts/fixtures/qwen2_real.py).
 //! Runs with METAL_CANDLE_REAL_MODELS=1 after scripts/fetch-models.sh.
 
-use crate::common::{device, fixture, real_models, reference};
+use crate::common::{device, real_models, reference};
 use candle_core::{DType, IndexOp};
 use metal_candle::inference::{LanguageModel, TextTokenizer};
 
 pub const QWEN_CODER: &str =
     "Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
-
-fn meta() -> serde_json::Value {
-    let text =
-        std::fs::read_to_string(fixture("qwen2.5-coder-0.5b").join("reference.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
 
 #[test]
 fn qwen_coder_gguf_matches_transformers() {
@@ -24,7 +18,7 @@ fn qwen_coder_gguf_matches_transformers() {
     }
     let lm = LanguageModel::from_pretrained(QWEN_CODER, Some(DType::F32), &device()).unwrap();
     let r = reference("qwen2.5-coder-0.5b");
-    let meta = meta();
+    let meta = crate::common::reference_json("qwen2.5-coder-0.5b");
 
     // Tokenizer built from the GGUF metadata == transformers' tokenizer.
     for (text, ids) in meta["tokenizer_texts"]
