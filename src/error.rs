@@ -31,13 +31,24 @@ pub enum Error {
         message: String,
     },
 
-    /// A model's `config.json` (or GGUF metadata) is missing fields or malformed.
-    #[error("invalid model config {path}: {message}")]
+    /// A configuration is missing fields, malformed or inconsistent: a
+    /// model's `config.json` or GGUF metadata, or our own settings
+    /// (generation, LoRA, training).
+    #[error("invalid configuration ({origin}): {message}")]
     InvalidConfig {
-        /// Where the config came from.
-        path: PathBuf,
+        /// Where the config came from: a file, or the settings' name.
+        origin: String,
         /// What is wrong with it.
         message: String,
+    },
+
+    /// A model's architecture is not one this library implements.
+    #[error("architecture `{name}` is not supported (supported: {supported})")]
+    UnsupportedArchitecture {
+        /// `model_type` or GGUF `general.architecture`.
+        name: String,
+        /// The supported ones, comma-separated.
+        supported: String,
     },
 
     /// A checkpoint file is unreadable: truncated, corrupt or of an unknown format.
@@ -86,10 +97,6 @@ pub enum Error {
     #[error("invalid input: {0}")]
     InvalidInput(String),
 
-    /// A configuration value of ours (generation, LoRA, training) is invalid.
-    #[error("invalid configuration: {0}")]
-    InvalidConfiguration(String),
-
     /// A dataset could not be read or produced no usable examples.
     #[error("dataset error: {0}")]
     Dataset(String),
@@ -105,6 +112,14 @@ pub enum Error {
 }
 
 impl Error {
+    /// An [`Error::InvalidConfig`] of `origin`.
+    pub(crate) fn config(origin: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::InvalidConfig {
+            origin: origin.into(),
+            message: message.into(),
+        }
+    }
+
     /// Wraps an I/O error with the path it concerns.
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {

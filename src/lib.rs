@@ -1,26 +1,31 @@
 //! metal-candle: LoRA fine-tuning, text generation and sentence embeddings
 //! in pure Rust, on [Candle](https://github.com/huggingface/candle).
 //!
-//! - [`models`]: loading (directory, Hugging Face cache, GGUF) and the Qwen2 decoder.
-//! - [`inference`]: generation with a KV cache, sampling and streaming.
+//! The jobs:
+//! - [`inference`]: generation with a KV cache, sampling, streaming, chat.
 //! - [`training`]: LoRA adapters, optimizer, datasets and the trainer.
-//! - [`embeddings`]: BERT-family and MPNet sentence embeddings.
-//! - [`backend`]: devices, dtype policy and custom kernels.
+//! - [`embeddings`]: sentence embeddings (BERT family, MPNet) and search.
+//!
+//! What they are built on:
+//! - [`models`]: the decoder trait and architectures, the encoders.
+//! - [`layers`]: linear (dense or quantized, with the adapter hook), norms,
+//!   rotary embeddings, attention.
+//! - [`io`]: model files (directory, Hugging Face cache, Hub), safetensors
+//!   and GGUF.
+//! - [`backend`]: devices, dtype policy and our own kernels.
+//!
+//! Every fallible function returns [`Result`] with the one [`Error`] type.
 
 pub mod backend;
 pub mod embeddings;
-pub mod error;
+mod error;
 pub mod inference;
+pub mod io;
+pub mod layers;
 pub mod models;
 pub mod training;
 
-pub use backend::Device;
-pub use embeddings::{EmbeddingModel, EmbeddingModelType};
 pub use error::{Error, Result};
-pub use inference::{Generator, GeneratorConfig, SamplingStrategy};
-pub use training::{
-    LRScheduler, LoRAAdapter, LoRAAdapterConfig, TargetModule, Trainer, TrainingConfig,
-};
 
 /// The README's code blocks compile as doctests, so they cannot drift from the API.
 #[doc = include_str!("../README.md")]

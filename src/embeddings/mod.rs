@@ -25,13 +25,10 @@
 //! `prompts` of `config_sentence_transformers.json`;
 //! [`EmbeddingModel::set_prefixes`] overrides them.
 
-pub mod bert;
-mod encoder;
-pub mod model;
-pub mod mpnet;
-pub mod pooling;
-pub mod search;
+mod model;
+mod pooling;
+mod search;
 
 pub use model::{EmbeddingModel, EmbeddingModelType};
 pub use pooling::{Pooling, PoolingMode};
-pub use search::{top_k, Hit, SemanticIndex};
+pub use search::{cosine_similarity, top_k, Hit, SemanticIndex};

@@ -10,12 +10,11 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
-use super::bert::{BertConfig, BertModel};
-use super::mpnet::{MpnetConfig, MpnetModel, PADDING_IDX};
+use crate::models::bert::{BertConfig, BertModel};
+use crate::models::mpnet::{MpnetConfig, MpnetModel, PADDING_IDX};
 use super::pooling::{normalize, Pooling};
 use crate::error::{Error, Result};
-use crate::models::hub::ModelRepo;
-use crate::models::loader::ModelLoader;
+use crate::io::{ModelLoader, ModelRepo};
 
 /// Texts per forward pass unless [`EmbeddingModel::set_batch_size`] says otherwise.
 pub const DEFAULT_BATCH_SIZE: usize = 32;
@@ -192,8 +191,8 @@ struct ModelType {
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| Error::InvalidConfig {
-        path: path.to_path_buf(),
-        message: e.to_string(),
+            origin: path.display().to_string(),
+            message: e.to_string(),
     })
 }
 
@@ -225,6 +224,9 @@ pub struct EmbeddingModel {
     query_prefix: Option<String>,
     document_prefix: Option<String>,
     batch_size: usize,
+    /// Draw a progress bar for long `encode` calls (off: the library
+    /// prints nothing unless asked).
+    progress: bool,
     source: String,
     device: Device,
 }
@@ -327,8 +329,8 @@ impl EmbeddingModel {
             }
             other => {
                 return Err(Error::InvalidConfig {
-                    path: config_path,
-                    message: format!(
+            origin: config_path.display().to_string(),
+            message: format!(
                         "model_type `{other}` is not supported for embeddings (bert or mpnet)"
                     ),
                 })
@@ -364,6 +366,7 @@ impl EmbeddingModel {
             query_prefix: None,
             document_prefix: None,
             batch_size: DEFAULT_BATCH_SIZE,
+            progress: false,
             source: repo.describe(),
             device: device.clone(),
         };
@@ -402,8 +405,8 @@ impl EmbeddingModel {
         for m in &modules {
             let kind = m.kind.rsplit('.').next().unwrap_or_default();
             let invalid = |message: String| Error::InvalidConfig {
-                path: path.clone(),
-                message,
+            origin: path.display().to_string(),
+            message,
             };
             match kind {
                 "Transformer" if m.path.is_empty() => {}
@@ -428,7 +431,7 @@ impl EmbeddingModel {
             }
         }
         let pooling = pooling.ok_or_else(|| Error::InvalidConfig {
-            path: path.clone(),
+            origin: path.display().to_string(),
             message: "no Pooling module".into(),
         })?;
         Ok((pooling, normalize))
@@ -523,6 +526,12 @@ impl EmbeddingModel {
         self.document_prefix.as_deref()
     }
 
+    /// Draws a progress bar on the terminal while `encode` runs over many
+    /// batches (off by default).
+    pub fn set_progress(&mut self, on: bool) {
+        self.progress = on;
+    }
+
     /// Sets the query and document prefixes (`None` or `""`: no prefix).
     pub fn set_prefixes(&mut self, query: Option<&str>, document: Option<&str>) {
         let own = |p: Option<&str>| p.filter(|p| !p.is_empty()).map(str::to_string);
@@ -597,7 +606,7 @@ impl EmbeddingModel {
     /// # Errors
     /// Bad shapes or ids.
     pub fn forward_tokens(&self, ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
-        let mask = crate::models::layers::mask_rows(attention_mask)?;
+        let mask = crate::layers::mask_rows(attention_mask)?;
         self.backbone.forward_rows(ids, &mask)
     }
 
@@ -629,7 +638,7 @@ impl EmbeddingModel {
         let mut order: Vec<usize> = (0..ids.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(ids[i].len()));
         let batches: Vec<&[usize]> = order.chunks(self.batch_size).collect();
-        let progress = if batches.len() >= 8 {
+        let progress = if self.progress && batches.len() >= 8 {
             let pb = indicatif::ProgressBar::new(texts.len() as u64);
             pb.set_style(
                 indicatif::ProgressStyle::with_template(

@@ -106,7 +106,7 @@ impl Pooling {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         Self::from_json(&text).map_err(|e| Error::InvalidConfig {
-            path: path.to_path_buf(),
+            origin: path.display().to_string(),
             message: e.to_string(),
         })
     }

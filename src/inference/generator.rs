@@ -4,79 +4,16 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use std::ops::Deref;
+
 use super::chat::Message;
-use super::kv_cache::KvCache;
 use super::language_model::LanguageModel;
 use super::sampling::{LogitsProcessor, Sampler, SamplingStrategy};
 use super::stop::{FinishReason, StopConditions};
-use super::streaming::{SequenceState, TokenEvent, TokenStream};
+use super::streaming::{GenerationOutput, SequenceState, TokenEvent};
 use super::tokenizer::TextTokenizer;
 use crate::error::{Error, Result};
-use crate::models::Qwen2Model;
-
-/// A decoder-only model the [`Generator`] can drive.
-pub trait CausalLm {
-    /// Logits `[b, vocab]` (f32) of the last position of `input_ids`
-    /// (`[b, s]` u32), with an optional attention mask `[b, past + s]`
-    /// (1 = token, 0 = padding) and KV cache.
-    ///
-    /// # Errors
-    /// Shape errors, context length exceeded, tensor errors.
-    fn forward_last(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: Option<&Tensor>,
-        cache: Option<&mut KvCache>,
-    ) -> Result<Tensor>;
-    /// A fresh KV cache for this model.
-    fn new_cache(&self) -> KvCache;
-    /// The most positions (prompt + generated) the model handles.
-    fn context_length(&self) -> usize;
-    /// The device the model runs on.
-    fn device(&self) -> &Device;
-}
-
-impl CausalLm for Qwen2Model {
-    fn forward_last(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: Option<&Tensor>,
-        cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
-        Qwen2Model::forward_last(self, input_ids, attention_mask, cache)
-    }
-    fn new_cache(&self) -> KvCache {
-        Qwen2Model::new_cache(self)
-    }
-    fn context_length(&self) -> usize {
-        self.config().max_position_embeddings
-    }
-    fn device(&self) -> &Device {
-        Qwen2Model::device(self)
-    }
-}
-
-/// A borrowed model generates too, so a model being trained can be sampled
-/// without giving it up.
-impl<M: CausalLm + ?Sized> CausalLm for &M {
-    fn forward_last(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: Option<&Tensor>,
-        cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
-        (**self).forward_last(input_ids, attention_mask, cache)
-    }
-    fn new_cache(&self) -> KvCache {
-        (**self).new_cache()
-    }
-    fn context_length(&self) -> usize {
-        (**self).context_length()
-    }
-    fn device(&self) -> &Device {
-        (**self).device()
-    }
-}
+use crate::models::{CausalLm, KvCache};
 
 /// Generation settings. [`Default`]: greedy, 256 tokens, stop on the
 /// model's EOS ids, no penalty, special tokens left out of the text.
@@ -141,9 +78,9 @@ impl GeneratorConfig {
     /// Checks every value.
     ///
     /// # Errors
-    /// [`Error::InvalidConfiguration`] naming the bad field.
+    /// [`Error::InvalidConfig`] naming the bad field.
     pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(Error::InvalidConfiguration(m));
+        let bad = |m: String| Err(Error::config("generation settings", m));
         if self.max_tokens == 0 {
             return bad("max_tokens must be at least 1".into());
         }
@@ -189,20 +126,10 @@ impl GeneratorConfig {
     }
 }
 
-/// The result of one generation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GenerationOutput {
-    /// The generated text (without EOS, stop sequence or stop string).
-    pub text: String,
-    /// Every generated token id, including a final EOS or stop sequence.
-    pub tokens: Vec<u32>,
-    /// Number of prompt tokens.
-    pub prompt_tokens: usize,
-    /// Why it ended.
-    pub finish_reason: FinishReason,
-}
-
-/// Generates text from a causal LM (Qwen2 by default) and its tokenizer.
+/// Generates text from a causal LM and its tokenizer. `M` is anything
+/// that derefs to a [`CausalLm`]: the `Box<dyn CausalLm>` loading returns
+/// (the default), or a borrow `&M`, so a model being trained can be sampled
+/// without giving it up.
 ///
 /// ```no_run
 /// use metal_candle::inference::{Generator, GeneratorConfig, SamplingStrategy};
@@ -225,14 +152,14 @@ pub struct GenerationOutput {
 /// # Ok(()) }
 /// ```
 #[derive(Debug)]
-pub struct Generator<M: CausalLm = Qwen2Model> {
+pub struct Generator<M = Box<dyn CausalLm>> {
     pub(crate) model: M,
     pub(crate) tokenizer: TextTokenizer,
     pub(crate) cache: KvCache,
     config: GeneratorConfig,
 }
 
-impl Generator<Qwen2Model> {
+impl Generator {
     /// A generator over a loaded [`LanguageModel`].
     ///
     /// # Errors
@@ -259,8 +186,8 @@ impl Generator<Qwen2Model> {
     }
 }
 
-impl<M: CausalLm> Generator<M> {
-    /// A generator over any [`CausalLm`] and its tokenizer.
+impl<M: Deref<Target: CausalLm>> Generator<M> {
+    /// A generator over any model and its tokenizer.
     ///
     /// # Errors
     /// An invalid `config`.
@@ -293,7 +220,7 @@ impl<M: CausalLm> Generator<M> {
 
     /// The model.
     #[must_use]
-    pub fn model(&self) -> &M {
+    pub fn model(&self) -> &M::Target {
         &self.model
     }
 
@@ -538,5 +465,113 @@ impl<M: CausalLm> Generator<M> {
             return Err(Error::ContextLengthExceeded { requested, limit });
         }
         Ok(())
+    }
+}
+
+/// An iterator over the tokens of one generation, from
+/// [`Generator::stream`]. Each item is one token; the last one carries the
+/// finish reason. Call [`TokenStream::into_output`] for the result (also
+/// after stopping early).
+pub struct TokenStream<'a, M: Deref<Target: CausalLm>> {
+    gen: &'a mut Generator<M>,
+    state: SequenceState,
+    sampler: Sampler,
+    stop: StopConditions,
+    last: Option<u32>,
+    max_tokens: usize,
+    done: bool,
+}
+
+impl<M: Deref<Target: CausalLm>> std::fmt::Debug for TokenStream<'_, M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenStream")
+            .field("generated", &self.state.generated().len())
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a, M: Deref<Target: CausalLm>> TokenStream<'a, M> {
+    pub(crate) fn new(
+        gen: &'a mut Generator<M>,
+        prompt: &[u32],
+        sampler: Sampler,
+        stop: StopConditions,
+        max_tokens: usize,
+        skip_special_tokens: bool,
+    ) -> Self {
+        Self {
+            gen,
+            state: SequenceState::new(prompt, skip_special_tokens),
+            sampler,
+            stop,
+            last: None,
+            max_tokens,
+            done: false,
+        }
+    }
+
+    /// Tokens generated so far.
+    #[must_use]
+    pub fn generated(&self) -> &[u32] {
+        self.state.generated()
+    }
+
+    /// The result so far; a stream not run to its end is
+    /// [`FinishReason::Cancelled`].
+    ///
+    /// # Errors
+    /// Tokenizer failures.
+    pub fn into_output(self) -> Result<GenerationOutput> {
+        let skip = self.gen.config().skip_special_tokens;
+        self.state.output(&self.stop, self.gen.tokenizer(), skip)
+    }
+
+    fn step(&mut self) -> Result<TokenEvent> {
+        let g = &mut *self.gen;
+        let device = g.model.device().clone();
+        let input = match self.last {
+            None => Tensor::new(self.state.tokens(), &device)?.unsqueeze(0)?,
+            Some(t) => Tensor::new(&[[t]], &device)?,
+        };
+        let logits = g
+            .model
+            .forward_last(&input, None, Some(&mut g.cache))?
+            .squeeze(0)?;
+        let id = self
+            .sampler
+            .sample(&logits, self.state.tokens(), self.state.generated())?;
+        let index = self.state.generated().len();
+        let mut text = self.state.push(id, &self.stop, &g.tokenizer)?;
+        if self.state.finish_reason().is_none() && index + 1 >= self.max_tokens {
+            text.push_str(
+                &self
+                    .state
+                    .close(FinishReason::MaxTokens, &self.stop, &g.tokenizer)?,
+            );
+        }
+        self.last = Some(id);
+        self.done = self.state.finish_reason().is_some();
+        Ok(TokenEvent {
+            token: id,
+            text,
+            index,
+            finish_reason: self.state.finish_reason(),
+        })
+    }
+}
+
+impl<M: Deref<Target: CausalLm>> Iterator for TokenStream<'_, M> {
+    type Item = Result<TokenEvent>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let r = self.step();
+        if r.is_err() {
+            self.done = true;
+        }
+        Some(r)
     }
 }

@@ -5,15 +5,15 @@ use candle_core::{DType, Device};
 
 use super::tokenizer::TextTokenizer;
 use crate::error::Result;
-use crate::models::gguf::{resolve_gguf, GgufModel};
-use crate::models::hub::ModelRepo;
-use crate::models::Qwen2Model;
+use crate::io::gguf::resolve_gguf;
+use crate::io::ModelRepo;
+use crate::models::{build_decoder, load_from_repo, load_gguf, CausalLm};
 
 /// A model and its tokenizer.
 #[derive(Debug)]
 pub struct LanguageModel {
-    /// The decoder.
-    pub model: Qwen2Model,
+    /// The decoder, whatever its architecture.
+    pub model: Box<dyn CausalLm>,
     /// Its tokenizer, special tokens and chat template.
     pub tokenizer: TextTokenizer,
 }
@@ -25,25 +25,27 @@ impl LanguageModel {
     /// `dtype` defaults to [`crate::backend::default_dtype`].
     ///
     /// # Errors
-    /// Missing or malformed files.
+    /// Missing or malformed files, an unsupported architecture.
     pub fn from_pretrained(source: &str, dtype: Option<DType>, device: &Device) -> Result<Self> {
         let dtype = dtype.unwrap_or_else(|| crate::backend::default_dtype(device));
-        if let Some(path) = resolve_gguf(source)? {
-            let g = GgufModel::load(&path, dtype, device)?;
-            let mut tokenizer = TextTokenizer::from_gguf_metadata(&g.metadata)?;
-            if tokenizer.eos_token_ids().is_empty() {
-                tokenizer.set_eos_token_ids(g.config.eos_token_ids());
+        let (model, mut tokenizer) = match resolve_gguf(source)? {
+            Some(path) => {
+                let (config, weights, metadata) = load_gguf(&path, dtype, device)?;
+                (
+                    build_decoder(&config, &weights)?,
+                    TextTokenizer::from_gguf_metadata(&metadata)?,
+                )
             }
-            return Ok(Self {
-                model: Qwen2Model::new(&g.config, &g.weights)?,
-                tokenizer,
-            });
-        }
-        let repo = ModelRepo::open(source)?;
-        let model = Qwen2Model::from_repo(&repo, dtype, device)?;
-        let mut tokenizer = TextTokenizer::from_repo(&repo)?;
+            None => {
+                let repo = ModelRepo::open(source)?;
+                (
+                    load_from_repo(&repo, dtype, device)?,
+                    TextTokenizer::from_repo(&repo)?,
+                )
+            }
+        };
         if tokenizer.eos_token_ids().is_empty() {
-            tokenizer.set_eos_token_ids(model.config().eos_token_ids());
+            tokenizer.set_eos_token_ids(model.config().eos_token_ids.clone());
         }
         Ok(Self { model, tokenizer })
     }

@@ -35,15 +35,15 @@ impl StopConditions {
     /// the `strings`.
     ///
     /// # Errors
-    /// [`Error::InvalidConfiguration`] for an empty sequence or string.
+    /// [`Error::InvalidConfig`] for an empty sequence or string.
     pub fn new(eos: Vec<u32>, sequences: Vec<Vec<u32>>, strings: Vec<String>) -> Result<Self> {
         if sequences.iter().any(Vec::is_empty) {
-            return Err(Error::InvalidConfiguration(
-                "a stop token sequence is empty".into(),
+            return Err(Error::config("stop conditions", 
+                "a stop token sequence is empty",
             ));
         }
         if strings.iter().any(String::is_empty) {
-            return Err(Error::InvalidConfiguration("a stop string is empty".into()));
+            return Err(Error::config("stop conditions", "a stop string is empty"));
         }
         Ok(Self {
             eos,
@@ -119,11 +119,5 @@ impl StopConditions {
             }
         }
         best
-    }
-
-    /// True when stop strings are set.
-    #[must_use]
-    pub fn has_strings(&self) -> bool {
-        !self.strings.is_empty()
     }
 }

@@ -1,10 +1,6 @@
 //! Streaming: UTF-8 safe incremental decoding, the per-token events, and the
 //! iterator over them ([`TokenStream`]).
 
-use candle_core::Tensor;
-
-use super::generator::{CausalLm, GenerationOutput, Generator};
-use super::sampling::Sampler;
 use super::stop::{FinishReason, StopConditions};
 use super::tokenizer::TextTokenizer;
 use crate::error::Result;
@@ -238,110 +234,15 @@ impl SequenceState {
     }
 }
 
-/// An iterator over the tokens of one generation, from
-/// [`Generator::stream`]. Each item is one token; the last one carries the
-/// finish reason. Call [`TokenStream::into_output`] for the result (also
-/// after stopping early).
-pub struct TokenStream<'a, M: CausalLm> {
-    gen: &'a mut Generator<M>,
-    state: SequenceState,
-    sampler: Sampler,
-    stop: StopConditions,
-    last: Option<u32>,
-    max_tokens: usize,
-    done: bool,
-}
-
-impl<M: CausalLm> std::fmt::Debug for TokenStream<'_, M> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenStream")
-            .field("generated", &self.state.generated().len())
-            .field("done", &self.done)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<'a, M: CausalLm> TokenStream<'a, M> {
-    pub(crate) fn new(
-        gen: &'a mut Generator<M>,
-        prompt: &[u32],
-        sampler: Sampler,
-        stop: StopConditions,
-        max_tokens: usize,
-        skip_special_tokens: bool,
-    ) -> Self {
-        Self {
-            gen,
-            state: SequenceState::new(prompt, skip_special_tokens),
-            sampler,
-            stop,
-            last: None,
-            max_tokens,
-            done: false,
-        }
-    }
-
-    /// Tokens generated so far.
-    #[must_use]
-    pub fn generated(&self) -> &[u32] {
-        self.state.generated()
-    }
-
-    /// The result so far; a stream not run to its end is
-    /// [`FinishReason::Cancelled`].
-    ///
-    /// # Errors
-    /// Tokenizer failures.
-    pub fn into_output(self) -> Result<GenerationOutput> {
-        let skip = self.gen.config().skip_special_tokens;
-        self.state.output(&self.stop, self.gen.tokenizer(), skip)
-    }
-
-    fn step(&mut self) -> Result<TokenEvent> {
-        let g = &mut *self.gen;
-        let device = g.model.device().clone();
-        let input = match self.last {
-            None => Tensor::new(self.state.tokens(), &device)?.unsqueeze(0)?,
-            Some(t) => Tensor::new(&[[t]], &device)?,
-        };
-        let logits = g
-            .model
-            .forward_last(&input, None, Some(&mut g.cache))?
-            .squeeze(0)?;
-        let id = self
-            .sampler
-            .sample(&logits, self.state.tokens(), self.state.generated())?;
-        let index = self.state.generated().len();
-        let mut text = self.state.push(id, &self.stop, &g.tokenizer)?;
-        if self.state.finish_reason().is_none() && index + 1 >= self.max_tokens {
-            text.push_str(
-                &self
-                    .state
-                    .close(FinishReason::MaxTokens, &self.stop, &g.tokenizer)?,
-            );
-        }
-        self.last = Some(id);
-        self.done = self.state.finish_reason().is_some();
-        Ok(TokenEvent {
-            token: id,
-            text,
-            index,
-            finish_reason: self.state.finish_reason(),
-        })
-    }
-}
-
-impl<M: CausalLm> Iterator for TokenStream<'_, M> {
-    type Item = Result<TokenEvent>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.done {
-            return None;
-        }
-        let r = self.step();
-        if r.is_err() {
-            self.done = true;
-        }
-        Some(r)
-    }
+/// The result of one generation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GenerationOutput {
+    /// The generated text (without EOS, stop sequence or stop string).
+    pub text: String,
+    /// Every generated token id, including a final EOS or stop sequence.
+    pub tokens: Vec<u32>,
+    /// Number of prompt tokens.
+    pub prompt_tokens: usize,
+    /// Why it ended.
+    pub finish_reason: FinishReason,
 }

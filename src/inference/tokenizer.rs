@@ -10,7 +10,7 @@ use serde_json::json;
 
 use super::chat::{ChatTemplate, Message};
 use crate::error::{Error, Result};
-use crate::models::hub::ModelRepo;
+use crate::io::ModelRepo;
 
 /// Qwen2's pre-tokenizer split (tokenizer.json of Qwen2/2.5; llama.cpp `qwen2`).
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -293,8 +293,8 @@ impl TextTokenizer {
 fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| Error::InvalidConfig {
-        path: path.to_path_buf(),
-        message: e.to_string(),
+            origin: path.display().to_string(),
+            message: e.to_string(),
     })
 }
 

@@ -1,18 +1,27 @@
-//! Model architectures and loading.
+//! Model architectures.
 //!
-//! - [`hub`]: where files come from (directory, Hugging Face cache, Hub).
-//! - [`loader`]: safetensors reading, inspection, [`Weights`].
-//! - [`gguf`]: GGUF checkpoints dequantized into the same models.
-//! - [`layers`]: shared transformer parts (linear with adapter hook, norms, RoPE, masks).
-//! - [`qwen2`]: the Qwen2/Qwen2.5 (and Llama) decoder.
+//! Decoders: the [`CausalLm`] trait that every job takes, one Llama-family
+//! implementation ([`Llama`]: Llama 2/3.x, SmolLM2, Qwen2/2.5, Qwen3,
+//! Mistral) whose [`DecoderConfig`] carries what differs between families,
+//! and the architecture table that [`load_decoder`] looks `model_type` /
+//! GGUF `general.architecture` up in. Encoders: BERT (MiniLM, E5, BGE) and
+//! MPNet, built from one shared encoder layer.
 
-pub mod gguf;
-pub mod hub;
-pub mod layers;
-pub mod loader;
-pub mod qwen2;
+mod architectures;
+pub(crate) mod bert;
+mod config;
+mod decoder;
+mod encoder;
+mod kv_cache;
+mod llama;
+pub(crate) mod mpnet;
 
-pub use hub::ModelRepo;
-pub use layers::{LayerNorm, Linear, LinearAdapter, OpsMode};
-pub use loader::{CheckpointInfo, ModelLoader, TensorInfo, Weights};
-pub use qwen2::{Qwen2Config, Qwen2Model};
+pub(crate) use architectures::load_gguf;
+pub use architectures::{
+    build_decoder, load_decoder, load_from_repo, read_decoder_config, supported_architectures,
+};
+pub use config::DecoderConfig;
+pub use decoder::CausalLm;
+pub use kv_cache::KvCache;
+pub use llama::Llama;
+pub use mpnet::relative_position_bucket;

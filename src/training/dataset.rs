@@ -97,8 +97,8 @@ impl Dataset {
         config: &DatasetConfig,
     ) -> Result<Self> {
         if config.max_len < 2 {
-            return Err(Error::InvalidConfiguration(
-                "max_len must be at least 2 tokens".into(),
+            return Err(Error::config("dataset config", 
+                "max_len must be at least 2 tokens",
             ));
         }
         let mut examples = Vec::new();

@@ -10,7 +10,8 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::models::{LinearAdapter, Qwen2Model};
+use crate::layers::LinearAdapter;
+use crate::models::CausalLm;
 
 /// A linear layer of the decoder that LoRA can adapt (peft's module names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -67,13 +68,13 @@ impl TargetModule {
     /// Parses a peft module name.
     ///
     /// # Errors
-    /// [`Error::InvalidConfiguration`] for an unknown name.
+    /// [`Error::InvalidConfig`] for an unknown name.
     pub fn from_name(name: &str) -> Result<Self> {
         Self::ALL
             .into_iter()
             .find(|m| m.name() == name)
             .ok_or_else(|| {
-                Error::InvalidConfiguration(format!(
+                Error::config("LoRA config", format!(
                     "unknown LoRA target module `{name}` (known: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"
                 ))
             })
@@ -130,29 +131,29 @@ impl LoRAAdapterConfig {
     /// Checks the values.
     ///
     /// # Errors
-    /// [`Error::InvalidConfiguration`] for rank 0, a dropout outside [0, 1),
+    /// [`Error::InvalidConfig`] for rank 0, a dropout outside [0, 1),
     /// a non-finite alpha or no target module.
     pub fn validate(&self) -> Result<()> {
         if self.rank == 0 {
-            return Err(Error::InvalidConfiguration(
-                "LoRA rank must be at least 1".into(),
+            return Err(Error::config("LoRA config", 
+                "LoRA rank must be at least 1",
             ));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(Error::InvalidConfiguration(format!(
+            return Err(Error::config("LoRA config", format!(
                 "LoRA dropout must be in [0, 1), got {}",
                 self.dropout
             )));
         }
         if !self.alpha.is_finite() {
-            return Err(Error::InvalidConfiguration(format!(
+            return Err(Error::config("LoRA config", format!(
                 "LoRA alpha must be finite, got {}",
                 self.alpha
             )));
         }
         if self.target_modules.is_empty() {
-            return Err(Error::InvalidConfiguration(
-                "LoRA needs at least one target module".into(),
+            return Err(Error::config("LoRA config", 
+                "LoRA needs at least one target module",
             ));
         }
         Ok(())
@@ -284,7 +285,7 @@ impl LoRAAdapter {
     /// Invalid config, or the model has none of the target modules.
     pub fn new(
         config: LoRAAdapterConfig,
-        model: &Qwen2Model,
+        model: &dyn CausalLm,
         device: &Device,
         seed: u64,
     ) -> Result<Self> {
@@ -319,8 +320,8 @@ impl LoRAAdapter {
             layers.push((path, Arc::new(layer)));
         }
         if layers.is_empty() {
-            return Err(Error::InvalidConfiguration(
-                "the model has none of the LoRA target modules".into(),
+            return Err(Error::config("LoRA config", 
+                "the model has none of the LoRA target modules",
             ));
         }
         Ok(Self {
@@ -393,7 +394,7 @@ impl LoRAAdapter {
     /// # Errors
     /// [`Error::InvalidInput`] when a layer path is not in the model or its
     /// shape does not match (nothing is attached then).
-    pub fn attach(&self, model: &mut Qwen2Model) -> Result<()> {
+    pub fn attach(&self, model: &mut dyn CausalLm) -> Result<()> {
         let mut linears = model.linear_layers_mut();
         // Check everything before changing anything.
         for (path, l) in &self.layers {
@@ -423,7 +424,7 @@ impl LoRAAdapter {
     }
 
     /// Removes every adapter from `model`'s linear layers.
-    pub fn detach(model: &mut Qwen2Model) {
+    pub fn detach(model: &mut dyn CausalLm) {
         for (_, lin) in model.linear_layers_mut() {
             lin.set_adapter(None);
         }
@@ -436,7 +437,7 @@ impl LoRAAdapter {
     ///
     /// # Errors
     /// A layer path missing from the model, shape or tensor errors.
-    pub fn merge_into(&self, model: &mut Qwen2Model) -> Result<()> {
+    pub fn merge_into(&self, model: &mut dyn CausalLm) -> Result<()> {
         let mut linears = model.linear_layers_mut();
         for (path, l) in &self.layers {
             let lin = linears
@@ -446,9 +447,7 @@ impl LoRAAdapter {
                 .ok_or_else(|| {
                     Error::InvalidInput(format!("the model has no linear layer `{path}`"))
                 })?;
-            let w = lin.weight();
-            let merged = (w.to_dtype(DType::F32)? + l.delta_weight()?)?.to_dtype(w.dtype())?;
-            lin.set_weight(merged)?;
+            lin.add_to_weight(&l.delta_weight()?)?;
             lin.set_adapter(None);
         }
         Ok(())

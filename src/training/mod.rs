@@ -3,15 +3,15 @@
 //! datasets ([`dataset`]), the training loop ([`trainer`]), atomic
 //! checkpoints ([`checkpoint`]) and an adapter registry ([`registry`]).
 
-pub mod checkpoint;
-pub mod dataset;
-pub mod lora;
-pub mod loss;
-pub mod optimizer;
-pub mod peft;
-pub mod registry;
-pub mod scheduler;
-pub mod trainer;
+mod checkpoint;
+mod dataset;
+mod lora;
+mod loss;
+mod optimizer;
+mod peft;
+mod registry;
+mod scheduler;
+mod trainer;
 
 pub use dataset::{Batch, Dataset, DatasetConfig, Example};
 pub use lora::{LoRAAdapter, LoRAAdapterConfig, LoRALayer, TargetModule};

@@ -50,19 +50,19 @@ impl AdamW {
     /// An optimizer for `vars`.
     ///
     /// # Errors
-    /// [`Error::InvalidConfiguration`] for betas outside [0, 1), a negative
+    /// [`Error::InvalidConfig`] for betas outside [0, 1), a negative
     /// lr, eps or weight decay.
     pub fn new(vars: Vec<Var>, config: AdamWConfig) -> Result<Self> {
         let c = &config;
         if !(0.0..1.0).contains(&c.beta1) || !(0.0..1.0).contains(&c.beta2) {
-            return Err(Error::InvalidConfiguration(format!(
+            return Err(Error::config("optimizer config", format!(
                 "AdamW betas must be in [0, 1), got ({}, {})",
                 c.beta1, c.beta2
             )));
         }
         if c.lr < 0.0 || c.eps < 0.0 || c.weight_decay < 0.0 {
-            return Err(Error::InvalidConfiguration(
-                "AdamW lr, eps and weight decay must be non-negative".into(),
+            return Err(Error::config("optimizer config", 
+                "AdamW lr, eps and weight decay must be non-negative",
             ));
         }
         let n = vars.len();
@@ -84,12 +84,6 @@ impl AdamW {
     /// Sets the learning rate for the next steps.
     pub fn set_lr(&mut self, lr: f64) {
         self.config.lr = lr;
-    }
-
-    /// Steps taken so far.
-    #[must_use]
-    pub fn step_count(&self) -> usize {
-        self.step
     }
 
     /// The optimized variables.

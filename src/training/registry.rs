@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use super::lora::LoRAAdapter;
 use crate::error::{Error, Result};
-use crate::models::Qwen2Model;
+use crate::models::CausalLm;
 
 /// Named adapters, at most one active on the model at a time. Switching
 /// only re-points the linear layers' adapter hooks; base weights stay put.
@@ -27,7 +27,7 @@ impl AdapterRegistry {
     }
 
     /// Removes an adapter; detaches it from `model` first when it is active.
-    pub fn remove(&mut self, name: &str, model: &mut Qwen2Model) -> Option<LoRAAdapter> {
+    pub fn remove(&mut self, name: &str, model: &mut dyn CausalLm) -> Option<LoRAAdapter> {
         if self.active.as_deref() == Some(name) {
             self.deactivate(model);
         }
@@ -57,7 +57,7 @@ impl AdapterRegistry {
     /// # Errors
     /// [`Error::InvalidInput`] for an unknown name or an adapter that does
     /// not fit the model (the model then has no adapter).
-    pub fn activate(&mut self, name: &str, model: &mut Qwen2Model) -> Result<()> {
+    pub fn activate(&mut self, name: &str, model: &mut dyn CausalLm) -> Result<()> {
         let adapter = self
             .adapters
             .get(name)
@@ -70,7 +70,7 @@ impl AdapterRegistry {
     }
 
     /// Back to the plain base model.
-    pub fn deactivate(&mut self, model: &mut Qwen2Model) {
+    pub fn deactivate(&mut self, model: &mut dyn CausalLm) {
         LoRAAdapter::detach(model);
         self.active = None;
     }

@@ -17,7 +17,7 @@ use super::optimizer::{clip_grad_norm, AdamW, AdamWConfig};
 use super::peft::{load_peft_adapter, save_peft_adapter};
 use super::scheduler::LRScheduler;
 use crate::error::{Error, Result};
-use crate::models::{OpsMode, Qwen2Model};
+use crate::models::CausalLm;
 
 /// Training hyperparameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -47,7 +47,8 @@ pub struct TrainingConfig {
     pub shuffle: bool,
     /// Seed for shuffling.
     pub seed: u64,
-    /// Show a progress bar (only drawn on a terminal).
+    /// Draw a progress bar on the terminal (off by default: the library
+    /// prints nothing unless asked).
     pub progress: bool,
     /// Recorded as `base_model_name_or_path` in saved adapters.
     pub base_model: Option<String>,
@@ -68,7 +69,7 @@ impl Default for TrainingConfig {
             output_dir: None,
             shuffle: true,
             seed: 42,
-            progress: true,
+            progress: false,
             base_model: None,
         }
     }
@@ -115,7 +116,7 @@ struct TrainerState {
 /// and get no gradients; only the adapter's `A`/`B` are updated.
 #[derive(Debug)]
 pub struct Trainer<'a> {
-    model: &'a mut Qwen2Model,
+    model: &'a mut dyn CausalLm,
     adapter: LoRAAdapter,
     config: TrainingConfig,
     optimizer: AdamW,
@@ -125,29 +126,29 @@ pub struct Trainer<'a> {
 }
 
 impl<'a> Trainer<'a> {
-    /// Attaches `adapter` to `model` and switches the model to
-    /// differentiable ops (fused kernels have no backward). The adapter
-    /// shares its weights with the caller's copy, which sees every update.
+    /// Attaches `adapter` to `model`. The adapter shares its weights with
+    /// the caller's copy, which sees every update; the model's ops take
+    /// their differentiable paths by themselves, since the adapter's
+    /// weights track gradients.
     ///
     /// # Errors
     /// Invalid config, or an adapter that does not fit the model.
     pub fn new(
-        model: &'a mut Qwen2Model,
+        model: &'a mut dyn CausalLm,
         adapter: &LoRAAdapter,
         config: TrainingConfig,
     ) -> Result<Self> {
         if config.batch_size == 0 || config.grad_accum_steps == 0 {
-            return Err(Error::InvalidConfiguration(
-                "batch size and accumulation steps must be at least 1".into(),
+            return Err(Error::config("training config", 
+                "batch size and accumulation steps must be at least 1",
             ));
         }
         if config.max_steps.is_none() && config.epochs == 0 {
-            return Err(Error::InvalidConfiguration(
-                "set epochs or max_steps".into(),
+            return Err(Error::config("training config", 
+                "set epochs or max_steps",
             ));
         }
         adapter.attach(model)?;
-        model.set_ops_mode(OpsMode::Differentiable);
         let optimizer = AdamW::new(adapter.trainable_vars(), config.optimizer)?;
         Ok(Self {
             model,
@@ -168,8 +169,8 @@ impl<'a> Trainer<'a> {
 
     /// The model being trained.
     #[must_use]
-    pub fn model(&self) -> &Qwen2Model {
-        self.model
+    pub fn model(&self) -> &dyn CausalLm {
+        &*self.model
     }
 
     /// The adapter.

@@ -4,15 +4,17 @@ use candle_core::{Tensor, D};
 
 use crate::error::{Error, Result};
 
+/// Growth step of the cache, in positions.
+const CHUNK: usize = 256;
+
 /// Keys and values of every layer for the positions processed so far.
 ///
-/// Storage grows in chunks of `chunk` positions (copying only when a chunk
+/// Storage grows in chunks of 256 positions (copying only when a chunk
 /// fills), up to `max_len`; [`KvCache::reset`] empties it for the next prompt.
 #[derive(Debug, Clone)]
 pub struct KvCache {
     layers: Vec<Option<LayerCache>>,
     max_len: usize,
-    chunk: usize,
     len: usize,
 }
 
@@ -30,16 +32,8 @@ impl KvCache {
         Self {
             layers: vec![None; num_layers],
             max_len,
-            chunk: 256,
             len: 0,
         }
-    }
-
-    /// Sets the growth step in positions (default 256).
-    #[must_use]
-    pub fn with_chunk(mut self, chunk: usize) -> Self {
-        self.chunk = chunk.max(1);
-        self
     }
 
     /// Positions cached so far.
@@ -108,7 +102,7 @@ impl KvCache {
             None => true,
         };
         if grow {
-            let cap = needed.div_ceil(self.chunk) * self.chunk;
+            let cap = needed.div_ceil(CHUNK) * CHUNK;
             let cap = cap.min(self.max_len).max(needed);
             let (b, h, _, d) = k.dims4()?;
             let nk = Tensor::zeros((b, h, cap, d), k.dtype(), k.device())?;

@@ -18,8 +18,8 @@ use super::encoder::{
     check_inputs, nonzero, padding_bias, Activation, EncoderLayer, LayerDims, LayerNames,
 };
 use crate::error::{Error, Result};
-use crate::models::layers::{mask_rows, LayerNorm, OpsMode};
-use crate::models::loader::Weights;
+use crate::io::Weights;
+use crate::layers::LayerNorm;
 
 /// MPNet's padding id, hard-coded in transformers' `MPNetEmbeddings` (it
 /// also anchors the position ids).
@@ -71,7 +71,7 @@ impl MpnetConfig {
     /// # Errors
     /// [`Error::Io`] or [`Error::InvalidConfig`].
     pub fn from_file(path: &Path) -> Result<Self> {
-        crate::models::loader::read_config(path, Self::validate)
+        crate::io::read_config(path, Self::validate)
     }
 
     /// Checks the values are consistent and supported.
@@ -174,7 +174,7 @@ impl MpnetModel {
     /// # Errors
     /// Invalid config, missing tensors or wrong shapes.
     pub fn new(config: &MpnetConfig, w: &Weights) -> Result<Self> {
-        config.validate().map_err(Error::InvalidConfiguration)?;
+        config.validate().map_err(|m| Error::config("MPNet config", m))?;
         let p = weight_prefix(w, &["", "mpnet.", "model."])?;
         let h = config.hidden_size;
         let dims = LayerDims {
@@ -182,7 +182,7 @@ impl MpnetModel {
             heads: config.num_attention_heads,
             intermediate: config.intermediate_size,
             eps: config.layer_norm_eps,
-            act: Activation::parse(&config.hidden_act).map_err(Error::InvalidConfiguration)?,
+            act: Activation::parse(&config.hidden_act).map_err(|m| Error::config("MPNet config", m))?,
         };
         let layers = (0..config.num_hidden_layers)
             .map(|i| EncoderLayer::load(w, &format!("{p}encoder.layer.{i}"), &LAYER_NAMES, dims))
@@ -228,24 +228,12 @@ impl MpnetModel {
         self.word.device()
     }
 
-    /// The weights' dtype.
-    #[must_use]
-    pub fn dtype(&self) -> DType {
-        self.word.dtype()
-    }
-
-    /// Last hidden states `[b, s, hidden]` (model dtype) for `ids` (`[b, s]`
-    /// u32, padded with id 1) with `attention_mask` (`[b, s]`, 1 = token,
-    /// 0 = padding; any dtype).
+    /// Last hidden states `[b, s, hidden]` (model dtype) for `ids` (`[b, s]`)
+    /// under the padding `mask` rows (1 = token, 0 = padding).
     ///
     /// # Errors
     /// Bad shapes, a sequence longer than the position table, or an id
     /// outside the vocabulary.
-    pub fn forward(&self, ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
-        let mask = mask_rows(attention_mask)?;
-        self.forward_rows(ids, &mask)
-    }
-
     pub(crate) fn forward_rows(&self, ids: &Tensor, mask: &[Vec<u32>]) -> Result<Tensor> {
         let (b, s) = check_inputs(ids, mask)?;
         if s > self.config.max_tokens() {
@@ -276,7 +264,7 @@ impl MpnetModel {
         let words = self.word.index_select(&ids.flatten_all()?, 0)?;
         let pos = self.position.index_select(&positions, 0)?;
         let x = (words + pos)?.reshape((b, s, h))?;
-        let mut x = self.norm.forward(&x, OpsMode::Fused)?;
+        let mut x = self.norm.forward(&x)?;
 
         let bias = self.position_bias(s)?;
         let bias = match padding_bias(mask, self.device())? {

@@ -11,8 +11,8 @@ use super::encoder::{
     check_inputs, nonzero, padding_bias, Activation, EncoderLayer, LayerDims, LayerNames,
 };
 use crate::error::{Error, Result};
-use crate::models::layers::{mask_rows, LayerNorm, OpsMode};
-use crate::models::loader::Weights;
+use crate::io::Weights;
+use crate::layers::LayerNorm;
 
 /// Hyper-parameters of a BERT encoder, as in `config.json`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -65,7 +65,7 @@ impl BertConfig {
     /// # Errors
     /// [`Error::Io`] or [`Error::InvalidConfig`].
     pub fn from_file(path: &Path) -> Result<Self> {
-        crate::models::loader::read_config(path, Self::validate)
+        crate::io::read_config(path, Self::validate)
     }
 
     /// Checks the values are consistent and supported.
@@ -142,7 +142,7 @@ impl BertModel {
     /// # Errors
     /// Invalid config, missing tensors or wrong shapes.
     pub fn new(config: &BertConfig, w: &Weights) -> Result<Self> {
-        config.validate().map_err(Error::InvalidConfiguration)?;
+        config.validate().map_err(|m| Error::config("BERT config", m))?;
         let p = weight_prefix(w, &["", "bert.", "model."])?;
         let h = config.hidden_size;
         let dims = LayerDims {
@@ -150,7 +150,7 @@ impl BertModel {
             heads: config.num_attention_heads,
             intermediate: config.intermediate_size,
             eps: config.layer_norm_eps,
-            act: Activation::parse(&config.hidden_act).map_err(Error::InvalidConfiguration)?,
+            act: Activation::parse(&config.hidden_act).map_err(|m| Error::config("BERT config", m))?,
         };
         let layers = (0..config.num_hidden_layers)
             .map(|i| EncoderLayer::load(w, &format!("{p}encoder.layer.{i}"), &LAYER_NAMES, dims))
@@ -199,24 +199,12 @@ impl BertModel {
         self.word.device()
     }
 
-    /// The weights' dtype.
-    #[must_use]
-    pub fn dtype(&self) -> DType {
-        self.word.dtype()
-    }
-
-    /// Last hidden states `[b, s, hidden]` (model dtype) for `ids` (`[b, s]`
-    /// u32) with `attention_mask` (`[b, s]`, 1 = token, 0 = padding; any
-    /// dtype). Positions are `0..s`, token types 0.
+    /// Last hidden states `[b, s, hidden]` (model dtype) for `ids` (`[b, s]`)
+    /// under the padding `mask` rows (1 = token, 0 = padding).
     ///
     /// # Errors
-    /// Bad shapes, a sequence longer than `max_position_embeddings`, or an
-    /// id outside the vocabulary.
-    pub fn forward(&self, ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
-        let mask = mask_rows(attention_mask)?;
-        self.forward_rows(ids, &mask)
-    }
-
+    /// Bad shapes, a sequence longer than the position table, or an id
+    /// outside the vocabulary.
     pub(crate) fn forward_rows(&self, ids: &Tensor, mask: &[Vec<u32>]) -> Result<Tensor> {
         let (b, s) = check_inputs(ids, mask)?;
         if s > self.config.max_position_embeddings {
@@ -236,7 +224,7 @@ impl BertModel {
         if let Some(tt) = &self.token_type {
             x = x.broadcast_add(tt)?;
         }
-        let mut x = self.norm.forward(&x, OpsMode::Fused)?;
+        let mut x = self.norm.forward(&x)?;
         let bias = padding_bias(mask, self.device())?;
         for layer in &self.layers {
             x = layer.forward(&x, bias.as_ref())?;

@@ -36,7 +36,7 @@ enum Location {
 
 /// True when `HF_HUB_OFFLINE` asks for no network access.
 #[must_use]
-pub fn hub_offline() -> bool {
+pub(crate) fn hub_offline() -> bool {
     std::env::var("HF_HUB_OFFLINE")
         .map(|v| {
             matches!(
@@ -50,7 +50,7 @@ pub fn hub_offline() -> bool {
 /// The Hugging Face hub cache folder in force (`HF_HUB_CACHE`, `$HF_HOME/hub`
 /// or `~/.cache/huggingface/hub`).
 #[must_use]
-pub fn hub_cache() -> Cache {
+pub(crate) fn hub_cache() -> Cache {
     match std::env::var_os("HF_HUB_CACHE") {
         Some(dir) if !dir.is_empty() => Cache::new(PathBuf::from(dir)),
         _ => Cache::from_env(),

@@ -3,11 +3,11 @@
 //! position bias), residual + LayerNorm, a GELU MLP, residual + LayerNorm.
 //! Only the tensor names differ between the two, see [`LayerNames`].
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 use crate::error::{Error, Result};
-use crate::models::layers::{softmax_last_dim, LayerNorm, Linear, OpsMode};
-use crate::models::loader::Weights;
+use crate::io::Weights;
+use crate::layers::{attention, attention_mask, LayerNorm, Linear, MaskKind};
 
 /// The activation of the MLP, from `hidden_act` in `config.json`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,7 +82,7 @@ pub(crate) struct EncoderLayer {
 impl EncoderLayer {
     pub(crate) fn load(w: &Weights, prefix: &str, n: &LayerNames, d: LayerDims) -> Result<Self> {
         if d.heads == 0 || d.hidden % d.heads != 0 {
-            return Err(Error::InvalidConfiguration(format!(
+            return Err(Error::config("encoder config", format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 d.hidden, d.heads
             )));
@@ -107,31 +107,21 @@ impl EncoderLayer {
     /// broadcastable to `[b, heads, s, s]`.
     pub(crate) fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let (b, s, hidden) = x.dims3()?;
-        let split = |t: Tensor| {
-            t.reshape((b, s, self.heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
+        let split = |t: Tensor| t.reshape((b, s, self.heads, self.head_dim))?.transpose(1, 2);
         let q = split(self.q.forward(x)?)?;
         let k = split(self.k.forward(x)?)?;
         let v = split(self.v.forward(x)?)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        // Scores, bias and softmax in f32: with bf16/f16 weights the mask's
-        // large negatives and the softmax sums need the range and precision.
-        let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?;
-        let scores = match bias {
-            Some(bias) => scores.broadcast_add(bias)?,
-            None => scores,
-        };
-        let probs = softmax_last_dim(&scores, OpsMode::Fused)?.to_dtype(x.dtype())?;
-        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, hidden))?;
+        let ctx = attention(&q, &k, &v, bias, scale)?
+            .transpose(1, 2)?
+            .reshape((b, s, hidden))?;
         let attn = self
             .attn_norm
-            .forward(&(self.o.forward(&ctx)? + x)?, OpsMode::Fused)?;
+            .forward(&(self.o.forward(&ctx)? + x)?)?;
         let mlp = self
             .down
             .forward(&self.act.apply(&self.up.forward(&attn)?)?)?;
-        self.out_norm.forward(&(mlp + attn)?, OpsMode::Fused)
+        self.out_norm.forward(&(mlp + attn)?)
     }
 }
 
@@ -164,7 +154,7 @@ pub(crate) fn padding_bias(
 ) -> Result<Option<Tensor>> {
     let b = mask.len();
     let s = mask.first().map_or(0, Vec::len);
-    crate::models::layers::attention_mask(b, s, 0, Some(mask), false, device)
+    attention_mask(b, s, 0, Some(mask), MaskKind::Bidirectional, device)
 }
 
 /// Checks a config size is non-zero.

@@ -1,0 +1,12 @@
+//! Getting model files and tensors: where files come from ([`ModelRepo`]:
+//! directory, Hugging Face cache, Hub), safetensors checkpoints
+//! ([`ModelLoader`], [`Weights`]) and GGUF files. Knows nothing of any
+//! architecture: models decide what the tensors mean.
+
+pub(crate) mod gguf;
+mod hub;
+mod loader;
+
+pub use hub::ModelRepo;
+pub(crate) use loader::read_config;
+pub use loader::{CheckpointInfo, ModelLoader, TensorInfo, Weights};

@@ -1,0 +1,266 @@
+//! The linear layer every model uses: dense or quantized weights, an
+//! optional bias, and the adapter hook LoRA plugs into.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Tensor};
+
+use crate::error::{Error, Result};
+use crate::io::Weights;
+
+/// Something that adds to a linear layer's output, e.g. a LoRA adapter.
+///
+/// The layer computes `base(x) + adapter.forward(x)`.
+pub trait LinearAdapter: Send + Sync + std::fmt::Debug {
+    /// The adapter's contribution for input `x` (`[..., in]` → `[..., out]`).
+    ///
+    /// # Errors
+    /// Tensor errors (shape, device, dtype).
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor>;
+}
+
+/// The base weight of a [`Linear`].
+#[derive(Debug, Clone)]
+enum BaseWeight {
+    /// `[out, in]` in the model's dtype.
+    Dense(Tensor),
+    /// A quantized `[out, in]` matrix (GGUF block formats), multiplied by
+    /// Candle's quantized matmul kernels.
+    Quantized(Arc<QTensor>),
+}
+
+/// A linear layer `y = x Wᵀ + b` with an optional adapter hook. The base
+/// weight is dense or quantized; adapters work the same on both.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: BaseWeight,
+    bias: Option<Tensor>,
+    adapter: Option<Arc<dyn LinearAdapter>>,
+}
+
+impl Linear {
+    /// A dense layer from a `[out, in]` weight and an optional `[out]` bias.
+    #[must_use]
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            weight: BaseWeight::Dense(weight),
+            bias,
+            adapter: None,
+        }
+    }
+
+    /// A layer over a quantized `[out, in]` weight. Unquantized GGUF
+    /// tensors (f32/f16/bf16) are kept dense in `dtype`.
+    ///
+    /// # Errors
+    /// A weight that is not 2-D, or a bias of the wrong length.
+    pub fn quantized(weight: Arc<QTensor>, bias: Option<Tensor>, dtype: DType) -> Result<Self> {
+        let (out, _) = weight.shape().dims2()?;
+        if let Some(b) = &bias {
+            if b.dims() != [out] {
+                return Err(Error::ShapeMismatch {
+                    name: "linear bias".into(),
+                    expected: vec![out],
+                    actual: b.dims().to_vec(),
+                });
+            }
+        }
+        let weight = match weight.dtype() {
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                BaseWeight::Dense(weight.dequantize(&weight.device())?.to_dtype(dtype)?)
+            }
+            _ => BaseWeight::Quantized(weight),
+        };
+        Ok(Self {
+            weight,
+            bias,
+            adapter: None,
+        })
+    }
+
+    /// Loads `{prefix}.weight` (`[out, in]`) and, if `bias`, `{prefix}.bias`.
+    ///
+    /// # Errors
+    /// Missing tensor or wrong shape.
+    pub fn load(
+        w: &Weights,
+        prefix: &str,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let weight = w.get(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
+        let bias = if bias {
+            Some(w.get(&format!("{prefix}.bias"), &[out_dim])?)
+        } else {
+            None
+        };
+        Ok(Self::new(weight, bias))
+    }
+
+    /// `[out, in]`.
+    fn dims(&self) -> (usize, usize) {
+        let d = match &self.weight {
+            BaseWeight::Dense(w) => w.dims(),
+            BaseWeight::Quantized(q) => q.shape().dims(),
+        };
+        (d[0], d[1])
+    }
+
+    /// Whether the base weight is quantized.
+    #[must_use]
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.weight, BaseWeight::Quantized(_))
+    }
+
+    /// The `[out, in]` base weight as a dense tensor in `dtype`
+    /// (dequantized when quantized).
+    ///
+    /// # Errors
+    /// Tensor errors.
+    pub fn dense_weight(&self, dtype: DType) -> Result<Tensor> {
+        Ok(match &self.weight {
+            BaseWeight::Dense(w) => w.to_dtype(dtype)?,
+            BaseWeight::Quantized(q) => q.dequantize(&q.device())?.to_dtype(dtype)?,
+        })
+    }
+
+    /// Elements of the weight and bias (for parameter counts).
+    #[must_use]
+    pub fn parameter_count(&self) -> usize {
+        let (o, i) = self.dims();
+        o * i + self.bias.as_ref().map_or(0, Tensor::elem_count)
+    }
+
+    /// The bias, if any.
+    #[must_use]
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// Input features.
+    #[must_use]
+    pub fn in_features(&self) -> usize {
+        self.dims().1
+    }
+
+    /// Output features.
+    #[must_use]
+    pub fn out_features(&self) -> usize {
+        self.dims().0
+    }
+
+    /// The attached adapter, if any.
+    #[must_use]
+    pub fn adapter(&self) -> Option<&Arc<dyn LinearAdapter>> {
+        self.adapter.as_ref()
+    }
+
+    /// Attaches (`Some`) or detaches (`None`) an adapter.
+    pub fn set_adapter(&mut self, adapter: Option<Arc<dyn LinearAdapter>>) {
+        self.adapter = adapter;
+    }
+
+    /// Adds `delta` (`[out, in]`, any float dtype) to the base weight, e.g.
+    /// to merge an adapter in. The sum is formed in f32 and stored in the
+    /// weight's dtype.
+    ///
+    /// # Errors
+    /// A shape mismatch, or a quantized base (merging would re-quantize
+    /// the sum and lose the adapter's precision: dequantize the model first).
+    pub fn add_to_weight(&mut self, delta: &Tensor) -> Result<()> {
+        let BaseWeight::Dense(w) = &self.weight else {
+            return Err(Error::InvalidInput(
+                "cannot merge into a quantized layer; load the model dense to merge".into(),
+            ));
+        };
+        if delta.dims() != w.dims() {
+            return Err(Error::ShapeMismatch {
+                name: "linear weight".into(),
+                expected: w.dims().to_vec(),
+                actual: delta.dims().to_vec(),
+            });
+        }
+        let merged = (w.to_dtype(DType::F32)? + delta.to_dtype(DType::F32)?)?.to_dtype(w.dtype())?;
+        self.weight = BaseWeight::Dense(merged);
+        Ok(())
+    }
+
+    /// Applies the layer (and its adapter).
+    ///
+    /// # Errors
+    /// Tensor errors.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = match &self.weight {
+            BaseWeight::Dense(w) => match x.dims() {
+                // Same dispatch as candle_nn::Linear: a batched matmul against
+                // the broadcast weight for 3-D/4-D inputs.
+                [b1, b2, _, _] => x.matmul(&w.broadcast_left((*b1, *b2))?.t()?)?,
+                [bsize, _, _] => x.matmul(&w.broadcast_left(*bsize)?.t()?)?,
+                _ => x.matmul(&w.t()?)?,
+            },
+            BaseWeight::Quantized(q) => quantized_matmul(x, q)?,
+        };
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        match &self.adapter {
+            Some(a) => y + a.forward(x)?,
+            None => Ok(y),
+        }
+    }
+}
+
+/// `x Wᵀ` through Candle's quantized kernels (f32 activations), returned
+/// in `x`'s dtype. Differentiable with respect to `x`, so adapters below a
+/// quantized layer still get gradients (Candle's own op has no backward).
+fn quantized_matmul(x: &Tensor, q: &Arc<QTensor>) -> candle_core::Result<Tensor> {
+    let dtype = x.dtype();
+    x.to_dtype(DType::F32)?
+        .contiguous()?
+        .apply_op1(QuantizedMatMul(q.clone()))?
+        .to_dtype(dtype)
+}
+
+/// Candle's quantized matmul with a backward pass: `dx = dy · W`, with `W`
+/// dequantized for the backward only.
+struct QuantizedMatMul(Arc<QTensor>);
+
+impl candle_core::CustomOp1 for QuantizedMatMul {
+    fn name(&self) -> &'static str {
+        "metal-candle-qmatmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::CustomOp1::cpu_fwd(self.0.as_ref(), s, l)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        candle_core::CustomOp1::cuda_fwd(self.0.as_ref(), s, l)
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s: &candle_core::MetalStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::MetalStorage, candle_core::Shape)> {
+        candle_core::CustomOp1::metal_fwd(self.0.as_ref(), s, l)
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let w = self.0.dequantize(dy.device())?.to_dtype(dy.dtype())?;
+        Ok(Some(dy.broadcast_matmul(&w)?))
+    }
+}

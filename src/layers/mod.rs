@@ -1,0 +1,20 @@
+//! Transformer parts shared by every model: the linear layer (dense or
+//! quantized, with the adapter hook), norms, rotary embeddings and the one
+//! attention entry point.
+//!
+//! Candle's fused `rms_norm`, `softmax_last_dim` and `rope` have no backward
+//! pass: gradients silently stop at them. Each part here decides where it
+//! runs: when an input tracks gradients (it depends on a trainable `Var`) it
+//! takes a differentiable path, otherwise the fused one. No caller manages a
+//! mode.
+
+mod attention;
+mod linear;
+mod norm;
+mod rotary;
+
+pub use attention::{attention, softmax_last_dim, MaskKind};
+pub(crate) use attention::{attention_mask, mask_rows};
+pub use linear::{Linear, LinearAdapter};
+pub use norm::{LayerNorm, RmsNorm};
+pub use rotary::{RopeScaling, RotaryEmbedding};

@@ -1,0 +1,81 @@
+//! RMSNorm (decoders) and LayerNorm (encoders).
+//!
+//! Candle's fused `rms_norm` and `layer_norm` have no backward pass. Where an
+//! input tracks gradients (training), RMSNorm runs our fused kernel, which
+//! has one; otherwise Candle's. Nobody sets a mode: the tensors say it.
+
+use candle_core::Tensor;
+
+use crate::error::Result;
+use crate::io::Weights;
+
+/// Whether any of `xs` takes part in a gradient computation (depends on a
+/// trainable `Var`), so ops on them must be differentiable.
+pub(crate) fn needs_grad(xs: &[&Tensor]) -> bool {
+    xs.iter().any(|x| x.track_op())
+}
+
+/// Root-mean-square layer norm, statistics in f32 like transformers.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    /// Loads `{name}` of shape `[dim]`.
+    ///
+    /// # Errors
+    /// Missing tensor or wrong shape.
+    pub fn load(w: &Weights, name: &str, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: w.get(name, &[dim])?,
+            eps,
+        })
+    }
+
+    /// Applies the norm over the last dimension.
+    ///
+    /// # Errors
+    /// Tensor errors.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if needs_grad(&[x, &self.weight]) {
+            crate::backend::kernels::rms_norm(x, &self.weight, self.eps as f32)
+        } else {
+            candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)
+        }
+    }
+}
+
+/// Layer normalisation with a weight and a bias (BERT, MPNet).
+///
+/// Encoders are inference-only here, so this is Candle's fused kernel
+/// (variance as E[x²] − E[x]² in f32), which has no backward.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// Loads `{prefix}.weight` and `{prefix}.bias`, both of shape `[dim]`.
+    ///
+    /// # Errors
+    /// Missing tensor or wrong shape.
+    pub fn load(w: &Weights, prefix: &str, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: w.get(&format!("{prefix}.weight"), &[dim])?,
+            bias: w.get(&format!("{prefix}.bias"), &[dim])?,
+            eps,
+        })
+    }
+
+    /// Normalises over the last dimension.
+    ///
+    /// # Errors
+    /// Tensor errors.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)
+    }
+}

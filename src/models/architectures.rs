@@ -1,0 +1,477 @@
+//! The supported decoder architectures, looked up by `model_type`
+//! (`config.json`) or `general.architecture` (GGUF). Each entry says how
+//! its config and GGUF files map onto a [`DecoderConfig`] and which model
+//! builds it; loading anything else is an error that names the
+//! architecture and lists these.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::Value;
+use candle_core::{DType, Device, Tensor};
+
+use super::config::{eos_ids, rope_scaling_from_json, DecoderConfig, RawConfig};
+use super::decoder::CausalLm;
+use super::llama::Llama;
+use crate::error::{Error, Result};
+use crate::io::gguf::{resolve_gguf, GgufFile};
+use crate::io::{ModelLoader, ModelRepo, Weights};
+use crate::layers::RopeScaling;
+
+/// How an architecture's sliding window is switched on in `config.json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Windows {
+    /// No sliding window.
+    Never,
+    /// Every layer, when `sliding_window` is set (Mistral).
+    WhenSet,
+    /// Layers from `max_window_layers` on, when `use_sliding_window` (Qwen).
+    Qwen,
+}
+
+/// One supported architecture.
+#[derive(Debug)]
+pub(crate) struct Architecture {
+    /// `model_type` values of `config.json`.
+    model_types: &'static [&'static str],
+    /// `general.architecture` values of GGUF files.
+    gguf: &'static [&'static str],
+    /// q/k/v biases when the config does not say.
+    attention_bias: bool,
+    /// Per-head q/k RMSNorm.
+    qk_norm: bool,
+    windows: Windows,
+    /// llama.cpp stores q/k rows permuted for interleaved RoPE.
+    gguf_permuted_qk: bool,
+    /// Builds the model.
+    build: fn(&DecoderConfig, &Weights) -> Result<Box<dyn CausalLm>>,
+}
+
+fn build_llama(config: &DecoderConfig, w: &Weights) -> Result<Box<dyn CausalLm>> {
+    Ok(Box::new(Llama::new(config, w)?))
+}
+
+/// Every supported decoder architecture.
+const ARCHITECTURES: &[Architecture] = &[
+    Architecture {
+        model_types: &["llama"],
+        gguf: &["llama"],
+        attention_bias: false,
+        qk_norm: false,
+        windows: Windows::Never,
+        gguf_permuted_qk: true,
+        build: build_llama,
+    },
+    Architecture {
+        model_types: &["mistral"],
+        gguf: &["mistral"],
+        attention_bias: false,
+        qk_norm: false,
+        windows: Windows::WhenSet,
+        gguf_permuted_qk: true,
+        build: build_llama,
+    },
+    Architecture {
+        model_types: &["qwen2"],
+        gguf: &["qwen2"],
+        attention_bias: true,
+        qk_norm: false,
+        windows: Windows::Qwen,
+        gguf_permuted_qk: false,
+        build: build_llama,
+    },
+    Architecture {
+        model_types: &["qwen3"],
+        gguf: &["qwen3"],
+        attention_bias: false,
+        qk_norm: true,
+        windows: Windows::Qwen,
+        gguf_permuted_qk: false,
+        build: build_llama,
+    },
+];
+
+/// The `model_type`s that load, for error messages.
+#[must_use]
+pub fn supported_architectures() -> Vec<&'static str> {
+    ARCHITECTURES
+        .iter()
+        .flat_map(|a| a.model_types.iter().copied())
+        .collect()
+}
+
+fn unsupported(name: &str) -> Error {
+    Error::UnsupportedArchitecture {
+        name: name.to_string(),
+        supported: supported_architectures().join(", "),
+    }
+}
+
+fn by_model_type(name: &str) -> Result<&'static Architecture> {
+    ARCHITECTURES
+        .iter()
+        .find(|a| a.model_types.contains(&name))
+        .ok_or_else(|| unsupported(name))
+}
+
+fn by_gguf(name: &str) -> Result<&'static Architecture> {
+    ARCHITECTURES
+        .iter()
+        .find(|a| a.gguf.contains(&name))
+        .ok_or_else(|| unsupported(name))
+}
+
+impl Architecture {
+    /// Resolves `config.json` (already parsed) with this family's defaults.
+    fn resolve(&self, model_type: &str, raw: RawConfig) -> std::result::Result<DecoderConfig, String> {
+        if raw.num_attention_heads == 0 {
+            return Err("num_attention_heads must be positive".into());
+        }
+        if raw.hidden_act != "silu" {
+            return Err(format!(
+                "hidden_act `{}` is not supported (only silu)",
+                raw.hidden_act
+            ));
+        }
+        if raw.head_dim.is_none() && raw.hidden_size % raw.num_attention_heads != 0 {
+            return Err(format!(
+                "hidden_size {} is not divisible by num_attention_heads {}",
+                raw.hidden_size, raw.num_attention_heads
+            ));
+        }
+        let rope_theta = raw
+            .rope_theta
+            .or_else(|| {
+                raw.rope_parameters
+                    .as_ref()
+                    .and_then(|p| p.get("rope_theta"))
+                    .and_then(serde_json::Value::as_f64)
+            })
+            .unwrap_or(10_000.0);
+        let mut rope_scaling = RopeScaling::None;
+        for v in [&raw.rope_scaling, &raw.rope_parameters].into_iter().flatten() {
+            let s = rope_scaling_from_json(v, raw.max_position_embeddings)?;
+            if s != RopeScaling::None {
+                rope_scaling = s;
+            }
+        }
+        let layers = raw.num_hidden_layers;
+        let sliding_windows = match (&raw.layer_types, self.windows) {
+            (_, Windows::Never) => vec![None; layers],
+            (Some(types), _) => types
+                .iter()
+                .map(|t| match t.as_str() {
+                    "full_attention" => Ok(None),
+                    "sliding_attention" => raw
+                        .sliding_window
+                        .map(Some)
+                        .ok_or_else(|| "a sliding_attention layer needs sliding_window".to_string()),
+                    other => Err(format!("layer type `{other}` is not supported")),
+                })
+                .collect::<std::result::Result<Vec<_>, String>>()?,
+            (None, Windows::WhenSet) => vec![raw.sliding_window; layers],
+            (None, Windows::Qwen) => {
+                let on = raw.use_sliding_window.unwrap_or(false);
+                let from = raw.max_window_layers.unwrap_or(layers);
+                (0..layers)
+                    .map(|i| (on && i >= from).then_some(raw.sliding_window).flatten())
+                    .collect()
+            }
+        };
+        let cfg = DecoderConfig {
+            model_type: model_type.to_string(),
+            vocab_size: raw.vocab_size,
+            hidden_size: raw.hidden_size,
+            intermediate_size: raw.intermediate_size,
+            num_hidden_layers: layers,
+            num_attention_heads: raw.num_attention_heads,
+            num_key_value_heads: raw.num_key_value_heads.unwrap_or(raw.num_attention_heads),
+            head_dim: raw
+                .head_dim
+                .unwrap_or(raw.hidden_size / raw.num_attention_heads),
+            max_position_embeddings: raw.max_position_embeddings,
+            rope_theta,
+            rope_scaling,
+            rms_norm_eps: raw.rms_norm_eps,
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            attention_bias: raw.attention_bias.unwrap_or(self.attention_bias),
+            mlp_bias: raw.mlp_bias,
+            qk_norm: self.qk_norm,
+            sliding_windows,
+            bos_token_id: raw.bos_token_id,
+            eos_token_ids: eos_ids(raw.eos_token_id.as_ref()),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+/// Reads and resolves a decoder's `config.json`.
+///
+/// # Errors
+/// [`Error::UnsupportedArchitecture`] for an unknown `model_type`;
+/// [`Error::InvalidConfig`] naming the file and the problem.
+pub fn read_decoder_config(path: &Path) -> Result<DecoderConfig> {
+    Ok(read_config_with_arch(path)?.0)
+}
+
+fn read_config_with_arch(path: &Path) -> Result<(DecoderConfig, &'static Architecture)> {
+    let invalid = |message: String| Error::InvalidConfig {
+        origin: path.display().to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+    // The architecture first: a config of another family should say so,
+    // not complain about a field it does not have.
+    let model_type = value
+        .get("model_type")
+        .and_then(serde_json::Value::as_str)
+        .ok_or_else(|| invalid("missing `model_type`".into()))?
+        .to_string();
+    let arch = by_model_type(&model_type)?;
+    let raw: RawConfig = serde_json::from_value(value).map_err(|e| invalid(e.to_string()))?;
+    let cfg = arch.resolve(&model_type, raw).map_err(invalid)?;
+    Ok((cfg, arch))
+}
+
+/// Builds the model `config` describes from `weights` (HF tensor names).
+///
+/// # Errors
+/// Unsupported architecture, invalid config, missing or misshapen tensors.
+pub fn build_decoder(config: &DecoderConfig, weights: &Weights) -> Result<Box<dyn CausalLm>> {
+    (by_model_type(&config.model_type)?.build)(config, weights)
+}
+
+/// Loads a decoder from a directory, a Hub repo id, or a GGUF file
+/// (`path/to/model.gguf`, or `org/repo/file.gguf` in the Hub cache), in
+/// `dtype` (default [`crate::backend::default_dtype`]).
+///
+/// # Errors
+/// Missing files, unsupported architecture, malformed config or checkpoint,
+/// wrong shapes.
+pub fn load_decoder(source: &str, dtype: Option<DType>, device: &Device) -> Result<Box<dyn CausalLm>> {
+    let dtype = dtype.unwrap_or_else(|| crate::backend::default_dtype(device));
+    if let Some(path) = resolve_gguf(source)? {
+        let (config, weights, _) = load_gguf(&path, dtype, device)?;
+        return build_decoder(&config, &weights);
+    }
+    load_from_repo(&ModelRepo::open(source)?, dtype, device)
+}
+
+/// Loads `config.json` and the safetensors weights of `repo` as `dtype`.
+///
+/// # Errors
+/// See [`load_decoder`].
+pub fn load_from_repo(repo: &ModelRepo, dtype: DType, device: &Device) -> Result<Box<dyn CausalLm>> {
+    let (config, arch) = read_config_with_arch(&repo.get("config.json")?)?;
+    let files = ModelLoader::safetensors_files(repo)?;
+    let weights = ModelLoader::load_safetensors(&files, dtype, device)?;
+    tracing::info!(
+        "loaded {} ({}, {} layers, hidden {}) as {dtype:?} on {device:?}",
+        repo.describe(),
+        config.model_type,
+        config.num_hidden_layers,
+        config.hidden_size
+    );
+    (arch.build)(&config, &weights)
+}
+
+/// Reads a GGUF decoder: its config from the metadata, its tensors
+/// dequantized to `dtype` under Hugging Face names, and the metadata
+/// (tokenizer, chat template).
+///
+/// # Errors
+/// Unreadable file, unsupported architecture, missing metadata.
+pub(crate) fn load_gguf(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<(DecoderConfig, Weights, HashMap<String, Value>)> {
+    let mut file = GgufFile::open(path)?;
+    let arch_name = file.architecture()?;
+    let arch = by_gguf(&arch_name)?;
+    let config = gguf_config(&file, &arch_name, arch).map_err(|message| Error::InvalidConfig {
+        origin: path.display().to_string(),
+        message,
+    })?;
+    let mut tensors = HashMap::new();
+    for name in file.tensor_names() {
+        let Some(hf) = hf_name(&name) else {
+            tracing::debug!("skipping GGUF tensor {name}");
+            continue;
+        };
+        let q = file.tensor(&name, &Device::Cpu)?;
+        if q.shape().dims().is_empty() {
+            return Err(Error::InvalidCheckpoint {
+                path: path.to_path_buf(),
+                message: format!("tensor {name} has no dimensions"),
+            });
+        }
+        let mut t = q.dequantize(&Device::Cpu)?;
+        // llama.cpp permutes llama q/k rows for interleaved RoPE; undo it
+        // for our NEOX-style rotary.
+        if arch.gguf_permuted_qk && (hf.contains("q_proj") || hf.contains("k_proj")) {
+            let heads = if hf.contains("q_proj") {
+                config.num_attention_heads
+            } else {
+                config.num_key_value_heads
+            };
+            t = unpermute_rows(&t, heads).map_err(|e| Error::InvalidCheckpoint {
+                path: path.to_path_buf(),
+                message: format!("tensor {name}: {e}"),
+            })?;
+        }
+        tensors.insert(hf, t.to_dtype(dtype)?.to_device(device)?);
+    }
+    tracing::info!("read {} tensors from {}", tensors.len(), path.display());
+    let weights = Weights::from_tensors(tensors, dtype, device, &path.display().to_string());
+    Ok((config, weights, file.metadata().clone()))
+}
+
+/// Inverse of llama.cpp's `permute(w, n_head)`: rows grouped per head as
+/// `[head, half, 2]` go back to `[head, 2, half]`.
+fn unpermute_rows(t: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let rows = dims[0];
+    if heads == 0 || rows % (2 * heads) != 0 {
+        candle_core::bail!("{rows} rows do not split into {heads} heads");
+    }
+    let rest: usize = dims[1..].iter().product();
+    let half = rows / heads / 2;
+    t.reshape((heads, half, 2, rest))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)
+}
+
+/// llama.cpp's tensor names → Hugging Face names (shared by every
+/// architecture here).
+fn hf_name(gguf: &str) -> Option<String> {
+    let simple = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(s) = simple {
+        return Some(s.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let hf = match module {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// The [`DecoderConfig`] a GGUF file's metadata describes.
+fn gguf_config(
+    file: &GgufFile,
+    arch_name: &str,
+    arch: &Architecture,
+) -> std::result::Result<DecoderConfig, String> {
+    let md = file.metadata();
+    let get = |k: &str| -> std::result::Result<&Value, String> {
+        md.get(&format!("{arch_name}.{k}"))
+            .ok_or(format!("missing {arch_name}.{k}"))
+    };
+    let num = |k: &str| -> std::result::Result<usize, String> {
+        let v = get(k)?;
+        v.to_u32()
+            .map(|x| x as usize)
+            .or_else(|_| v.to_u64().map(|x| x as usize))
+            .map_err(|e| format!("{arch_name}.{k}: {e}"))
+    };
+    let float = |k: &str| -> std::result::Result<f64, String> {
+        let v = get(k)?;
+        v.to_f32()
+            .map(f64::from)
+            .or_else(|_| v.to_f64())
+            .map_err(|e| format!("{arch_name}.{k}: {e}"))
+    };
+    let embd = file
+        .tensor_dims("token_embd.weight")
+        .ok_or("missing tensor token_embd.weight")?;
+    let vocab_size = *embd.first().ok_or("token_embd.weight has no dimensions")?;
+    let hidden = num("embedding_length")?;
+    let heads = num("attention.head_count")?;
+    if heads == 0 {
+        return Err(format!("{arch_name}.attention.head_count must be positive"));
+    }
+    let layers = num("block_count")?;
+    let context = num("context_length")?;
+    let rope_scaling = match md
+        .get(&format!("{arch_name}.rope.scaling.type"))
+        .and_then(|v| v.to_string().ok())
+        .map(String::as_str)
+    {
+        None | Some("none") => RopeScaling::None,
+        Some("linear") => RopeScaling::Linear {
+            factor: float("rope.scaling.factor")?,
+        },
+        Some("yarn") => {
+            let factor = float("rope.scaling.factor")?;
+            RopeScaling::Yarn {
+                factor,
+                original_max: num("rope.scaling.original_context_length")?,
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+                attention_factor: if factor <= 1.0 {
+                    1.0
+                } else {
+                    0.1 * factor.ln() + 1.0
+                },
+                truncate: true,
+            }
+        }
+        Some(other) => return Err(format!("GGUF RoPE scaling `{other}` is not supported")),
+    };
+    let window = num("attention.sliding_window").ok();
+    let sliding_windows = match arch.windows {
+        Windows::Never => vec![None; layers],
+        _ => vec![window; layers],
+    };
+    let cfg = DecoderConfig {
+        model_type: arch.model_types[0].to_string(),
+        vocab_size,
+        hidden_size: hidden,
+        intermediate_size: num("feed_forward_length")?,
+        num_hidden_layers: layers,
+        num_attention_heads: heads,
+        num_key_value_heads: num("attention.head_count_kv").unwrap_or(heads),
+        head_dim: num("attention.key_length").unwrap_or(hidden / heads),
+        max_position_embeddings: context,
+        rope_theta: float("rope.freq_base").unwrap_or(10_000.0),
+        rope_scaling,
+        rms_norm_eps: float("attention.layer_norm_rms_epsilon")?,
+        tie_word_embeddings: file.tensor_dims("output.weight").is_none(),
+        attention_bias: file.tensor_dims("blk.0.attn_q.bias").is_some(),
+        mlp_bias: file.tensor_dims("blk.0.ffn_up.bias").is_some(),
+        qk_norm: arch.qk_norm,
+        sliding_windows,
+        bos_token_id: md
+            .get("tokenizer.ggml.bos_token_id")
+            .and_then(|v| v.to_u32().ok()),
+        eos_token_ids: md
+            .get("tokenizer.ggml.eos_token_id")
+            .and_then(|v| v.to_u32().ok())
+            .into_iter()
+            .collect(),
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}

@@ -1,0 +1,384 @@
+//! The Llama-family decoder: grouped-query attention with rotary position
+//! embeddings, RMSNorm and a SwiGLU MLP. Llama 2/3.x, SmolLM2, Qwen2/2.5,
+//! Qwen3 and Mistral are this graph; what differs between them (q/k/v
+//! biases, tied embeddings, RoPE scaling, sliding windows, per-head q/k
+//! norms, head width) is in [`DecoderConfig`].
+//!
+//! One implementation serves inference (with a [`KvCache`]) and training:
+//! each op takes a differentiable path when its inputs track gradients.
+//! Every projection is a [`Linear`] with an adapter hook, which is where
+//! LoRA plugs in.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::config::DecoderConfig;
+use super::decoder::CausalLm;
+use super::kv_cache::KvCache;
+use crate::error::{Error, Result};
+use crate::io::Weights;
+use crate::layers::{
+    attention, attention_mask as build_mask, mask_rows, Linear, MaskKind, RmsNorm,
+    RotaryEmbedding,
+};
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    /// Qwen3's per-head RMSNorm of q and k, before RoPE.
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    /// Which mask this layer uses (full causal or a sliding window).
+    mask: MaskKind,
+}
+
+impl Attention {
+    fn load(cfg: &DecoderConfig, w: &Weights, p: &str, layer: usize) -> Result<Self> {
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let bias = cfg.attention_bias;
+        let qk_norm = if cfg.qk_norm {
+            let eps = cfg.rms_norm_eps;
+            Some((
+                RmsNorm::load(w, &format!("{p}.q_norm.weight"), d, eps)?,
+                RmsNorm::load(w, &format!("{p}.k_norm.weight"), d, eps)?,
+            ))
+        } else {
+            None
+        };
+        Ok(Self {
+            q_proj: Linear::load(w, &format!("{p}.q_proj"), h, nh * d, bias)?,
+            k_proj: Linear::load(w, &format!("{p}.k_proj"), h, nkv * d, bias)?,
+            v_proj: Linear::load(w, &format!("{p}.v_proj"), h, nkv * d, bias)?,
+            o_proj: Linear::load(w, &format!("{p}.o_proj"), nh * d, h, false)?,
+            qk_norm,
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: d,
+            mask: match cfg.sliding_windows.get(layer).copied().flatten() {
+                Some(window) => MaskKind::SlidingWindow(window),
+                None => MaskKind::Causal,
+            },
+        })
+    }
+
+    fn forward(&self, x: &Tensor, ctx: &mut LayerCtx<'_>, layer: usize) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let heads = |t: Tensor, n: usize| t.reshape((b, s, n, self.head_dim));
+        let mut q = heads(self.q_proj.forward(x)?, self.num_heads)?;
+        let mut k = heads(self.k_proj.forward(x)?, self.num_kv_heads)?;
+        let v = heads(self.v_proj.forward(x)?, self.num_kv_heads)?.transpose(1, 2)?;
+        if let Some((q_norm, k_norm)) = &self.qk_norm {
+            q = q_norm.forward(&q)?;
+            k = k_norm.forward(&k)?;
+        }
+        let q = RotaryEmbedding::apply(&q.transpose(1, 2)?, ctx.cos, ctx.sin)?;
+        let k = RotaryEmbedding::apply(&k.transpose(1, 2)?, ctx.cos, ctx.sin)?;
+        let (k, v) = match ctx.cache.as_deref_mut() {
+            Some(cache) => cache.append(layer, &k, &v)?,
+            None => (k, v),
+        };
+        let mask = match self.mask {
+            MaskKind::SlidingWindow(_) => ctx.window_mask,
+            _ => ctx.mask,
+        };
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let out = attention(&q, &k, &v, mask, scale)?.transpose(1, 2)?.reshape((
+            b,
+            s,
+            self.num_heads * self.head_dim,
+        ))?;
+        Ok(self.o_proj.forward(&out)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn load(cfg: &DecoderConfig, w: &Weights, p: &str) -> Result<Self> {
+        let (h, i, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        Ok(Self {
+            gate_proj: Linear::load(w, &format!("{p}.gate_proj"), h, i, bias)?,
+            up_proj: Linear::load(w, &format!("{p}.up_proj"), h, i, bias)?,
+            down_proj: Linear::load(w, &format!("{p}.down_proj"), i, h, bias)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let gate = self.gate_proj.forward(x)?.silu()?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    self_attn: Attention,
+    mlp: Mlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+}
+
+/// Per-forward state every layer reads.
+struct LayerCtx<'a> {
+    cos: &'a Tensor,
+    sin: &'a Tensor,
+    mask: Option<&'a Tensor>,
+    window_mask: Option<&'a Tensor>,
+    cache: Option<&'a mut KvCache>,
+}
+
+/// A Llama-family causal language model.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    config: DecoderConfig,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rotary: RotaryEmbedding,
+}
+
+impl Llama {
+    /// Builds the model from `config` and HF-named weights
+    /// (`model.layers.{i}.self_attn.q_proj.weight`, …).
+    ///
+    /// # Errors
+    /// Invalid config, missing tensor or wrong shape.
+    pub fn new(config: &DecoderConfig, w: &Weights) -> Result<Self> {
+        config.validate().map_err(|message| Error::InvalidConfig {
+            origin: format!("{} config", config.model_type),
+            message,
+        })?;
+        let h = config.hidden_size;
+        let eps = config.rms_norm_eps;
+        let embed_tokens = w.get("model.embed_tokens.weight", &[config.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(DecoderLayer {
+                self_attn: Attention::load(config, w, &format!("{p}.self_attn"), i)?,
+                mlp: Mlp::load(config, w, &format!("{p}.mlp"))?,
+                input_layernorm: RmsNorm::load(w, &format!("{p}.input_layernorm.weight"), h, eps)?,
+                post_attention_layernorm: RmsNorm::load(
+                    w,
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    h,
+                    eps,
+                )?,
+            });
+        }
+        let lm_head = if config.tie_word_embeddings {
+            Linear::new(embed_tokens.clone(), None)
+        } else {
+            Linear::new(w.get("lm_head.weight", &[config.vocab_size, h])?, None)
+        };
+        Ok(Self {
+            config: config.clone(),
+            embed_tokens,
+            layers,
+            norm: RmsNorm::load(w, "model.norm.weight", h, eps)?,
+            lm_head,
+            rotary: RotaryEmbedding::new(
+                config.head_dim,
+                config.rope_theta,
+                config.rope_scaling.clone(),
+                w.device(),
+            )?,
+        })
+    }
+
+    /// Positions of the new tokens: `past..past + s`, or with a padding
+    /// mask `cumsum(mask) - 1` (as transformers' `generate`), row-major
+    /// `[b, s]`.
+    fn positions(
+        rows: Option<&[Vec<u32>]>,
+        (b, s): (usize, usize),
+        past: usize,
+    ) -> Vec<u32> {
+        match rows {
+            Some(rows) => rows
+                .iter()
+                .flat_map(|r| {
+                    let mut seen = 0u32;
+                    let all: Vec<u32> = r
+                        .iter()
+                        .map(|&m| {
+                            seen += u32::from(m != 0);
+                            seen.saturating_sub(1)
+                        })
+                        .collect();
+                    all[past..].to_vec()
+                })
+                .collect(),
+            None => (0..b)
+                .flat_map(|_| (past as u32)..(past + s) as u32)
+                .collect(),
+        }
+    }
+}
+
+impl CausalLm for Llama {
+    fn config(&self) -> &DecoderConfig {
+        &self.config
+    }
+
+    fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+
+    fn dtype(&self) -> DType {
+        self.embed_tokens.dtype()
+    }
+
+    fn parameter_count(&self) -> usize {
+        // Embeddings, final norm, two norms per layer (and q/k norms), then
+        // the linear layers.
+        let (h, d) = (self.config.hidden_size, self.config.head_dim);
+        let qk = if self.config.qk_norm { 2 * d } else { 0 };
+        let mut n = self.embed_tokens.elem_count() + h + self.layers.len() * (2 * h + qk);
+        if !self.config.tie_word_embeddings {
+            n += self.lm_head.parameter_count();
+        }
+        n + self
+            .linear_layers()
+            .iter()
+            .map(|(_, l)| l.parameter_count())
+            .sum::<usize>()
+    }
+
+    fn linear_layers_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &mut l.self_attn;
+            let m = &mut l.mlp;
+            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
+            out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
+            out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
+            out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
+            out.push((format!("{p}.mlp.gate_proj"), &mut m.gate_proj));
+            out.push((format!("{p}.mlp.up_proj"), &mut m.up_proj));
+            out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
+        }
+        out
+    }
+
+    fn linear_layers(&self) -> Vec<(String, &Linear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let (a, m) = (&l.self_attn, &l.mlp);
+            for (n, lin) in [
+                ("self_attn.q_proj", &a.q_proj),
+                ("self_attn.k_proj", &a.k_proj),
+                ("self_attn.v_proj", &a.v_proj),
+                ("self_attn.o_proj", &a.o_proj),
+                ("mlp.gate_proj", &m.gate_proj),
+                ("mlp.up_proj", &m.up_proj),
+                ("mlp.down_proj", &m.down_proj),
+            ] {
+                out.push((format!("{p}.{n}"), lin));
+            }
+        }
+        out
+    }
+
+    fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2().map_err(|_| {
+            Error::InvalidInput(format!(
+                "input_ids must be [batch, seq], got {:?}",
+                input_ids.dims()
+            ))
+        })?;
+        if s == 0 {
+            return Err(Error::InvalidInput("input_ids is empty".into()));
+        }
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let limit = self.config.max_position_embeddings;
+        if past + s > limit {
+            return Err(Error::ContextLengthExceeded {
+                requested: past + s,
+                limit,
+            });
+        }
+        if let Some(c) = cache.as_ref() {
+            c.check_room(s)?;
+        }
+        let device = self.device();
+        let rows = attention_mask.map(mask_rows).transpose()?;
+        if let Some(rows) = &rows {
+            if rows.len() != b || rows.iter().any(|r| r.len() != past + s) {
+                return Err(Error::InvalidInput(format!(
+                    "attention_mask must be [{b}, {}], got {:?}",
+                    past + s,
+                    attention_mask.map(Tensor::dims)
+                )));
+            }
+        }
+        let positions = Self::positions(rows.as_deref(), (b, s), past);
+        let (cos, sin) = self.rotary.tables(&positions, (b, s), self.dtype())?;
+        let mask = build_mask(b, s, past, rows.as_deref(), MaskKind::Causal, device)?;
+        // One window mask serves every windowed layer (one window per model).
+        let window_mask = match self.config.sliding_windows.iter().flatten().next() {
+            Some(&w) => build_mask(
+                b,
+                s,
+                past,
+                rows.as_deref(),
+                MaskKind::SlidingWindow(w),
+                device,
+            )?,
+            None => None,
+        };
+        let vocab = self.config.vocab_size as u32;
+        let max_id = input_ids
+            .flatten_all()?
+            .max(0)?
+            .to_dtype(DType::U32)?
+            .to_scalar::<u32>()?;
+        if max_id >= vocab {
+            return Err(Error::InvalidInput(format!(
+                "token id {max_id} is outside the vocabulary ({vocab})"
+            )));
+        }
+        let mut x = self
+            .embed_tokens
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((b, s, self.config.hidden_size))?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let mut ctx = LayerCtx {
+                cos: &cos,
+                sin: &sin,
+                mask: mask.as_ref(),
+                window_mask: window_mask.as_ref(),
+                cache: cache.as_deref_mut(),
+            };
+            let h = layer.input_layernorm.forward(&x)?;
+            x = (x + layer.self_attn.forward(&h, &mut ctx, i)?)?;
+            let h = layer.post_attention_layernorm.forward(&x)?;
+            x = (x + layer.mlp.forward(&h)?)?;
+        }
+        if let Some(c) = cache {
+            c.advance(s);
+        }
+        Ok(self.norm.forward(&x)?)
+    }
+
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(self.lm_head.forward(hidden)?)
+    }
+}
