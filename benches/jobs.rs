@@ -5,22 +5,22 @@
 use candle_core::{DType, Device, Tensor, Var};
 use criterion::{criterion_group, criterion_main, Criterion};
 use metal_candle::backend::kernels::rms_norm;
-use metal_candle::models::{OpsMode, Qwen2Config, Qwen2Model, Weights};
+use metal_candle::models::CausalLm;
 
-fn small_qwen2(device: &Device) -> Qwen2Model {
-    let cfg: Qwen2Config = serde_json::from_value(serde_json::json!({
+#[path = "../examples/common/random_model.rs"]
+mod random_model;
+
+fn small_qwen2(device: &Device) -> Box<dyn CausalLm> {
+    let config = serde_json::json!({
+        "model_type": "qwen2",
         "vocab_size": 4096, "hidden_size": 256, "intermediate_size": 768,
         "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
         "max_position_embeddings": 2048, "rope_theta": 1e6, "rms_norm_eps": 1e-6,
         "tie_word_embeddings": true
-    }))
-    .unwrap();
-    let t = metal_candle::models::qwen2::random_weights(&cfg, 0.05, DType::F32, device).unwrap();
-    Qwen2Model::new(
-        &cfg,
-        &Weights::from_tensors(t, DType::F32, device, "random"),
-    )
-    .unwrap()
+    });
+    random_model::random_decoder(&config, 0.05, DType::F32, device)
+        .unwrap()
+        .1
 }
 
 fn kernels(c: &mut Criterion) {
@@ -69,19 +69,10 @@ fn generation(c: &mut Criterion) {
             criterion::BatchSize::SmallInput,
         )
     });
-    let mut train = small_qwen2(&dev);
-    train.set_ops_mode(OpsMode::Differentiable);
-    let batch = Tensor::arange(0u32, 256, &dev)
-        .unwrap()
-        .reshape((2, 128))
-        .unwrap();
-    c.bench_function("qwen2 small (4L h256) differentiable forward 2x128", |b| {
-        b.iter(|| train.forward(&batch, None, None).unwrap())
-    });
 }
 
 fn embeddings(c: &mut Criterion) {
-    use metal_candle::EmbeddingModel;
+    use metal_candle::embeddings::EmbeddingModel;
     let dir = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/embed-tiny-minilm"
@@ -98,10 +89,9 @@ fn embeddings(c: &mut Criterion) {
 
 fn lora(c: &mut Criterion) {
     use metal_candle::training::{shifted_causal_lm_loss, AdamW, AdamWConfig};
-    use metal_candle::{LoRAAdapter, LoRAAdapterConfig, TargetModule};
+    use metal_candle::training::{LoRAAdapter, LoRAAdapterConfig, TargetModule};
     let dev = Device::Cpu;
     let mut model = small_qwen2(&dev);
-    model.set_ops_mode(OpsMode::Differentiable);
     let config = LoRAAdapterConfig {
         rank: 8,
         alpha: 16.0,

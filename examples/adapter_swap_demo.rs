@@ -19,9 +19,9 @@ use candle_core::DType;
 use clap::Parser;
 use common::greedy;
 use metal_candle::inference::{LanguageModel, TextTokenizer};
-use metal_candle::models::{OpsMode, Qwen2Model};
+use metal_candle::models::CausalLm;
 use metal_candle::training::{load_peft_adapter, AdapterRegistry, Dataset, DatasetConfig};
-use metal_candle::{
+use metal_candle::training::{
     LRScheduler, LoRAAdapter, LoRAAdapterConfig, TargetModule, Trainer, TrainingConfig,
 };
 
@@ -52,7 +52,7 @@ struct Args {
 }
 
 fn train_demo(
-    model: &mut Qwen2Model,
+    model: &mut Box<dyn CausalLm>,
     tok: &TextTokenizer,
     jsonl: &str,
     steps: usize,
@@ -88,7 +88,6 @@ fn train_demo(
         m.steps.last().map_or(f64::NAN, |s| s.loss)
     );
     LoRAAdapter::detach(model);
-    model.set_ops_mode(OpsMode::Fused);
     Ok(adapter)
 }
 

@@ -15,7 +15,11 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
 use metal_candle::backend::{parse_device, parse_dtype, synchronize};
-use metal_candle::models::{Qwen2Config, Qwen2Model, Weights};
+use metal_candle::io::Weights;
+use metal_candle::models::{build_decoder, CausalLm, DecoderConfig};
+
+#[path = "common/random_model.rs"]
+mod random_model;
 
 #[derive(Parser)]
 #[command(about = "metal-candle's side of the benchmark table (JSON lines on stdout)")]
@@ -62,8 +66,8 @@ const TEXTS: [&str; 8] = [
 ];
 
 fn bench_embeddings(args: &Args, device: &Device) -> Result<()> {
-    use metal_candle::embeddings::{pooling::normalize, EmbeddingModel};
-    use metal_candle::models::ModelRepo;
+    use metal_candle::embeddings::{normalize, EmbeddingModel};
+    use metal_candle::io::ModelRepo;
     let dtypes: &[DType] = if device.is_cuda() {
         &[DType::F32, DType::BF16]
     } else {
@@ -208,31 +212,33 @@ fn emit_as(imp: &str, job: &str, row: &str, shape: &str, dtype: DType, value: f6
 }
 
 /// Qwen2.5-0.5B's shape (tied embeddings).
-fn qwen05b_config(quick: bool) -> Qwen2Config {
+fn qwen05b_config(quick: bool) -> DecoderConfig {
     let layers = if quick { 4 } else { 24 };
-    serde_json::from_value(serde_json::json!({
-        "model_type": "qwen2", "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864,
-        "num_hidden_layers": layers, "num_attention_heads": 14, "num_key_value_heads": 2,
-        "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": true,
-    }))
+    metal_candle::models::parse_decoder_config(
+        &serde_json::json!({
+            "model_type": "qwen2", "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864,
+            "num_hidden_layers": layers, "num_attention_heads": 14, "num_key_value_heads": 2,
+            "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": true,
+        })
+        .to_string(),
+        "benchmark config",
+    )
     .expect("static config")
 }
 
 /// Random N(0, 0.02) weights (norms 1) for every tensor `config` needs.
 fn random_qwen2_tensors(
-    config: &Qwen2Config,
+    config: &DecoderConfig,
     dtype: DType,
     device: &Device,
 ) -> Result<HashMap<String, Tensor>> {
-    Ok(metal_candle::models::qwen2::random_weights(
-        config, 0.02, dtype, device,
-    )?)
+    Ok(random_model::random_weights(config, 0.02, dtype, device)?)
 }
 
 /// candle-transformers' Qwen2 on the same weights: the stock-Candle peer.
 fn candle_transformers_qwen2(
-    cfg: &Qwen2Config,
+    cfg: &DecoderConfig,
     tensors: HashMap<String, Tensor>,
     dtype: DType,
     device: &Device,
@@ -249,7 +255,7 @@ fn candle_transformers_qwen2(
         sliding_window: cfg.max_position_embeddings,
         max_window_layers: cfg.num_hidden_layers,
         tie_word_embeddings: cfg.tie_word_embeddings,
-        rope_theta: cfg.rope_theta(),
+        rope_theta: cfg.rope_theta,
         rms_norm_eps: cfg.rms_norm_eps,
         use_sliding_window: false,
         hidden_act: candle_nn::Activation::Silu,
@@ -272,7 +278,7 @@ fn bench_generation(args: &Args, device: &Device) -> Result<()> {
     };
     let cfg = qwen05b_config(args.quick);
     let tensors = random_qwen2_tensors(&cfg, dtype, device)?;
-    let model = Qwen2Model::new(
+    let model = build_decoder(
         &cfg,
         &Weights::from_tensors(tensors.clone(), dtype, device, "random"),
     )?;
@@ -485,8 +491,8 @@ fn with_peak_memory<T>(device: &Device, f: impl FnOnce() -> Result<T>) -> Result
 }
 
 fn bench_lora(args: &Args, device: &Device) -> Result<()> {
-    use metal_candle::training::loss::shifted_causal_lm_loss;
-    use metal_candle::training::optimizer::{AdamW, AdamWConfig};
+    use metal_candle::training::shifted_causal_lm_loss;
+    use metal_candle::training::{AdamW, AdamWConfig};
     use metal_candle::training::{LoRAAdapter, LoRAAdapterConfig, TargetModule};
     let dtype = match &args.dtype {
         Some(d) => parse_dtype(d)?,
@@ -496,11 +502,10 @@ fn bench_lora(args: &Args, device: &Device) -> Result<()> {
     let (b, s) = if args.quick { (2, 64) } else { (8, 512) };
     let (result, peak) = with_peak_memory(device, || {
         let tensors = random_qwen2_tensors(&cfg, dtype, device)?;
-        let mut model = Qwen2Model::new(
+        let mut model = build_decoder(
             &cfg,
             &Weights::from_tensors(tensors, dtype, device, "random"),
         )?;
-        model.set_ops_mode(metal_candle::models::OpsMode::Differentiable);
         let lora = LoRAAdapterConfig {
             rank: 8,
             alpha: 16.0,

@@ -13,8 +13,9 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use metal_candle::embeddings::search::top_k;
-use metal_candle::{backend, EmbeddingModel, EmbeddingModelType};
+use metal_candle::backend;
+use metal_candle::embeddings::top_k;
+use metal_candle::embeddings::{EmbeddingModel, EmbeddingModelType};
 
 #[derive(Parser)]
 #[command(about = "Sentence embeddings equal to sentence-transformers'")]
@@ -51,7 +52,7 @@ fn load(args: &Args) -> Result<EmbeddingModel> {
     let device = backend::parse_device(&args.device)?;
     let known = args.model.parse::<EmbeddingModelType>().ok();
     let source = known.map_or(args.model.clone(), |k| k.repo_id().to_string());
-    let repo = metal_candle::models::ModelRepo::open(&source)?;
+    let repo = metal_candle::io::ModelRepo::open(&source)?;
     let dtype = args
         .dtype
         .as_deref()

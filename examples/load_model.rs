@@ -10,8 +10,9 @@
 use anyhow::Result;
 use clap::Parser;
 use metal_candle::backend::{parse_device, parse_dtype};
-use metal_candle::models::gguf::resolve_gguf;
-use metal_candle::models::{ModelLoader, ModelRepo, Qwen2Config, Qwen2Model};
+use metal_candle::io::resolve_gguf;
+use metal_candle::io::{ModelLoader, ModelRepo};
+use metal_candle::models::{load_decoder, read_decoder_config};
 
 #[derive(Parser)]
 #[command(about = "Load a model and print its config and parameter count")]
@@ -45,7 +46,7 @@ fn main() -> Result<()> {
 
     if resolve_gguf(&args.model)?.is_none() {
         let repo = ModelRepo::open(&args.model)?;
-        let config = Qwen2Config::from_file(&repo.get("config.json")?)?;
+        let config = read_decoder_config(&repo.get("config.json")?)?;
         let info = ModelLoader::inspect(&repo)?;
         println!("model: {}", repo.describe());
         println!("config: {config:#?}");
@@ -62,7 +63,7 @@ fn main() -> Result<()> {
         }
     }
     let start = std::time::Instant::now();
-    let model = Qwen2Model::from_pretrained(&args.model, dtype, &device)?;
+    let model = load_decoder(&args.model, dtype, &device)?;
     if resolve_gguf(&args.model)?.is_some() {
         println!("config (from GGUF metadata): {:#?}", model.config());
     }

@@ -15,12 +15,12 @@ use anyhow::Result;
 use candle_core::DType;
 use clap::Parser;
 use metal_candle::embeddings::SemanticIndex;
+use metal_candle::embeddings::{EmbeddingModel, EmbeddingModelType};
 use metal_candle::inference::{Generator, GeneratorConfig, LanguageModel, Message, TextTokenizer};
-use metal_candle::models::{OpsMode, Qwen2Model};
+use metal_candle::models::CausalLm;
 use metal_candle::training::{save_peft_adapter, AdamWConfig, Dataset, DatasetConfig};
-use metal_candle::{
-    EmbeddingModel, EmbeddingModelType, LRScheduler, LoRAAdapter, LoRAAdapterConfig, TargetModule,
-    Trainer, TrainingConfig,
+use metal_candle::training::{
+    LRScheduler, LoRAAdapter, LoRAAdapterConfig, TargetModule, Trainer, TrainingConfig,
 };
 
 #[derive(Parser)]
@@ -67,7 +67,7 @@ fn lines(path: &str) -> Result<Vec<String>> {
         .collect())
 }
 
-fn search(device: &metal_candle::Device) -> Result<()> {
+fn search(device: &metal_candle::backend::Device) -> Result<()> {
     println!("\n== 1. Semantic search with all-MiniLM-L6-v2");
     let model = EmbeddingModel::from_pretrained(EmbeddingModelType::AllMiniLmL6V2, device)?;
     let corpus = lines("data/corpus.txt")?;
@@ -81,7 +81,7 @@ fn search(device: &metal_candle::Device) -> Result<()> {
     Ok(())
 }
 
-fn chat(args: &Args, device: &metal_candle::Device) -> Result<()> {
+fn chat(args: &Args, device: &metal_candle::backend::Device) -> Result<()> {
     println!("\n== 2. Streaming chat with Qwen2.5-Coder-0.5B-Instruct");
     let config = GeneratorConfig {
         max_tokens: args.max_tokens,
@@ -108,7 +108,7 @@ fn chat(args: &Args, device: &metal_candle::Device) -> Result<()> {
     Ok(())
 }
 
-fn sample(model: &Qwen2Model, tokenizer: &TextTokenizer, prompt: &str) -> Result<String> {
+fn sample(model: &Box<dyn CausalLm>, tokenizer: &TextTokenizer, prompt: &str) -> Result<String> {
     let config = GeneratorConfig {
         max_tokens: 24,
         ..GeneratorConfig::default()
@@ -118,7 +118,7 @@ fn sample(model: &Qwen2Model, tokenizer: &TextTokenizer, prompt: &str) -> Result
         .text)
 }
 
-fn fine_tune(args: &Args, device: &metal_candle::Device) -> Result<()> {
+fn fine_tune(args: &Args, device: &metal_candle::backend::Device) -> Result<()> {
     println!("\n== 3. LoRA fine-tuning SmolLM2-135M on Shakespeare's sonnets");
     let LanguageModel {
         mut model,
@@ -175,7 +175,6 @@ fn fine_tune(args: &Args, device: &metal_candle::Device) -> Result<()> {
     let metrics = Trainer::new(&mut model, &adapter, config)?.train(&train, Some(&eval))?;
     let adapter_dir = args.output_dir.join("adapter");
     save_peft_adapter(&adapter, &adapter_dir, Some(&args.train_model))?;
-    model.set_ops_mode(OpsMode::Fused);
     let after = sample(&model, &tokenizer, prompt)?;
     println!(
         "held-out loss: {:.3} -> {:.3}",

@@ -8,7 +8,7 @@
 use clap::Parser;
 use metal_candle::backend::parse_device;
 use metal_candle::embeddings::SemanticIndex;
-use metal_candle::{EmbeddingModel, EmbeddingModelType};
+use metal_candle::embeddings::{EmbeddingModel, EmbeddingModelType};
 
 #[derive(Parser)]
 #[command(about = "Semantic search over a small built-in corpus (or --corpus FILE)")]

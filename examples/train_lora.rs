@@ -20,9 +20,8 @@ use candle_core::DType;
 use clap::Parser;
 use common::greedy;
 use metal_candle::inference::LanguageModel;
-use metal_candle::models::OpsMode;
 use metal_candle::training::{AdamWConfig, Dataset, DatasetConfig, TrainingMetrics};
-use metal_candle::{
+use metal_candle::training::{
     LRScheduler, LoRAAdapter, LoRAAdapterConfig, TargetModule, Trainer, TrainingConfig,
 };
 
@@ -202,7 +201,6 @@ fn main() -> Result<()> {
         trainer.train(&train, Some(&eval))?
     };
     std::fs::write(args.output_dir.join("loss.svg"), loss_svg(&metrics))?;
-    model.set_ops_mode(OpsMode::Fused);
     let after = greedy(&model, &tokenizer, &args.prompt, args.sample_tokens)?;
 
     let first = metrics.steps.first().map_or(f64::NAN, |s| s.loss);

@@ -3,7 +3,7 @@
 
 use clap::Args;
 use metal_candle::inference::{Generator, GeneratorConfig, SamplingStrategy, TextTokenizer};
-use metal_candle::models::Qwen2Model;
+use metal_candle::models::CausalLm;
 
 /// The real model the examples default to (fetched by scripts/fetch-models.sh).
 pub const DEFAULT_MODEL: &str =
@@ -124,7 +124,7 @@ pub fn init_tracing() {
 /// # Errors
 /// Generation failures.
 pub fn greedy(
-    model: &Qwen2Model,
+    model: &dyn CausalLm,
     tok: &TextTokenizer,
     prompt: &str,
     n: usize,

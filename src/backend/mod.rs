@@ -23,7 +23,8 @@ pub fn cpu() -> Device {
 /// cannot be opened.
 pub fn cuda(ordinal: usize) -> Result<Device> {
     if !candle_core::utils::cuda_is_available() {
-        return Err(Error::config("device", 
+        return Err(Error::config(
+            "device",
             "CUDA requested but metal-candle was built without the `cuda` feature",
         ));
     }

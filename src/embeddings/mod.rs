@@ -30,5 +30,5 @@ mod pooling;
 mod search;
 
 pub use model::{EmbeddingModel, EmbeddingModelType};
-pub use pooling::{Pooling, PoolingMode};
+pub use pooling::{normalize, Pooling, PoolingMode};
 pub use search::{cosine_similarity, top_k, Hit, SemanticIndex};

@@ -10,11 +10,11 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
-use crate::models::bert::{BertConfig, BertModel};
-use crate::models::mpnet::{MpnetConfig, MpnetModel, PADDING_IDX};
 use super::pooling::{normalize, Pooling};
 use crate::error::{Error, Result};
 use crate::io::{ModelLoader, ModelRepo};
+use crate::models::bert::{BertConfig, BertModel};
+use crate::models::mpnet::{MpnetConfig, MpnetModel, PADDING_IDX};
 
 /// Texts per forward pass unless [`EmbeddingModel::set_batch_size`] says otherwise.
 pub const DEFAULT_BATCH_SIZE: usize = 32;
@@ -191,8 +191,8 @@ struct ModelType {
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| Error::InvalidConfig {
-            origin: path.display().to_string(),
-            message: e.to_string(),
+        origin: path.display().to_string(),
+        message: e.to_string(),
     })
 }
 
@@ -329,8 +329,8 @@ impl EmbeddingModel {
             }
             other => {
                 return Err(Error::InvalidConfig {
-            origin: config_path.display().to_string(),
-            message: format!(
+                    origin: config_path.display().to_string(),
+                    message: format!(
                         "model_type `{other}` is not supported for embeddings (bert or mpnet)"
                     ),
                 })
@@ -405,8 +405,8 @@ impl EmbeddingModel {
         for m in &modules {
             let kind = m.kind.rsplit('.').next().unwrap_or_default();
             let invalid = |message: String| Error::InvalidConfig {
-            origin: path.display().to_string(),
-            message,
+                origin: path.display().to_string(),
+                message,
             };
             match kind {
                 "Transformer" if m.path.is_empty() => {}

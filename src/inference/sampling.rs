@@ -85,22 +85,25 @@ impl SamplingStrategy {
     pub fn validate(&self) -> Result<()> {
         let (k, p, m) = self.filters();
         if k == Some(0) {
-            return Err(Error::config("sampling settings", 
+            return Err(Error::config(
+                "sampling settings",
                 "top_k must be at least 1",
             ));
         }
         if let Some(p) = p {
             if !(p > 0.0 && p <= 1.0) {
-                return Err(Error::config("sampling settings", format!(
-                    "top_p must be in (0, 1], got {p}"
-                )));
+                return Err(Error::config(
+                    "sampling settings",
+                    format!("top_p must be in (0, 1], got {p}"),
+                ));
             }
         }
         if let Some(m) = m {
             if !(0.0..=1.0).contains(&m) {
-                return Err(Error::config("sampling settings", format!(
-                    "min_p must be in [0, 1], got {m}"
-                )));
+                return Err(Error::config(
+                    "sampling settings",
+                    format!("min_p must be in [0, 1], got {m}"),
+                ));
             }
         }
         Ok(())

@@ -38,7 +38,8 @@ impl StopConditions {
     /// [`Error::InvalidConfig`] for an empty sequence or string.
     pub fn new(eos: Vec<u32>, sequences: Vec<Vec<u32>>, strings: Vec<String>) -> Result<Self> {
         if sequences.iter().any(Vec::is_empty) {
-            return Err(Error::config("stop conditions", 
+            return Err(Error::config(
+                "stop conditions",
                 "a stop token sequence is empty",
             ));
         }

@@ -293,8 +293,8 @@ impl TextTokenizer {
 fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| Error::InvalidConfig {
-            origin: path.display().to_string(),
-            message: e.to_string(),
+        origin: path.display().to_string(),
+        message: e.to_string(),
     })
 }
 

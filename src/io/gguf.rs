@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 ///
 /// # Errors
 /// Fails when the named file cannot be found.
-pub(crate) fn resolve_gguf(source: &str) -> Result<Option<PathBuf>> {
+pub fn resolve_gguf(source: &str) -> Result<Option<PathBuf>> {
     let path = Path::new(source);
     if path.is_file() {
         return Ok(is_gguf(source).then(|| path.to_path_buf()));
@@ -96,8 +96,8 @@ impl GgufFile {
             .and_then(|v| v.to_string().ok())
             .cloned()
             .ok_or_else(|| Error::InvalidConfig {
-            origin: self.path.display().to_string(),
-            message: "missing general.architecture".into(),
+                origin: self.path.display().to_string(),
+                message: "missing general.architecture".into(),
             })
     }
 

@@ -156,8 +156,8 @@ pub(crate) fn read_config<T: serde::de::DeserializeOwned>(
 ) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let invalid = |message: String| Error::InvalidConfig {
-            origin: path.display().to_string(),
-            message,
+        origin: path.display().to_string(),
+        message,
     };
     let cfg: T = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
     validate(&cfg).map_err(invalid)?;

@@ -4,6 +4,7 @@
 //! architecture: models decide what the tensors mean.
 
 pub(crate) mod gguf;
+pub use gguf::resolve_gguf;
 mod hub;
 mod loader;
 

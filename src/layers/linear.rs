@@ -182,7 +182,8 @@ impl Linear {
                 actual: delta.dims().to_vec(),
             });
         }
-        let merged = (w.to_dtype(DType::F32)? + delta.to_dtype(DType::F32)?)?.to_dtype(w.dtype())?;
+        let merged =
+            (w.to_dtype(DType::F32)? + delta.to_dtype(DType::F32)?)?.to_dtype(w.dtype())?;
         self.weight = BaseWeight::Dense(merged);
         Ok(())
     }

@@ -123,7 +123,11 @@ fn by_gguf(name: &str) -> Result<&'static Architecture> {
 
 impl Architecture {
     /// Resolves `config.json` (already parsed) with this family's defaults.
-    fn resolve(&self, model_type: &str, raw: RawConfig) -> std::result::Result<DecoderConfig, String> {
+    fn resolve(
+        &self,
+        model_type: &str,
+        raw: RawConfig,
+    ) -> std::result::Result<DecoderConfig, String> {
         if raw.num_attention_heads == 0 {
             return Err("num_attention_heads must be positive".into());
         }
@@ -149,7 +153,10 @@ impl Architecture {
             })
             .unwrap_or(10_000.0);
         let mut rope_scaling = RopeScaling::None;
-        for v in [&raw.rope_scaling, &raw.rope_parameters].into_iter().flatten() {
+        for v in [&raw.rope_scaling, &raw.rope_parameters]
+            .into_iter()
+            .flatten()
+        {
             let s = rope_scaling_from_json(v, raw.max_position_embeddings)?;
             if s != RopeScaling::None {
                 rope_scaling = s;
@@ -162,10 +169,9 @@ impl Architecture {
                 .iter()
                 .map(|t| match t.as_str() {
                     "full_attention" => Ok(None),
-                    "sliding_attention" => raw
-                        .sliding_window
-                        .map(Some)
-                        .ok_or_else(|| "a sliding_attention layer needs sliding_window".to_string()),
+                    "sliding_attention" => raw.sliding_window.map(Some).ok_or_else(|| {
+                        "a sliding_attention layer needs sliding_window".to_string()
+                    }),
                     other => Err(format!("layer type `{other}` is not supported")),
                 })
                 .collect::<std::result::Result<Vec<_>, String>>()?,
@@ -216,13 +222,23 @@ pub fn read_decoder_config(path: &Path) -> Result<DecoderConfig> {
 }
 
 fn read_config_with_arch(path: &Path) -> Result<(DecoderConfig, &'static Architecture)> {
-    let invalid = |message: String| Error::InvalidConfig {
-        origin: path.display().to_string(),
-        message,
-    };
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    parse_with_arch(&text, &path.display().to_string())
+}
+
+/// Parses and resolves a decoder config given as JSON text (what
+/// `config.json` holds); `origin` names it in errors.
+///
+/// # Errors
+/// See [`read_decoder_config`].
+pub fn parse_decoder_config(json: &str, origin: &str) -> Result<DecoderConfig> {
+    Ok(parse_with_arch(json, origin)?.0)
+}
+
+fn parse_with_arch(text: &str, origin: &str) -> Result<(DecoderConfig, &'static Architecture)> {
+    let invalid = |message: String| Error::config(origin, message);
     let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        serde_json::from_str(text).map_err(|e| invalid(e.to_string()))?;
     // The architecture first: a config of another family should say so,
     // not complain about a field it does not have.
     let model_type = value
@@ -251,7 +267,11 @@ pub fn build_decoder(config: &DecoderConfig, weights: &Weights) -> Result<Box<dy
 /// # Errors
 /// Missing files, unsupported architecture, malformed config or checkpoint,
 /// wrong shapes.
-pub fn load_decoder(source: &str, dtype: Option<DType>, device: &Device) -> Result<Box<dyn CausalLm>> {
+pub fn load_decoder(
+    source: &str,
+    dtype: Option<DType>,
+    device: &Device,
+) -> Result<Box<dyn CausalLm>> {
     let dtype = dtype.unwrap_or_else(|| crate::backend::default_dtype(device));
     if let Some(path) = resolve_gguf(source)? {
         let (config, weights, _) = load_gguf(&path, dtype, device)?;
@@ -264,7 +284,11 @@ pub fn load_decoder(source: &str, dtype: Option<DType>, device: &Device) -> Resu
 ///
 /// # Errors
 /// See [`load_decoder`].
-pub fn load_from_repo(repo: &ModelRepo, dtype: DType, device: &Device) -> Result<Box<dyn CausalLm>> {
+pub fn load_from_repo(
+    repo: &ModelRepo,
+    dtype: DType,
+    device: &Device,
+) -> Result<Box<dyn CausalLm>> {
     let (config, arch) = read_config_with_arch(&repo.get("config.json")?)?;
     let files = ModelLoader::safetensors_files(repo)?;
     let weights = ModelLoader::load_safetensors(&files, dtype, device)?;

@@ -142,7 +142,9 @@ impl BertModel {
     /// # Errors
     /// Invalid config, missing tensors or wrong shapes.
     pub fn new(config: &BertConfig, w: &Weights) -> Result<Self> {
-        config.validate().map_err(|m| Error::config("BERT config", m))?;
+        config
+            .validate()
+            .map_err(|m| Error::config("BERT config", m))?;
         let p = weight_prefix(w, &["", "bert.", "model."])?;
         let h = config.hidden_size;
         let dims = LayerDims {
@@ -150,7 +152,8 @@ impl BertModel {
             heads: config.num_attention_heads,
             intermediate: config.intermediate_size,
             eps: config.layer_norm_eps,
-            act: Activation::parse(&config.hidden_act).map_err(|m| Error::config("BERT config", m))?,
+            act: Activation::parse(&config.hidden_act)
+                .map_err(|m| Error::config("BERT config", m))?,
         };
         let layers = (0..config.num_hidden_layers)
             .map(|i| EncoderLayer::load(w, &format!("{p}encoder.layer.{i}"), &LAYER_NAMES, dims))

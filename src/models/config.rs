@@ -53,6 +53,20 @@ pub struct DecoderConfig {
 }
 
 impl DecoderConfig {
+    /// The most positions the model handles: `max_position_embeddings`, or
+    /// `factor` times that with dynamic-NTK RoPE, which exists to stretch
+    /// the context (transformers sets no limit; this one keeps the scaled
+    /// frequencies within the range the rule was made for).
+    #[must_use]
+    pub fn context_length(&self) -> usize {
+        match self.rope_scaling {
+            RopeScaling::Dynamic { factor, .. } if factor > 1.0 => {
+                (self.max_position_embeddings as f64 * factor) as usize
+            }
+            _ => self.max_position_embeddings,
+        }
+    }
+
     /// Checks the values are consistent and supported.
     ///
     /// # Errors
@@ -263,7 +277,11 @@ pub(crate) fn rope_scaling_from_json(
                     0.1 * m * scale.ln() + 1.0
                 }
             };
-            let attention_factor = match (float("attention_factor"), float("mscale"), float("mscale_all_dim")) {
+            let attention_factor = match (
+                float("attention_factor"),
+                float("mscale"),
+                float("mscale_all_dim"),
+            ) {
                 (Some(a), _, _) => a,
                 (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
                     mscale(factor, m) / mscale(factor, all)

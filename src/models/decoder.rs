@@ -88,12 +88,12 @@ pub trait CausalLm: Send + Sync + std::fmt::Debug {
     /// A fresh KV cache sized for this model's context window.
     fn new_cache(&self) -> KvCache {
         let c = self.config();
-        KvCache::new(c.num_hidden_layers, c.max_position_embeddings)
+        KvCache::new(c.num_hidden_layers, c.context_length())
     }
 
     /// The most positions (prompt + generated) the model handles.
     fn context_length(&self) -> usize {
-        self.config().max_position_embeddings
+        self.config().context_length()
     }
 }
 

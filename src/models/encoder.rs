@@ -82,10 +82,13 @@ pub(crate) struct EncoderLayer {
 impl EncoderLayer {
     pub(crate) fn load(w: &Weights, prefix: &str, n: &LayerNames, d: LayerDims) -> Result<Self> {
         if d.heads == 0 || d.hidden % d.heads != 0 {
-            return Err(Error::config("encoder config", format!(
-                "hidden_size {} is not a multiple of num_attention_heads {}",
-                d.hidden, d.heads
-            )));
+            return Err(Error::config(
+                "encoder config",
+                format!(
+                    "hidden_size {} is not a multiple of num_attention_heads {}",
+                    d.hidden, d.heads
+                ),
+            ));
         }
         let lin = |name: &str, i, o| Linear::load(w, &format!("{prefix}.{name}"), i, o, true);
         Ok(Self {
@@ -107,7 +110,10 @@ impl EncoderLayer {
     /// broadcastable to `[b, heads, s, s]`.
     pub(crate) fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let (b, s, hidden) = x.dims3()?;
-        let split = |t: Tensor| t.reshape((b, s, self.heads, self.head_dim))?.transpose(1, 2);
+        let split = |t: Tensor| {
+            t.reshape((b, s, self.heads, self.head_dim))?
+                .transpose(1, 2)
+        };
         let q = split(self.q.forward(x)?)?;
         let k = split(self.k.forward(x)?)?;
         let v = split(self.v.forward(x)?)?;
@@ -115,9 +121,7 @@ impl EncoderLayer {
         let ctx = attention(&q, &k, &v, bias, scale)?
             .transpose(1, 2)?
             .reshape((b, s, hidden))?;
-        let attn = self
-            .attn_norm
-            .forward(&(self.o.forward(&ctx)? + x)?)?;
+        let attn = self.attn_norm.forward(&(self.o.forward(&ctx)? + x)?)?;
         let mlp = self
             .down
             .forward(&self.act.apply(&self.up.forward(&attn)?)?)?;

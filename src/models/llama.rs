@@ -17,8 +17,7 @@ use super::kv_cache::KvCache;
 use crate::error::{Error, Result};
 use crate::io::Weights;
 use crate::layers::{
-    attention, attention_mask as build_mask, mask_rows, Linear, MaskKind, RmsNorm,
-    RotaryEmbedding,
+    attention, attention_mask as build_mask, mask_rows, Linear, MaskKind, RmsNorm, RotaryEmbedding,
 };
 
 #[derive(Debug, Clone)]
@@ -87,11 +86,9 @@ impl Attention {
             _ => ctx.mask,
         };
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let out = attention(&q, &k, &v, mask, scale)?.transpose(1, 2)?.reshape((
-            b,
-            s,
-            self.num_heads * self.head_dim,
-        ))?;
+        let out = attention(&q, &k, &v, mask, scale)?
+            .transpose(1, 2)?
+            .reshape((b, s, self.num_heads * self.head_dim))?;
         Ok(self.o_proj.forward(&out)?)
     }
 }
@@ -199,11 +196,7 @@ impl Llama {
     /// Positions of the new tokens: `past..past + s`, or with a padding
     /// mask `cumsum(mask) - 1` (as transformers' `generate`), row-major
     /// `[b, s]`.
-    fn positions(
-        rows: Option<&[Vec<u32>]>,
-        (b, s): (usize, usize),
-        past: usize,
-    ) -> Vec<u32> {
+    fn positions(rows: Option<&[Vec<u32>]>, (b, s): (usize, usize), past: usize) -> Vec<u32> {
         match rows {
             Some(rows) => rows
                 .iter()
@@ -308,7 +301,7 @@ impl CausalLm for Llama {
             return Err(Error::InvalidInput("input_ids is empty".into()));
         }
         let past = cache.as_ref().map_or(0, |c| c.len());
-        let limit = self.config.max_position_embeddings;
+        let limit = self.config.context_length();
         if past + s > limit {
             return Err(Error::ContextLengthExceeded {
                 requested: past + s,

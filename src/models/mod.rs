@@ -18,7 +18,8 @@ pub(crate) mod mpnet;
 
 pub(crate) use architectures::load_gguf;
 pub use architectures::{
-    build_decoder, load_decoder, load_from_repo, read_decoder_config, supported_architectures,
+    build_decoder, load_decoder, load_from_repo, parse_decoder_config, read_decoder_config,
+    supported_architectures,
 };
 pub use config::DecoderConfig;
 pub use decoder::CausalLm;

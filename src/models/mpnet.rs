@@ -174,7 +174,9 @@ impl MpnetModel {
     /// # Errors
     /// Invalid config, missing tensors or wrong shapes.
     pub fn new(config: &MpnetConfig, w: &Weights) -> Result<Self> {
-        config.validate().map_err(|m| Error::config("MPNet config", m))?;
+        config
+            .validate()
+            .map_err(|m| Error::config("MPNet config", m))?;
         let p = weight_prefix(w, &["", "mpnet.", "model."])?;
         let h = config.hidden_size;
         let dims = LayerDims {
@@ -182,7 +184,8 @@ impl MpnetModel {
             heads: config.num_attention_heads,
             intermediate: config.intermediate_size,
             eps: config.layer_norm_eps,
-            act: Activation::parse(&config.hidden_act).map_err(|m| Error::config("MPNet config", m))?,
+            act: Activation::parse(&config.hidden_act)
+                .map_err(|m| Error::config("MPNet config", m))?,
         };
         let layers = (0..config.num_hidden_layers)
             .map(|i| EncoderLayer::load(w, &format!("{p}encoder.layer.{i}"), &LAYER_NAMES, dims))

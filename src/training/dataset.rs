@@ -97,7 +97,8 @@ impl Dataset {
         config: &DatasetConfig,
     ) -> Result<Self> {
         if config.max_len < 2 {
-            return Err(Error::config("dataset config", 
+            return Err(Error::config(
+                "dataset config",
                 "max_len must be at least 2 tokens",
             ));
         }

@@ -135,24 +135,23 @@ impl LoRAAdapterConfig {
     /// a non-finite alpha or no target module.
     pub fn validate(&self) -> Result<()> {
         if self.rank == 0 {
-            return Err(Error::config("LoRA config", 
-                "LoRA rank must be at least 1",
-            ));
+            return Err(Error::config("LoRA config", "LoRA rank must be at least 1"));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(Error::config("LoRA config", format!(
-                "LoRA dropout must be in [0, 1), got {}",
-                self.dropout
-            )));
+            return Err(Error::config(
+                "LoRA config",
+                format!("LoRA dropout must be in [0, 1), got {}", self.dropout),
+            ));
         }
         if !self.alpha.is_finite() {
-            return Err(Error::config("LoRA config", format!(
-                "LoRA alpha must be finite, got {}",
-                self.alpha
-            )));
+            return Err(Error::config(
+                "LoRA config",
+                format!("LoRA alpha must be finite, got {}", self.alpha),
+            ));
         }
         if self.target_modules.is_empty() {
-            return Err(Error::config("LoRA config", 
+            return Err(Error::config(
+                "LoRA config",
                 "LoRA needs at least one target module",
             ));
         }
@@ -320,7 +319,8 @@ impl LoRAAdapter {
             layers.push((path, Arc::new(layer)));
         }
         if layers.is_empty() {
-            return Err(Error::config("LoRA config", 
+            return Err(Error::config(
+                "LoRA config",
                 "the model has none of the LoRA target modules",
             ));
         }

@@ -55,13 +55,17 @@ impl AdamW {
     pub fn new(vars: Vec<Var>, config: AdamWConfig) -> Result<Self> {
         let c = &config;
         if !(0.0..1.0).contains(&c.beta1) || !(0.0..1.0).contains(&c.beta2) {
-            return Err(Error::config("optimizer config", format!(
-                "AdamW betas must be in [0, 1), got ({}, {})",
-                c.beta1, c.beta2
-            )));
+            return Err(Error::config(
+                "optimizer config",
+                format!(
+                    "AdamW betas must be in [0, 1), got ({}, {})",
+                    c.beta1, c.beta2
+                ),
+            ));
         }
         if c.lr < 0.0 || c.eps < 0.0 || c.weight_decay < 0.0 {
-            return Err(Error::config("optimizer config", 
+            return Err(Error::config(
+                "optimizer config",
                 "AdamW lr, eps and weight decay must be non-negative",
             ));
         }

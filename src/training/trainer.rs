@@ -139,14 +139,13 @@ impl<'a> Trainer<'a> {
         config: TrainingConfig,
     ) -> Result<Self> {
         if config.batch_size == 0 || config.grad_accum_steps == 0 {
-            return Err(Error::config("training config", 
+            return Err(Error::config(
+                "training config",
                 "batch size and accumulation steps must be at least 1",
             ));
         }
         if config.max_steps.is_none() && config.epochs == 0 {
-            return Err(Error::config("training config", 
-                "set epochs or max_steps",
-            ));
+            return Err(Error::config("training config", "set epochs or max_steps"));
         }
         adapter.attach(model)?;
         let optimizer = AdamW::new(adapter.trainable_vars(), config.optimizer)?;

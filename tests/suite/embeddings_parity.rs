@@ -5,10 +5,10 @@
 
 use crate::common::{device, fixture, json_strings, max_abs_diff, reference, reference_json};
 use candle_core::{DType, IndexOp, Tensor};
-use metal_candle::embeddings::mpnet::relative_position_bucket;
-use metal_candle::embeddings::search::{cosine_similarity, top_k};
+use metal_candle::embeddings::{cosine_similarity, top_k};
 use metal_candle::embeddings::{EmbeddingModel, EmbeddingModelType, Pooling, PoolingMode};
-use metal_candle::models::ModelRepo;
+use metal_candle::io::ModelRepo;
+use metal_candle::models::relative_position_bucket;
 
 const TOL: f32 = 1e-5;
 const TINY: [&str; 5] = [

@@ -6,9 +6,9 @@
 
 use crate::common::{device, json_strings, max_abs_diff, real_models, reference, reference_json};
 use candle_core::{DType, IndexOp, Tensor};
-use metal_candle::embeddings::search::SemanticIndex;
-use metal_candle::models::ModelRepo;
-use metal_candle::{EmbeddingModel, EmbeddingModelType};
+use metal_candle::embeddings::SemanticIndex;
+use metal_candle::embeddings::{EmbeddingModel, EmbeddingModelType};
+use metal_candle::io::ModelRepo;
 
 const MIN_COSINE: f32 = 0.99999;
 
@@ -28,7 +28,7 @@ fn cosines(a: &Tensor, b: &Tensor) -> Vec<f32> {
     let b = b.to_vec2::<f32>().unwrap();
     a.iter()
         .zip(&b)
-        .map(|(x, y)| metal_candle::embeddings::search::cosine_similarity(x, y).unwrap())
+        .map(|(x, y)| metal_candle::embeddings::cosine_similarity(x, y).unwrap())
         .collect()
 }
 

@@ -602,7 +602,7 @@ fn bad_inputs_are_clear_errors() {
     ];
     for c in bad {
         assert!(
-            matches!(c.validate(), Err(Error::InvalidConfiguration(_))),
+            matches!(c.validate(), Err(Error::InvalidConfig { .. })),
             "{c:?}"
         );
         assert!(gen.set_config(c).is_err());

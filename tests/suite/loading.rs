@@ -6,7 +6,8 @@ use std::path::Path;
 
 use crate::common::{fixture, max_abs_diff};
 use candle_core::{DType, Device, Tensor};
-use metal_candle::models::{ModelLoader, ModelRepo, Qwen2Model};
+use metal_candle::io::{ModelLoader, ModelRepo};
+use metal_candle::models::{load_decoder, CausalLm};
 use metal_candle::Error;
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -17,8 +18,8 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-fn load(dir: &Path) -> metal_candle::Result<Qwen2Model> {
-    Qwen2Model::from_pretrained(dir.to_str().unwrap(), Some(DType::F32), &Device::Cpu)
+fn load(dir: &Path) -> metal_candle::Result<Box<dyn CausalLm>> {
+    load_decoder(dir.to_str().unwrap(), Some(DType::F32), &Device::Cpu)
 }
 
 fn ids() -> Tensor {
@@ -121,7 +122,11 @@ fn missing_tensor_is_a_missing_tensor_error() {
 fn malformed_config_is_an_invalid_config_error() {
     let cases = [
         ("{ not json", "key must be a string"),
-        (r#"{"vocab_size": 1001}"#, "missing field"),
+        (r#"{"vocab_size": 1001}"#, "missing `model_type`"),
+        (
+            r#"{"model_type": "qwen2", "vocab_size": 1001}"#,
+            "missing field",
+        ),
         ("", "EOF"),
     ];
     for (text, needle) in cases {
@@ -207,8 +212,7 @@ fn hub_repo_ids_resolve_through_the_hugging_face_cache_offline() {
         return;
     }
     let home = std::path::PathBuf::from(std::env::var("METAL_CANDLE_HUB_CHILD").unwrap());
-    let cached =
-        Qwen2Model::from_pretrained("tiny-org/qwen2-tiny", Some(DType::F32), &Device::Cpu).unwrap();
+    let cached = load_decoder("tiny-org/qwen2-tiny", Some(DType::F32), &Device::Cpu).unwrap();
     let direct = load(&fixture("qwen2-tiny")).unwrap();
     assert_eq!(
         max_abs_diff(
@@ -217,7 +221,7 @@ fn hub_repo_ids_resolve_through_the_hugging_face_cache_offline() {
         ),
         0.0
     );
-    let err = Qwen2Model::from_pretrained("tiny-org/not-there", None, &Device::Cpu).unwrap_err();
+    let err = load_decoder("tiny-org/not-there", None, &Device::Cpu).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, Error::ModelNotFound(_)), "{msg}");
     assert!(
@@ -233,7 +237,7 @@ fn hub_repo_ids_resolve_through_the_hugging_face_cache_offline() {
 
 #[test]
 fn nonexistent_sources_are_clear_errors() {
-    let err = Qwen2Model::from_pretrained("/definitely/not/a/dir", None, &Device::Cpu).unwrap_err();
+    let err = load_decoder("/definitely/not/a/dir", None, &Device::Cpu).unwrap_err();
     assert!(matches!(err, Error::ModelNotFound(_)), "{err}");
     let tmp = tempfile::tempdir().unwrap();
     let err = load(tmp.path()).unwrap_err();

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use metal_candle::inference::TextTokenizer;
-use metal_candle::models::ModelRepo;
+use metal_candle::io::ModelRepo;
 use metal_candle::training::{Dataset, DatasetConfig, IGNORE_INDEX};
 
 const WORDS: [&str; 18] = [

@@ -6,22 +6,20 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Tensor};
-use metal_candle::models::{OpsMode, Qwen2Model};
+use metal_candle::models::{load_decoder, CausalLm};
 use metal_candle::training::{
     clip_grad_norm, load_peft_adapter, shifted_causal_lm_loss, AdamW, AdamWConfig, LRScheduler,
     LoRAAdapter,
 };
 
-fn tiny_model(mode: OpsMode) -> Qwen2Model {
+fn tiny_model() -> Box<dyn CausalLm> {
     let dir = crate::common::fixture("qwen2-tiny");
-    let mut m = Qwen2Model::from_pretrained(
+    load_decoder(
         dir.to_str().unwrap(),
         Some(DType::F32),
         &crate::common::device(),
     )
-    .unwrap();
-    m.set_ops_mode(mode);
-    m
+    .unwrap()
 }
 
 struct Batch {
@@ -70,13 +68,11 @@ fn scalar(t: &Tensor) -> f32 {
         .unwrap()[0]
 }
 
-/// Loss, logits and gradients with `adapter` attached to a differentiable model.
-fn run(
-    adapter: &LoRAAdapter,
-    b: &Batch,
-    mode: OpsMode,
-) -> (f32, Tensor, candle_core::backprop::GradStore) {
-    let mut model = tiny_model(mode);
+/// Loss, logits and gradients with `adapter` attached: the model's ops
+/// take their differentiable paths because the adapter's weights track
+/// gradients (nobody sets a mode).
+fn run(adapter: &LoRAAdapter, b: &Batch) -> (f32, Tensor, candle_core::backprop::GradStore) {
+    let mut model = tiny_model();
     adapter.attach(&mut model).unwrap();
     let logits = model.forward(&b.ids, Some(&b.mask), None).unwrap();
     let (loss, _) = shifted_causal_lm_loss(&logits, &b.labels).unwrap();
@@ -87,7 +83,7 @@ fn run(
 fn check_against_peft(adapter: &LoRAAdapter, suffix: &str) {
     let r = crate::common::reference("lora");
     let b = batch(&r);
-    let (loss, logits, grads) = run(adapter, &b, OpsMode::Differentiable);
+    let (loss, logits, grads) = run(adapter, &b);
     let want = scalar(&r[&format!("loss{suffix}")]);
     let rel = ((loss - want) / want).abs();
     println!("loss{suffix}: ours {loss} peft {want} rel {rel:e}");
@@ -148,16 +144,15 @@ fn rslora_scale_matches_peft() {
 }
 
 /// Every LoRA layer (7 modules x every decoder layer) gets a non-zero
-/// gradient for A and B. With fused kernels (no backward) they do not,
-/// which shows this test can fail.
-fn nonzero_gradient_layers(mode: OpsMode) -> usize {
+/// gradient for A and B: no fused op without a backward sits on the path.
+fn nonzero_gradient_layers() -> usize {
     let r = crate::common::reference("lora");
     let adapter = load_peft_adapter(
         &crate::common::fixture("lora-peft"),
         &crate::common::device(),
     )
     .unwrap();
-    let (_, _, grads) = run(&adapter, &batch(&r), mode);
+    let (_, _, grads) = run(&adapter, &batch(&r));
     adapter
         .layers()
         .iter()
@@ -179,20 +174,18 @@ fn nonzero_gradient_layers(mode: OpsMode) -> usize {
 
 #[test]
 fn every_lora_layer_gets_a_gradient() {
-    let n = nonzero_gradient_layers(OpsMode::Differentiable);
+    let n = nonzero_gradient_layers();
     assert_eq!(n, 14, "7 target modules x 2 layers");
-    // Mutation check: candle's fused kernels stop gradients.
-    assert!(nonzero_gradient_layers(OpsMode::Fused) < 14);
 }
 
 #[test]
 fn fresh_adapter_is_peft_initialised_and_a_no_op() {
-    let model = tiny_model(OpsMode::Fused);
-    let cfg = metal_candle::LoRAAdapterConfig {
+    let model = tiny_model();
+    let cfg = metal_candle::training::LoRAAdapterConfig {
         rank: 4,
         alpha: 8.0,
         dropout: 0.0,
-        target_modules: metal_candle::TargetModule::ALL.to_vec(),
+        target_modules: metal_candle::training::TargetModule::ALL.to_vec(),
         use_rslora: false,
     };
     let adapter = LoRAAdapter::new(cfg, &model, &crate::common::device(), 0).unwrap();
@@ -261,10 +254,30 @@ fn fresh_adapter_is_peft_initialised_and_a_no_op() {
     let r = crate::common::reference("lora");
     let b = batch(&r);
     let base = model.forward(&b.ids, Some(&b.mask), None).unwrap();
-    let mut adapted = model.clone();
+    let mut adapted = tiny_model();
     adapter.attach(&mut adapted).unwrap();
     let out = adapted.forward(&b.ids, Some(&b.mask), None).unwrap();
-    assert_eq!(crate::common::max_abs_diff(&base, &out), 0.0);
+    // With trainable weights attached, softmax/RoPE/RMSNorm take their
+    // differentiable compositions instead of the fused kernels, which round
+    // differently in the last bits (f32): equal up to that.
+    let d = crate::common::max_abs_diff(&base, &out);
+    assert!(d <= 1e-5, "adapted vs base {d}");
+    // The adapter's own contribution is exactly zero.
+    let x = Tensor::ones((1, 3, 64), DType::F32, &crate::common::device()).unwrap();
+    for (path, l) in adapter.layers() {
+        if path.ends_with("q_proj") {
+            let y = metal_candle::layers::LinearAdapter::forward(&**l, &x).unwrap();
+            assert_eq!(
+                y.abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap(),
+                0.0
+            );
+        }
+    }
 }
 
 #[test]

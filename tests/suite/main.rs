@@ -7,6 +7,7 @@
 
 mod common;
 
+mod decoder_parity;
 mod embeddings_parity;
 mod embeddings_real;
 mod generation;
@@ -15,7 +16,6 @@ mod loading;
 mod lora_dataset;
 mod lora_parity;
 mod lora_training;
-mod qwen2_parity;
 mod real_generation;
 mod real_lora;
 mod real_qwen2;

@@ -5,9 +5,8 @@
 
 use candle_core::DType;
 use metal_candle::inference::{Generator, GeneratorConfig, LanguageModel};
-use metal_candle::models::OpsMode;
 use metal_candle::training::{Dataset, DatasetConfig};
-use metal_candle::{
+use metal_candle::training::{
     LRScheduler, LoRAAdapter, LoRAAdapterConfig, TargetModule, Trainer, TrainingConfig,
 };
 
@@ -101,7 +100,6 @@ fn smollm2_lora_lowers_held_out_loss() {
     );
     assert!(a < b - 0.1, "held-out loss {b} -> {a}");
 
-    lm.model.set_ops_mode(OpsMode::Fused);
     let after = greedy(&lm, prompt, 12);
     println!(
         "base: {:?}\ntrained: {:?}",

@@ -82,9 +82,7 @@ fn gguf_tokenizer_equals_the_qwen_tokenizer_json() {
         return;
     }
     let lm_tok = {
-        let path = metal_candle::models::gguf::resolve_gguf(QWEN_CODER)
-            .unwrap()
-            .unwrap();
+        let path = metal_candle::io::resolve_gguf(QWEN_CODER).unwrap().unwrap();
         let mut f = std::fs::File::open(path).unwrap();
         let c = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
         TextTokenizer::from_gguf_metadata(&c.metadata).unwrap()
