@@ -79,6 +79,7 @@ fn train_demo(
         batch_size: 4,
         lr_schedule: LRScheduler::Constant { lr: 2e-3 },
         seed,
+        progress: true,
         ..TrainingConfig::default()
     };
     let m = Trainer::new(model, &adapter, config)?.train(&data, None)?;

@@ -8,6 +8,8 @@
 //! `scripts/quickstart.sh` fetches the models first (pinned, hash-checked,
 //! into the Hugging Face cache) and then runs this.
 
+mod common;
+
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -16,7 +18,7 @@ use candle_core::DType;
 use clap::Parser;
 use metal_candle::embeddings::SemanticIndex;
 use metal_candle::embeddings::{EmbeddingModel, EmbeddingModelType};
-use metal_candle::inference::{Generator, GeneratorConfig, LanguageModel, Message, TextTokenizer};
+use metal_candle::inference::{Generator, GeneratorConfig, LanguageModel, Message};
 use metal_candle::models::CausalLm;
 use metal_candle::training::{save_peft_adapter, AdamWConfig, Dataset, DatasetConfig};
 use metal_candle::training::{
@@ -108,16 +110,6 @@ fn chat(args: &Args, device: &metal_candle::backend::Device) -> Result<()> {
     Ok(())
 }
 
-fn sample(model: &Box<dyn CausalLm>, tokenizer: &TextTokenizer, prompt: &str) -> Result<String> {
-    let config = GeneratorConfig {
-        max_tokens: 24,
-        ..GeneratorConfig::default()
-    };
-    Ok(Generator::with_model(model, tokenizer.clone(), config)?
-        .generate(prompt)?
-        .text)
-}
-
 fn fine_tune(args: &Args, device: &metal_candle::backend::Device) -> Result<()> {
     println!("\n== 3. LoRA fine-tuning SmolLM2-135M on Shakespeare's sonnets");
     let LanguageModel {
@@ -135,7 +127,7 @@ fn fine_tune(args: &Args, device: &metal_candle::backend::Device) -> Result<()> 
     let (train, eval) = data.split(0.1, 7)?;
     let eval = Dataset::from_examples(eval.examples().iter().take(16).cloned().collect())?;
     let prompt = "Shall I compare thee";
-    let before = sample(&model, &tokenizer, prompt)?;
+    let before = common::greedy(&*model, &tokenizer, prompt, 24)?;
 
     let lora = LoRAAdapterConfig {
         rank: 8,
@@ -170,12 +162,13 @@ fn fine_tune(args: &Args, device: &metal_candle::backend::Device) -> Result<()> 
         output_dir: Some(args.output_dir.clone()),
         seed: 7,
         base_model: Some(args.train_model.clone()),
+        progress: true,
         ..TrainingConfig::default()
     };
     let metrics = Trainer::new(&mut model, &adapter, config)?.train(&train, Some(&eval))?;
     let adapter_dir = args.output_dir.join("adapter");
     save_peft_adapter(&adapter, &adapter_dir, Some(&args.train_model))?;
-    let after = sample(&model, &tokenizer, prompt)?;
+    let after = common::greedy(&*model, &tokenizer, prompt, 24)?;
     println!(
         "held-out loss: {:.3} -> {:.3}",
         metrics.initial_eval_loss.unwrap_or(f64::NAN),

@@ -90,41 +90,51 @@ struct Args {
     sample_tokens: usize,
 }
 
-/// A minimal SVG plot of the training loss (and eval points).
-fn loss_svg(m: &TrainingMetrics) -> String {
-    let (w, h, pad) = (640.0, 360.0, 40.0);
-    let pts: Vec<(f64, f64)> = m.steps.iter().map(|s| (s.step as f64, s.loss)).collect();
+/// Plots the training loss (line) and the eval points to `path` (SVG).
+fn plot_loss(m: &TrainingMetrics, path: &std::path::Path) -> Result<()> {
+    use plotters::prelude::*;
+    let train: Vec<(f64, f64)> = m.steps.iter().map(|s| (s.step as f64, s.loss)).collect();
     let evals: Vec<(f64, f64)> = m
         .steps
         .iter()
         .filter_map(|s| s.eval_loss.map(|e| (s.step as f64, e)))
         .collect();
-    let all = pts.iter().chain(&evals);
-    let (lo, hi) = all.fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
-    let n = pts.len().max(2) as f64;
-    let x = |s: f64| pad + (s - 1.0) / (n - 1.0) * (w - 2.0 * pad);
-    let y = |l: f64| h - pad - (l - lo) / (hi - lo).max(1e-9) * (h - 2.0 * pad);
-    let line: Vec<String> = pts
+    let (lo, hi) = train
         .iter()
-        .map(|&(s, l)| format!("{:.1},{:.1}", x(s), y(l)))
-        .collect();
-    let dots: String = evals
-        .iter()
-        .map(|&(s, l)| {
-            format!(
-                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"red\"/>",
-                x(s),
-                y(l)
-            )
-        })
-        .collect();
-    format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\">\
-<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\
-<polyline fill=\"none\" stroke=\"steelblue\" stroke-width=\"2\" points=\"{}\"/>{dots}\
-<text x=\"{pad}\" y=\"20\" font-size=\"14\">train loss (blue), eval loss (red): {hi:.3} .. {lo:.3}</text></svg>",
-        line.join(" ")
-    )
+        .chain(&evals)
+        .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+    let last = train.last().map_or(1.0, |p| p.0).max(1.0);
+    let root = SVGBackend::new(path, (640, 360)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("LoRA training", ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(50)
+        .build_cartesian_2d(
+            1.0..last,
+            (lo - 0.05 * (hi - lo))..(hi + 0.05 * (hi - lo) + 1e-9),
+        )?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc("loss")
+        .draw()?;
+    chart
+        .draw_series(LineSeries::new(train, &BLUE))?
+        .label("train loss")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLUE));
+    chart
+        .draw_series(evals.iter().map(|&p| Circle::new(p, 4, RED.filled())))?
+        .label("eval loss")
+        .legend(|(x, y)| Circle::new((x + 8, y), 4, RED.filled()));
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -194,13 +204,14 @@ fn main() -> Result<()> {
         output_dir: Some(args.output_dir.clone()),
         seed: args.seed,
         base_model: Some(args.model.clone()),
+        progress: true,
         ..TrainingConfig::default()
     };
     let metrics = {
         let mut trainer = Trainer::new(&mut model, &adapter, config)?;
         trainer.train(&train, Some(&eval))?
     };
-    std::fs::write(args.output_dir.join("loss.svg"), loss_svg(&metrics))?;
+    plot_loss(&metrics, &args.output_dir.join("loss.svg"))?;
     let after = greedy(&model, &tokenizer, &args.prompt, args.sample_tokens)?;
 
     let first = metrics.steps.first().map_or(f64::NAN, |s| s.loss);

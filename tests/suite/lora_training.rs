@@ -35,7 +35,7 @@ fn all_modules(rank: usize, alpha: f64) -> LoRAAdapterConfig {
 }
 
 /// Logits at the real tokens of the fixture batch, as one `[n, vocab]` tensor.
-fn real_logits(model: &Box<dyn CausalLm>) -> Tensor {
+fn real_logits(model: &dyn CausalLm) -> Tensor {
     let r = crate::common::reference("lora");
     let dev = crate::common::device();
     let ids = r["input_ids"]
@@ -71,7 +71,7 @@ fn real_rows(logits: &Tensor, mask: &Tensor) -> Tensor {
 
 /// Our adapter with deterministic non-zero weights (seeded A; B from a
 /// fixed formula, since fresh B is zero and would make the test trivial).
-fn our_adapter(model: &Box<dyn CausalLm>) -> LoRAAdapter {
+fn our_adapter(model: &dyn CausalLm) -> LoRAAdapter {
     let adapter =
         LoRAAdapter::new(all_modules(4, 8.0), model, &crate::common::device(), 1234).unwrap();
     for (i, (_, l)) in adapter.layers().iter().enumerate() {
@@ -415,7 +415,7 @@ fn dropout_only_in_training_mode() {
     );
 }
 
-fn our_adapter_with(model: &Box<dyn CausalLm>, cfg: LoRAAdapterConfig) -> LoRAAdapter {
+fn our_adapter_with(model: &dyn CausalLm, cfg: LoRAAdapterConfig) -> LoRAAdapter {
     let adapter = LoRAAdapter::new(cfg, model, &crate::common::device(), 8).unwrap();
     for (_, l) in adapter.layers() {
         l.b()
