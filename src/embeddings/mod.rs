@@ -2,12 +2,13 @@
 //! (all-MiniLM, E5, BGE, any BERT sentence-transformers model) and MPNet
 //! (all-mpnet-base-v2), on CPU or GPU.
 //!
-//! - [`model`]: [`EmbeddingModel`] (loading, tokenization, batching,
-//!   `encode`, `encode_queries` / `encode_documents`) and
-//!   [`EmbeddingModelType`].
-//! - [`bert`], [`mpnet`]: the encoders.
-//! - [`pooling`]: sentence-transformers' Pooling and Normalize modules.
-//! - [`search`]: top-k by cosine similarity, [`search::SemanticIndex`].
+//! - [`EmbeddingModel`] (loading, tokenization, batching, `encode`,
+//!   `encode_queries` / `encode_documents`) and [`EmbeddingModelType`].
+//! - [`Pooling`], [`normalize`]: sentence-transformers' Pooling and
+//!   Normalize modules.
+//! - [`SemanticIndex`], [`top_k`]: search by cosine similarity.
+//!
+//! The encoders themselves (BERT, MPNet) live in `models`.
 //!
 //! # Query and document prefixes
 //! Some models were trained with prefixes and give their best retrieval

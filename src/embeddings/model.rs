@@ -20,7 +20,7 @@ use crate::models::mpnet::{MpnetConfig, MpnetModel, PADDING_IDX};
 pub const DEFAULT_BATCH_SIZE: usize = 32;
 
 /// The BGE English v1.5 instruction for retrieval queries (documents get none).
-pub const BGE_QUERY_INSTRUCTION: &str = "Represent this sentence for searching relevant passages: ";
+const BGE_QUERY_INSTRUCTION: &str = "Represent this sentence for searching relevant passages: ";
 
 /// Well-known sentence embedding models, by their Hugging Face repo.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -96,7 +96,7 @@ impl EmbeddingModelType {
     }
 
     /// What [`EmbeddingModel::encode_queries`] prepends: `query: ` for E5,
-    /// [`BGE_QUERY_INSTRUCTION`] for BGE, nothing for the others.
+    /// BGE's retrieval instruction for BGE, nothing for the others.
     #[must_use]
     pub fn query_prefix(self) -> Option<&'static str> {
         match self {
@@ -205,7 +205,7 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
 /// batches padded to their longest text, and returned in input order.
 ///
 /// ```no_run
-/// use metal_candle::{EmbeddingModel, EmbeddingModelType};
+/// use metal_candle::embeddings::{EmbeddingModel, EmbeddingModelType};
 /// # fn main() -> metal_candle::Result<()> {
 /// let model = EmbeddingModel::from_pretrained(EmbeddingModelType::AllMiniLmL6V2, &metal_candle::backend::cpu())?;
 /// let v = model.encode(&["A sentence.", "Another one."])?; // [2, 384], unit rows

@@ -2,8 +2,7 @@
 //! query.
 //!
 //! ```no_run
-//! use metal_candle::embeddings::search::SemanticIndex;
-//! use metal_candle::{EmbeddingModel, EmbeddingModelType};
+//! use metal_candle::embeddings::{EmbeddingModel, EmbeddingModelType, SemanticIndex};
 //! # fn main() -> metal_candle::Result<()> {
 //! let model = EmbeddingModel::from_pretrained(EmbeddingModelType::AllMiniLmL6V2, &metal_candle::backend::cpu())?;
 //! let index = SemanticIndex::build(&model, &["The cat sits on the mat.", "Paris is in France."])?;

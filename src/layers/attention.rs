@@ -74,7 +74,8 @@ fn repeat_kv(x: &Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
         .reshape((b, kv * n_rep, s, d))
 }
 
-/// Which keys a query may see, for [`attention_mask`].
+/// Which keys a query may see (the masks decoders and encoders pass to
+/// [`attention`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MaskKind {
     /// Every key (encoders).

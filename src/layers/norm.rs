@@ -50,7 +50,7 @@ impl RmsNorm {
 /// Layer normalisation with a weight and a bias (BERT, MPNet).
 ///
 /// Encoders are inference-only here, so this is Candle's fused kernel
-/// (variance as E[x²] − E[x]² in f32), which has no backward.
+/// (variance as `E[x²] − E[x]²` in f32), which has no backward.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     weight: Tensor,

@@ -1,7 +1,9 @@
-//! LoRA fine-tuning: adapters ([`lora`]), peft-format files ([`peft`]),
-//! AdamW ([`optimizer`]), learning-rate schedules ([`scheduler`]), JSONL
-//! datasets ([`dataset`]), the training loop ([`trainer`]), atomic
-//! checkpoints ([`checkpoint`]) and an adapter registry ([`registry`]).
+//! LoRA fine-tuning: adapters ([`LoRAAdapter`], found by name in any
+//! [`crate::models::CausalLm`]), peft-format files ([`save_peft_adapter`],
+//! [`load_peft_adapter`]), [`AdamW`], learning-rate schedules
+//! ([`LRScheduler`]), JSONL datasets ([`Dataset`]), the training loop
+//! ([`Trainer`]: accumulation, eval, metrics, atomic checkpoints, resume)
+//! and an [`AdapterRegistry`].
 
 mod checkpoint;
 mod dataset;
