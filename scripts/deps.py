@@ -59,8 +59,8 @@ def edges():
         for m in re.finditer(r"\b(crate|super)((?:::\w+)+)(::\{([^;]*?)\})?", text):
             base = m.group(2).strip(":").split("::")
             if m.group(1) == "super":
-                parent = me[:-1] if not p.endswith("mod.rs") else me[:-1]
-                base = list(parent) + base
+                # `super` of a/b.rs and of a/b/mod.rs is `a` either way.
+                base = list(me[:-1]) + base
             targets = [base]
             if m.group(4):
                 for item in re.split(r",(?![^{]*\})", m.group(4)):

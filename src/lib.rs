@@ -31,3 +31,8 @@ pub use error::{Error, Result};
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
+
+/// So do the guides' in docs/.
+#[doc = include_str!("../docs/semantic-search.md")]
+#[cfg(doctest)]
+pub struct SemanticSearchDoctests;

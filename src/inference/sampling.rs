@@ -16,7 +16,7 @@
 //! Sampled tokens are reproducible for a given seed (rand's `StdRng`), but are
 //! not expected to equal transformers' samples: the random number generators
 //! differ. The filters themselves equal transformers' logits warpers
-//! (tests/generation.rs).
+//! (tests/suite/generation.rs).
 
 use std::collections::HashMap;
 
