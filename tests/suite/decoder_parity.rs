@@ -323,54 +323,56 @@ fn prompt_longer_than_context_is_an_error() {
 /// wider than that bound.
 #[test]
 fn bf16_logits_stay_within_bf16_resolution_of_transformers_f32() {
-    let r = reference("qwen2-tiny");
-    let m = load_decoder(
-        fixture("qwen2-tiny").to_str().unwrap(),
-        Some(DType::BF16),
-        &device(),
-    )
-    .unwrap();
-    let logits = m
-        .forward(&ids(&r["input_ids"]), None, None)
-        .unwrap()
-        .to_dtype(DType::F32)
+    for name in FAMILIES {
+        let r = reference(name);
+        let m = load_decoder(
+            fixture(name).to_str().unwrap(),
+            Some(DType::BF16),
+            &device(),
+        )
         .unwrap();
-    let reference = &r["logits"];
-    let scale = reference
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let d = max_abs_diff(&logits, reference);
-    assert!(
-        d <= 0.05 * scale,
-        "bf16 max abs diff {d} vs logit scale {scale}"
-    );
-    let ours = logits
-        .argmax(2)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<u32>()
-        .unwrap();
-    let theirs_sorted = reference
-        .to_device(&candle_core::Device::Cpu)
-        .unwrap()
-        .flatten_to(1)
-        .unwrap();
-    let rows = theirs_sorted.to_vec2::<f32>().unwrap();
-    for (i, row) in rows.iter().enumerate() {
-        let mut sorted = row.clone();
-        sorted.sort_by(|a, b| b.total_cmp(a));
-        let best = row.iter().position(|&v| v == sorted[0]).unwrap() as u32;
-        if sorted[0] - sorted[1] > 0.05 * scale {
-            assert_eq!(
-                ours[i], best,
-                "position {i}: greedy token differs despite a clear margin"
-            );
+        let logits = m
+            .forward(&ids(&r["input_ids"]), None, None)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let reference = &r["logits"];
+        let scale = reference
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let d = max_abs_diff(&logits, reference);
+        assert!(
+            d <= 0.05 * scale,
+            "{name}: bf16 max abs diff {d} vs logit scale {scale}"
+        );
+        let ours = logits
+            .argmax(2)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap();
+        let theirs_sorted = reference
+            .to_device(&candle_core::Device::Cpu)
+            .unwrap()
+            .flatten_to(1)
+            .unwrap();
+        let rows = theirs_sorted.to_vec2::<f32>().unwrap();
+        for (i, row) in rows.iter().enumerate() {
+            let mut sorted = row.clone();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            let best = row.iter().position(|&v| v == sorted[0]).unwrap() as u32;
+            if sorted[0] - sorted[1] > 0.05 * scale {
+                assert_eq!(
+                    ours[i], best,
+                    "{name} position {i}: greedy token differs despite a clear margin"
+                );
+            }
         }
+        eprintln!("{name} bf16: max abs diff {d:.4} (logit scale {scale:.2})");
     }
-    eprintln!("bf16: max abs diff {d:.4} (logit scale {scale:.2})");
 }
