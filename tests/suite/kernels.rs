@@ -7,7 +7,7 @@
 
 use crate::common::{device, rel_diff};
 use candle_core::{DType, Device, Tensor, Var, D};
-use metal_candle::backend::kernels::rms_norm;
+use metal_candle::backend::kernels::{rms_norm, swiglu};
 
 type Op = fn(&[Tensor]) -> candle_core::Result<Tensor>;
 
@@ -25,22 +25,34 @@ struct Row {
 
 const EPS: f32 = 1e-6;
 
-const KERNELS: &[Row] = &[Row {
-    name: "rms_norm",
-    fused: |t| rms_norm(&t[0], &t[1], EPS),
-    composed: |t| rms_norm_composed(&t[0], &t[1], f64::from(EPS)),
-    inputs: rms_norm_inputs,
-    // Rows narrower than a warp, a multiple of it, not a multiple of 32
-    // (100, 1500), and at or above one 1024-thread block (1500, 4096).
-    shapes: &[
-        &[12, 7],
-        &[4, 3, 64],
-        &[5, 100],
-        &[3, 896],
-        &[6, 1500],
-        &[2, 4096],
-    ],
-}];
+const KERNELS: &[Row] = &[
+    Row {
+        name: "rms_norm",
+        fused: |t| rms_norm(&t[0], &t[1], EPS),
+        composed: |t| rms_norm_composed(&t[0], &t[1], f64::from(EPS)),
+        inputs: rms_norm_inputs,
+        // Rows narrower than a warp, a multiple of it, not a multiple of 32
+        // (100, 1500), and at or above one 1024-thread block (1500, 4096).
+        shapes: &[
+            &[12, 7],
+            &[4, 3, 64],
+            &[5, 100],
+            &[3, 896],
+            &[6, 1500],
+            &[2, 4096],
+        ],
+    },
+    Row {
+        name: "swiglu",
+        fused: |t| swiglu(&t[0], &t[1]),
+        composed: |t| t[0].silu()? * &t[1],
+        inputs: swiglu_inputs,
+        // Fewer elements than a warp, not a multiple of 32, a Qwen2-0.5B MLP
+        // row, and more elements than one elementwise grid covers (1024
+        // blocks of 256), so the grid-stride loop runs.
+        shapes: &[&[7], &[3, 100], &[4, 2, 896], &[64, 4864]],
+    },
+];
 
 /// Largest relative difference (`rel_diff`: max |fused − composed| /
 /// max |composed|) allowed, forward and for each gradient. Measured on the
@@ -48,16 +60,17 @@ const KERNELS: &[Row] = &[Row {
 ///
 /// - f32: both paths compute in f32 and differ only in summation order and
 ///   `rsqrt` vs `1/sqrt`: worst 1.3e-6 forward, 1.5e-6 backward.
-/// - bf16 (8 mantissa bits, one ulp is 0.4–0.8 % of a value): our kernel
-///   rounds once from f32, the composed ops after several ops (the
-///   reference dw sums rows in bf16), so they differ by a few ulps of the
-///   largest values: worst 3.7e-3 forward, 2.0e-2 backward (dw). Bounds
-///   2e-2 and 5e-2 leave 2.5x.
-/// - f16 (11 mantissa bits): the same at 1/8 of the ulp: worst 1.0e-3
-///   forward, 2.2e-3 backward; bounds 4e-3 and 8e-3.
+/// - bf16 (8 mantissa bits, one ulp is 0.4–0.8 % of a value): our kernels
+///   round once from f32, the composed ops after every op (Candle's bf16
+///   silu rounds its exp, its sum and its quotient; the reference dw sums
+///   rows in bf16), so they differ by a few ulps of the largest values:
+///   worst 7.8e-3 forward, 2.0e-2 backward (rms_norm's dw; 1.6e-2 for
+///   swiglu's d_gate). Bounds 2e-2 and 5e-2 leave 2.5x.
+/// - f16 (11 mantissa bits): the same at 1/8 of the ulp: worst 1.3e-3
+///   forward, 3.4e-3 backward; bounds 4e-3 and 8e-3.
 ///
 /// On CUDA (an H200, Candle's seeded GPU generator) the worst errors were
-/// 1.8e-7 (f32), 7.6e-3 (bf16, dw) and 8.4e-4 (f16).
+/// 1.8e-7 (f32), 1.1e-2 (bf16, swiglu's d_gate) and 1.6e-3 (f16).
 ///
 /// A wrong formula or index shows up as errors of order 1.
 const TOLERANCES: &[(DType, f32, f32)] = &[
@@ -89,6 +102,14 @@ fn rms_norm_inputs(shape: &[usize], dtype: DType, dev: &Device) -> Vec<Tensor> {
     vec![
         randn(0.0, 1.5, shape, dtype, dev),
         randn(1.0, 0.2, &[hidden], dtype, dev),
+    ]
+}
+
+fn swiglu_inputs(shape: &[usize], dtype: DType, dev: &Device) -> Vec<Tensor> {
+    // Gates spread over silu's curved region and both tails.
+    vec![
+        randn(0.0, 2.0, shape, dtype, dev),
+        randn(0.0, 1.0, shape, dtype, dev),
     ]
 }
 
@@ -168,8 +189,16 @@ fn fused_kernels_match_their_compositions_forward_and_backward() {
 
 #[test]
 fn fused_kernels_accept_non_contiguous_inputs() {
-    // A transposed view: the public function makes its inputs contiguous.
+    // Transposed views: the public functions make their inputs contiguous.
     let dev = device();
+    let gate = randn(0.0, 2.0, &[40, 24], DType::F32, &dev).t().unwrap();
+    let up = randn(0.0, 1.0, &[40, 24], DType::F32, &dev).t().unwrap();
+    let d = rel_diff(
+        &swiglu(&gate, &up).unwrap(),
+        &(gate.silu().unwrap() * &up).unwrap(),
+    );
+    assert!(d <= 1e-5, "swiglu on transposed inputs differs by {d}");
+
     let x = randn(0.0, 1.5, &[40, 24], DType::F32, &dev).t().unwrap();
     let w = randn(1.0, 0.2, &[40], DType::F32, &dev);
     let d = rel_diff(
@@ -185,4 +214,17 @@ fn rms_norm_rejects_mismatched_inputs() {
     let x = Tensor::zeros((2, 8), DType::F32, &dev).unwrap();
     assert!(rms_norm(&x, &Tensor::ones(7, DType::F32, &dev).unwrap(), 1e-6).is_err());
     assert!(rms_norm(&x, &Tensor::ones(8, DType::F16, &dev).unwrap(), 1e-6).is_err());
+}
+
+#[test]
+fn swiglu_rejects_mismatched_inputs() {
+    let dev = device();
+    let gate = Tensor::zeros((2, 8), DType::F32, &dev).unwrap();
+    let up = |shape: (usize, usize), dtype| Tensor::zeros(shape, dtype, &dev).unwrap();
+    assert!(swiglu(&gate, &up((2, 7), DType::F32)).is_err());
+    assert!(swiglu(&gate, &up((8, 2), DType::F32)).is_err());
+    assert!(swiglu(&gate, &up((2, 8), DType::BF16)).is_err());
+    // Integer tensors have no kernel.
+    let ints = Tensor::zeros((2, 8), DType::U32, &dev).unwrap();
+    assert!(swiglu(&ints, &ints).is_err());
 }

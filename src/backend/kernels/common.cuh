@@ -42,6 +42,12 @@ __device__ __forceinline__ float block_sum(float v) {
   return v;
 }
 
+// Grid-stride loop over `n` elements: launch.rs caps the grid, so one thread
+// may handle several elements.
+#define FOR_EACH_ELEMENT(i, n)                                                   \
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n);      \
+       i += (size_t)blockDim.x * gridDim.x)
+
 // Instantiates `M(T, SUFFIX)` for every storage dtype. The suffixes are the
 // ones launch.rs appends to a kernel's base name (`{base}_{f32|bf16|f16}`),
 // so the naming contract between Rust and CUDA lives here and in

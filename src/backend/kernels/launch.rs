@@ -31,11 +31,19 @@ pub(crate) mod ptx {
 }
 
 /// A scalar kernel argument, pushed after the output pointer. The variants
-/// are the C types our kernels take: `int` and `float`.
+/// are the C types our kernels take: `int`, `size_t` and `float`.
 pub(crate) enum Arg {
     I32(i32),
+    U64(u64),
     F32(f32),
 }
+
+/// Threads per block of elementwise kernels.
+const ELEMENTWISE_BLOCK: u32 = 256;
+/// Elementwise grids stop growing here (about one full wave of an H100's
+/// resident threads); `FOR_EACH_ELEMENT` strides over the rest, which keeps
+/// the grid within limits for any tensor.
+const ELEMENTWISE_MAX_BLOCKS: usize = 1024;
 
 /// One block per row of `n` columns: a single warp below 1024 columns (many
 /// rows in flight, no shared-memory round trip in `block_sum`), a full block
@@ -54,6 +62,19 @@ pub(crate) fn rows_config(rows: usize, n: usize) -> candle_core::Result<LaunchCo
         block_dim: (block, 1, 1),
         shared_mem_bytes: 0,
     })
+}
+
+/// A grid-stride launch over `n` elements.
+pub(crate) fn elementwise_config(n: usize) -> LaunchConfig {
+    let blocks = n
+        .div_ceil(ELEMENTWISE_BLOCK as usize)
+        .clamp(1, ELEMENTWISE_MAX_BLOCKS);
+    LaunchConfig {
+        // At most ELEMENTWISE_MAX_BLOCKS, so the cast is lossless.
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (ELEMENTWISE_BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// Launches `{base}_{dtype}` from `module` on `inputs` (contiguous views of
@@ -134,6 +155,7 @@ impl Kernel<'_> {
             for a in args {
                 match a {
                     Arg::I32(v) => b.arg(v),
+                    Arg::U64(v) => b.arg(v),
                     Arg::F32(v) => b.arg(v),
                 };
             }

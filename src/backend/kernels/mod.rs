@@ -16,5 +16,7 @@ pub(crate) mod cpu;
 pub(crate) mod launch;
 
 pub mod rms_norm;
+pub mod swiglu;
 
 pub use rms_norm::rms_norm;
+pub use swiglu::swiglu;
