@@ -4,7 +4,19 @@
 //!
 //! Each kernel exists because it measurably wins or because Candle's fused
 //! equivalent has no backward (see BENCHMARKS.md for the measurements).
+//!
+//! Adding a kernel is one `.cu` file (including `common.cuh`, instantiated
+//! with `FOR_EACH_FLOAT`; build.rs finds and compiles it and names its PTX
+//! after the file), one small `.rs` module (a custom op whose CPU body is a
+//! `cpu::CpuOp` and whose CUDA body is one call of `launch::launch`), and
+//! one row in the kernel table of `tests/suite/kernels.rs`.
+
+pub(crate) mod cpu;
+#[cfg(feature = "cuda")]
+pub(crate) mod launch;
 
 pub mod rms_norm;
+pub mod swiglu;
 
 pub use rms_norm::rms_norm;
+pub use swiglu::swiglu;
