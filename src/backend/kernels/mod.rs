@@ -15,8 +15,8 @@ pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod launch;
 
-pub mod rms_norm;
-pub mod swiglu;
+mod rms_norm;
+mod swiglu;
 
 pub use rms_norm::rms_norm;
 pub use swiglu::swiglu;
