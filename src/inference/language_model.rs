@@ -5,9 +5,8 @@ use candle_core::{DType, Device};
 
 use super::tokenizer::TextTokenizer;
 use crate::error::Result;
-use crate::io::gguf::resolve_gguf;
 use crate::io::ModelRepo;
-use crate::models::{build_decoder, load_from_repo, load_gguf, CausalLm};
+use crate::models::{load_with_metadata, CausalLm, LoadOptions};
 
 /// A model and its tokenizer.
 #[derive(Debug)]
@@ -22,27 +21,36 @@ impl LanguageModel {
     /// Loads both from `source`: a directory or Hub repo with `config.json`,
     /// safetensors and `tokenizer.json`; or a GGUF file (`path/x.gguf`,
     /// `org/repo/x.gguf`) whose metadata carries the tokenizer.
-    /// `dtype` defaults to [`crate::backend::default_dtype`].
+    /// `dtype` defaults to [`crate::backend::default_dtype`]; a GGUF file's
+    /// weights stay quantized (see [`Self::from_pretrained_with`]).
     ///
     /// # Errors
     /// Missing or malformed files, an unsupported architecture.
     pub fn from_pretrained(source: &str, dtype: Option<DType>, device: &Device) -> Result<Self> {
-        let dtype = dtype.unwrap_or_else(|| crate::backend::default_dtype(device));
-        let (model, mut tokenizer) = match resolve_gguf(source)? {
-            Some(path) => {
-                let (config, weights, metadata) = load_gguf(&path, dtype, device)?;
-                (
-                    build_decoder(&config, &weights)?,
-                    TextTokenizer::from_gguf_metadata(&metadata)?,
-                )
-            }
-            None => {
-                let repo = ModelRepo::open(source)?;
-                (
-                    load_from_repo(&repo, dtype, device)?,
-                    TextTokenizer::from_repo(&repo)?,
-                )
-            }
+        Self::from_pretrained_with(
+            source,
+            device,
+            &LoadOptions {
+                dtype,
+                ..LoadOptions::default()
+            },
+        )
+    }
+
+    /// [`Self::from_pretrained`] with the weights kept dense or quantized as
+    /// `options` say.
+    ///
+    /// # Errors
+    /// See [`Self::from_pretrained`].
+    pub fn from_pretrained_with(
+        source: &str,
+        device: &Device,
+        options: &LoadOptions,
+    ) -> Result<Self> {
+        let (model, metadata) = load_with_metadata(source, device, options)?;
+        let mut tokenizer = match metadata {
+            Some(metadata) => TextTokenizer::from_gguf_metadata(&metadata)?,
+            None => TextTokenizer::from_repo(&ModelRepo::open(source)?)?,
         };
         if tokenizer.eos_token_ids().is_empty() {
             tokenizer.set_eos_token_ids(model.config().eos_token_ids.clone());

@@ -6,6 +6,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
@@ -143,6 +146,8 @@ impl ModelLoader {
                 .join(", "),
             dtype,
             device: device.clone(),
+            quantized: HashMap::new(),
+            quantize_to: None,
         })
     }
 }
@@ -249,6 +254,10 @@ pub struct Weights {
     location: String,
     dtype: DType,
     device: Device,
+    /// Tensors kept in a GGUF block format (linear weights of GGUF files).
+    quantized: HashMap<String, Arc<QTensor>>,
+    /// Quantize dense linear weights to this format as they are loaded.
+    quantize_to: Option<GgmlDType>,
 }
 
 impl std::fmt::Debug for Weights {
@@ -276,7 +285,37 @@ impl Weights {
             location: location.to_string(),
             dtype,
             device: device.clone(),
+            quantized: HashMap::new(),
+            quantize_to: None,
         }
+    }
+
+    /// Adds tensors kept quantized (GGUF block formats), looked up by
+    /// [`Weights::quantized`] before the dense ones.
+    #[must_use]
+    pub fn with_quantized(mut self, tensors: HashMap<String, Arc<QTensor>>) -> Self {
+        self.quantized.extend(tensors);
+        self
+    }
+
+    /// Quantizes dense linear weights to `format` as models load them
+    /// (`None`: keep them dense).
+    #[must_use]
+    pub fn quantize_linears(mut self, format: Option<GgmlDType>) -> Self {
+        self.quantize_to = format;
+        self
+    }
+
+    /// The quantized tensor `name`, if it is stored quantized.
+    #[must_use]
+    pub fn quantized(&self, name: &str) -> Option<Arc<QTensor>> {
+        self.quantized.get(name).cloned()
+    }
+
+    /// The format dense linear weights are quantized to at load, if any.
+    #[must_use]
+    pub fn quantize_to(&self) -> Option<GgmlDType> {
+        self.quantize_to
     }
 
     /// The dtype tensors are converted to.
@@ -294,6 +333,9 @@ impl Weights {
     /// Whether a tensor of that name exists.
     #[must_use]
     pub fn contains(&self, name: &str) -> bool {
+        if self.quantized.contains_key(name) {
+            return true;
+        }
         match &self.source {
             Source::Safetensors { index, .. } => index.contains_key(name),
             Source::Tensors(t) => t.contains_key(name),

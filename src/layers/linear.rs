@@ -80,6 +80,9 @@ impl Linear {
     }
 
     /// Loads `{prefix}.weight` (`[out, in]`) and, if `bias`, `{prefix}.bias`.
+    /// A weight stored quantized stays quantized; a dense one is quantized
+    /// when the weights ask for it ([`Weights::quantize_linears`]) and its
+    /// rows split into whole blocks, else it stays dense.
     ///
     /// # Errors
     /// Missing tensor or wrong shape.
@@ -90,13 +93,30 @@ impl Linear {
         out_dim: usize,
         bias: bool,
     ) -> Result<Self> {
-        let weight = w.get(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
+        let name = format!("{prefix}.weight");
         let bias = if bias {
             Some(w.get(&format!("{prefix}.bias"), &[out_dim])?)
         } else {
             None
         };
-        Ok(Self::new(weight, bias))
+        if let Some(q) = w.quantized(&name) {
+            if q.shape().dims() != [out_dim, in_dim] {
+                return Err(Error::ShapeMismatch {
+                    name,
+                    expected: vec![out_dim, in_dim],
+                    actual: q.shape().dims().to_vec(),
+                });
+            }
+            return Self::quantized(q, bias, w.dtype());
+        }
+        let weight = w.get(&name, &[out_dim, in_dim])?;
+        match w.quantize_to() {
+            Some(format) if in_dim % format.block_size() == 0 => {
+                let q = QTensor::quantize(&weight, format)?;
+                Self::quantized(Arc::new(q), bias, w.dtype())
+            }
+            _ => Ok(Self::new(weight, bias)),
+        }
     }
 
     /// `[out, in]`.

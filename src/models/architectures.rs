@@ -7,7 +7,10 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use std::sync::Arc;
+
 use candle_core::quantized::gguf_file::Value;
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use super::config::{eos_ids, rope_scaling_from_json, DecoderConfig, RawConfig};
@@ -252,6 +255,65 @@ fn parse_with_arch(text: &str, origin: &str) -> Result<(DecoderConfig, &'static 
     Ok((cfg, arch))
 }
 
+/// How a decoder's weights are kept in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Quantization {
+    /// As the file stores them: a GGUF file's linear weights stay in their
+    /// block format (Candle's quantized matmuls run them, as llama.cpp
+    /// does); safetensors stay dense.
+    #[default]
+    AsStored,
+    /// Every weight dense in the load dtype (GGUF dequantized at load).
+    Dense,
+    /// Dense linear weights quantized to this format at load (in-situ
+    /// quantization of a safetensors model; a GGUF file's quantized
+    /// weights are kept as stored). Layers whose input width is not a
+    /// whole number of blocks stay dense.
+    To(GgmlDType),
+}
+
+impl std::str::FromStr for Quantization {
+    type Err = Error;
+
+    /// `none`/`as-stored`, `dense`, or a GGUF format (`q4_0`, `q4_1`,
+    /// `q5_0`, `q5_1`, `q8_0`, `q2k` … `q6k`, also written `q4_k`).
+    fn from_str(s: &str) -> Result<Self> {
+        let f = match s.to_ascii_lowercase().replace('_', "").as_str() {
+            "none" | "asstored" => return Ok(Self::AsStored),
+            "dense" => return Ok(Self::Dense),
+            "q40" => GgmlDType::Q4_0,
+            "q41" => GgmlDType::Q4_1,
+            "q50" => GgmlDType::Q5_0,
+            "q51" => GgmlDType::Q5_1,
+            "q80" => GgmlDType::Q8_0,
+            "q2k" => GgmlDType::Q2K,
+            "q3k" => GgmlDType::Q3K,
+            "q4k" => GgmlDType::Q4K,
+            "q5k" => GgmlDType::Q5K,
+            "q6k" => GgmlDType::Q6K,
+            _ => {
+                return Err(Error::config(
+                    "quantization",
+                    format!(
+                        "unknown quantization `{s}` (as-stored, dense, q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k)"
+                    ),
+                ))
+            }
+        };
+        Ok(Self::To(f))
+    }
+}
+
+/// How [`load_decoder_with`] loads a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LoadOptions {
+    /// Dtype of dense weights and activations (default
+    /// [`crate::backend::default_dtype`]).
+    pub dtype: Option<DType>,
+    /// Dense or quantized weights.
+    pub quantization: Quantization,
+}
+
 /// Builds the model `config` describes from `weights` (HF tensor names).
 ///
 /// # Errors
@@ -272,39 +334,73 @@ pub fn load_decoder(
     dtype: Option<DType>,
     device: &Device,
 ) -> Result<Box<dyn CausalLm>> {
-    let dtype = dtype.unwrap_or_else(|| crate::backend::default_dtype(device));
-    if let Some(path) = resolve_gguf(source)? {
-        let (config, weights, _) = load_gguf(&path, dtype, device)?;
-        return build_decoder(&config, &weights);
-    }
-    load_from_repo(&ModelRepo::open(source)?, dtype, device)
+    load_decoder_with(
+        source,
+        device,
+        &LoadOptions {
+            dtype,
+            ..LoadOptions::default()
+        },
+    )
 }
 
-/// Loads `config.json` and the safetensors weights of `repo` as `dtype`.
+/// [`load_decoder`] with the weights kept dense or quantized as `options`
+/// say (by default a GGUF file stays quantized).
 ///
 /// # Errors
 /// See [`load_decoder`].
-pub fn load_from_repo(
-    repo: &ModelRepo,
-    dtype: DType,
+pub fn load_decoder_with(
+    source: &str,
     device: &Device,
+    options: &LoadOptions,
 ) -> Result<Box<dyn CausalLm>> {
+    Ok(load_with_metadata(source, device, options)?.0)
+}
+
+/// A GGUF file's metadata (tokenizer, chat template, …).
+pub(crate) type GgufMetadata = HashMap<String, Value>;
+
+/// The decoder, and the GGUF metadata when it came from a GGUF file.
+pub(crate) fn load_with_metadata(
+    source: &str,
+    device: &Device,
+    options: &LoadOptions,
+) -> Result<(Box<dyn CausalLm>, Option<GgufMetadata>)> {
+    let dtype = options
+        .dtype
+        .unwrap_or_else(|| crate::backend::default_dtype(device));
+    let keep_quantized = options.quantization != Quantization::Dense;
+    let quantize_to = match options.quantization {
+        Quantization::To(f) => Some(f),
+        _ => None,
+    };
+    if let Some(path) = resolve_gguf(source)? {
+        let (config, weights, metadata) = load_gguf(&path, dtype, device, keep_quantized)?;
+        let model = build_decoder(&config, &weights.quantize_linears(quantize_to))?;
+        return Ok((model, Some(metadata)));
+    }
+    let repo = ModelRepo::open(source)?;
     let (config, arch) = read_config_with_arch(&repo.get("config.json")?)?;
-    let files = ModelLoader::safetensors_files(repo)?;
-    let weights = ModelLoader::load_safetensors(&files, dtype, device)?;
+    let files = ModelLoader::safetensors_files(&repo)?;
+    let weights =
+        ModelLoader::load_safetensors(&files, dtype, device)?.quantize_linears(quantize_to);
     tracing::info!(
-        "loaded {} ({}, {} layers, hidden {}) as {dtype:?} on {device:?}",
+        "loaded {} ({}, {} layers, hidden {}) as {dtype:?}{} on {device:?}",
         repo.describe(),
         config.model_type,
         config.num_hidden_layers,
-        config.hidden_size
+        config.hidden_size,
+        quantize_to
+            .map(|f| format!(", linears {f:?}"))
+            .unwrap_or_default()
     );
-    (arch.build)(&config, &weights)
+    Ok(((arch.build)(&config, &weights)?, None))
 }
 
-/// Reads a GGUF decoder: its config from the metadata, its tensors
-/// dequantized to `dtype` under Hugging Face names, and the metadata
-/// (tokenizer, chat template).
+/// Reads a GGUF decoder: its config from the metadata, its tensors under
+/// Hugging Face names, and the metadata (tokenizer, chat template). With
+/// `keep_quantized`, linear weights stay in their block format (Candle's
+/// quantized matmuls run them); everything else is dequantized to `dtype`.
 ///
 /// # Errors
 /// Unreadable file, unsupported architecture, missing metadata.
@@ -312,7 +408,8 @@ pub(crate) fn load_gguf(
     path: &Path,
     dtype: DType,
     device: &Device,
-) -> Result<(DecoderConfig, Weights, HashMap<String, Value>)> {
+    keep_quantized: bool,
+) -> Result<(DecoderConfig, Weights, GgufMetadata)> {
     let mut file = GgufFile::open(path)?;
     let arch_name = file.architecture()?;
     let arch = by_gguf(&arch_name)?;
@@ -320,7 +417,12 @@ pub(crate) fn load_gguf(
         origin: path.display().to_string(),
         message,
     })?;
+    let bad = |name: &str, e: candle_core::Error| Error::InvalidCheckpoint {
+        path: path.to_path_buf(),
+        message: format!("tensor {name}: {e}"),
+    };
     let mut tensors = HashMap::new();
+    let mut quantized = HashMap::new();
     for name in file.tensor_names() {
         let Some(hf) = hf_name(&name) else {
             tracing::debug!("skipping GGUF tensor {name}");
@@ -333,25 +435,91 @@ pub(crate) fn load_gguf(
                 message: format!("tensor {name} has no dimensions"),
             });
         }
-        let mut t = q.dequantize(&Device::Cpu)?;
         // llama.cpp permutes llama q/k rows for interleaved RoPE; undo it
         // for our NEOX-style rotary.
-        if arch.gguf_permuted_qk && (hf.contains("q_proj") || hf.contains("k_proj")) {
-            let heads = if hf.contains("q_proj") {
+        let permuted_heads = (arch.gguf_permuted_qk
+            && (hf.contains("q_proj") || hf.contains("k_proj")))
+        .then(|| {
+            if hf.contains("q_proj") {
                 config.num_attention_heads
             } else {
                 config.num_key_value_heads
-            };
-            t = unpermute_rows(&t, heads).map_err(|e| Error::InvalidCheckpoint {
-                path: path.to_path_buf(),
-                message: format!("tensor {name}: {e}"),
-            })?;
+            }
+        });
+        let is_linear = hf.ends_with("_proj.weight") || hf == "lm_head.weight";
+        let block_format = !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+        if keep_quantized && is_linear && block_format && q.shape().dims().len() == 2 {
+            let q = match permuted_heads {
+                Some(heads) => unpermute_quantized_rows(&q, heads, device),
+                None if device.is_cpu() => Ok(q),
+                None => quantized_on(&q, device),
+            }
+            .map_err(|e| bad(&name, e))?;
+            quantized.insert(hf, Arc::new(q));
+            continue;
+        }
+        let mut t = q.dequantize(&Device::Cpu)?;
+        if let Some(heads) = permuted_heads {
+            t = unpermute_rows(&t, heads).map_err(|e| bad(&name, e))?;
         }
         tensors.insert(hf, t.to_dtype(dtype)?.to_device(device)?);
     }
-    tracing::info!("read {} tensors from {}", tensors.len(), path.display());
-    let weights = Weights::from_tensors(tensors, dtype, device, &path.display().to_string());
+    tracing::info!(
+        "read {} tensors ({} kept quantized) from {}",
+        tensors.len() + quantized.len(),
+        quantized.len(),
+        path.display()
+    );
+    let weights = Weights::from_tensors(tensors, dtype, device, &path.display().to_string())
+        .with_quantized(quantized);
     Ok((config, weights, file.metadata().clone()))
+}
+
+/// `q` (read on the CPU) copied to `device`, still quantized.
+fn quantized_on(q: &QTensor, device: &Device) -> candle_core::Result<QTensor> {
+    QTensor::new(
+        QStorage::from_data(q.data()?, device, q.dtype())?,
+        q.shape().clone(),
+    )
+}
+
+/// [`unpermute_rows`] on a block-quantized `[rows, in]` matrix: rows are
+/// whole runs of blocks, so the permutation moves bytes without touching
+/// the quantized values.
+fn unpermute_quantized_rows(
+    q: &QTensor,
+    heads: usize,
+    device: &Device,
+) -> candle_core::Result<QTensor> {
+    let (rows, cols) = q.shape().dims2()?;
+    if heads == 0 || rows % (2 * heads) != 0 {
+        candle_core::bail!("{rows} rows do not split into {heads} heads");
+    }
+    let block = q.dtype().block_size();
+    if cols % block != 0 {
+        candle_core::bail!("{cols} columns are not whole blocks of {block}");
+    }
+    let data = q.data()?;
+    let row_bytes = cols / block * q.dtype().type_size();
+    if data.len() != rows * row_bytes {
+        candle_core::bail!("{} bytes for {rows} rows of {row_bytes}", data.len());
+    }
+    let half = rows / heads / 2;
+    let mut out = vec![0u8; data.len()];
+    for h in 0..heads {
+        for j in 0..2 {
+            for i in 0..half {
+                let new = h * 2 * half + j * half + i;
+                let old = h * 2 * half + i * 2 + j;
+                out[new * row_bytes..(new + 1) * row_bytes]
+                    .copy_from_slice(&data[old * row_bytes..(old + 1) * row_bytes]);
+            }
+        }
+    }
+    QTensor::new(
+        QStorage::from_data(std::borrow::Cow::Owned(out), device, q.dtype())?,
+        q.shape().clone(),
+    )
 }
 
 /// Inverse of llama.cpp's `permute(w, n_head)`: rows grouped per head as

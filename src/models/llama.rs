@@ -181,7 +181,7 @@ impl Llama {
         let lm_head = if config.tie_word_embeddings {
             Linear::new(embed_tokens.clone(), None)
         } else {
-            Linear::new(w.get("lm_head.weight", &[config.vocab_size, h])?, None)
+            Linear::load(w, "lm_head", h, config.vocab_size, false)?
         };
         Ok(Self {
             config: config.clone(),

@@ -16,10 +16,10 @@ mod kv_cache;
 mod llama;
 pub(crate) mod mpnet;
 
-pub(crate) use architectures::load_gguf;
+pub(crate) use architectures::load_with_metadata;
 pub use architectures::{
-    build_decoder, load_decoder, load_from_repo, parse_decoder_config, read_decoder_config,
-    supported_architectures,
+    build_decoder, load_decoder, load_decoder_with, parse_decoder_config, read_decoder_config,
+    supported_architectures, LoadOptions, Quantization,
 };
 pub use config::DecoderConfig;
 pub use decoder::CausalLm;

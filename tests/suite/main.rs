@@ -17,6 +17,7 @@ mod loading;
 mod lora_dataset;
 mod lora_parity;
 mod lora_training;
+mod quantized;
 mod real_generation;
 mod real_lora;
 mod real_qwen2;

@@ -12,6 +12,7 @@ use candle_core::DType;
 use metal_candle::inference::{
     FinishReason, Generator, GeneratorConfig, IncrementalDecoder, LanguageModel, Message,
 };
+use metal_candle::models::{LoadOptions, Quantization};
 
 const QWEN_CODER: &str =
     "Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
@@ -22,7 +23,7 @@ fn json(name: &str) -> serde_json::Value {
 }
 
 fn generator() -> Generator {
-    let lm = LanguageModel::from_pretrained(QWEN_CODER, Some(DType::F32), &device()).unwrap();
+    let lm = LanguageModel::from_pretrained_with(QWEN_CODER, &device(), &dense_f32()).unwrap();
     Generator::new(lm, GeneratorConfig::default()).unwrap()
 }
 
@@ -136,4 +137,12 @@ fn qwen_coder_chat_template_and_streaming() {
         full.text
     );
     eprintln!("chat reply: {:?}", full.text);
+}
+
+/// transformers dequantizes a GGUF file to f32 weights: compare on the same.
+fn dense_f32() -> LoadOptions {
+    LoadOptions {
+        dtype: Some(DType::F32),
+        quantization: Quantization::Dense,
+    }
 }

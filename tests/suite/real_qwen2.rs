@@ -6,6 +6,7 @@
 use crate::common::{device, real_models, reference};
 use candle_core::{DType, IndexOp};
 use metal_candle::inference::{LanguageModel, TextTokenizer};
+use metal_candle::models::{LoadOptions, Quantization};
 
 pub const QWEN_CODER: &str =
     "Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
@@ -16,7 +17,7 @@ fn qwen_coder_gguf_matches_transformers() {
         eprintln!("skipped: set METAL_CANDLE_REAL_MODELS=1 (after scripts/fetch-models.sh)");
         return;
     }
-    let lm = LanguageModel::from_pretrained(QWEN_CODER, Some(DType::F32), &device()).unwrap();
+    let lm = LanguageModel::from_pretrained_with(QWEN_CODER, &device(), &dense_f32()).unwrap();
     let r = reference("qwen2.5-coder-0.5b");
     let meta = crate::common::reference_json("qwen2.5-coder-0.5b");
 
@@ -114,4 +115,12 @@ fn dirs_data() -> std::path::PathBuf {
         || std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/metal-candle"),
         std::path::PathBuf::from,
     )
+}
+
+/// transformers dequantizes a GGUF file to f32 weights: compare on the same.
+fn dense_f32() -> LoadOptions {
+    LoadOptions {
+        dtype: Some(DType::F32),
+        quantization: Quantization::Dense,
+    }
 }
