@@ -20,6 +20,7 @@ use candle_core::DType;
 use clap::Parser;
 use common::greedy;
 use metal_candle::inference::LanguageModel;
+use metal_candle::models::LoadOptions;
 use metal_candle::training::{AdamWConfig, Dataset, DatasetConfig, TrainingMetrics};
 use metal_candle::training::{
     LRScheduler, LoRAAdapter, LoRAAdapterConfig, TargetModule, Trainer, TrainingConfig,
@@ -82,6 +83,11 @@ struct Args {
     /// cpu, cuda, cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Base weights: `as-stored` (a GGUF base stays quantized: QLoRA),
+    /// `dense`, or a format to quantize a safetensors base to at load
+    /// (`q8_0`, `q4_k`, …: QLoRA).
+    #[arg(long, default_value = "as-stored")]
+    quantize: String,
     /// Prompt for the before/after samples.
     #[arg(long, default_value = "Shall I compare thee")]
     prompt: String,
@@ -146,7 +152,14 @@ fn main() -> Result<()> {
     let LanguageModel {
         mut model,
         tokenizer,
-    } = LanguageModel::from_pretrained(&args.model, Some(DType::F32), &device)?;
+    } = LanguageModel::from_pretrained_with(
+        &args.model,
+        &device,
+        &LoadOptions {
+            dtype: Some(DType::F32),
+            quantization: args.quantize.parse()?,
+        },
+    )?;
     let data = Dataset::from_jsonl(
         &args.data,
         &tokenizer,

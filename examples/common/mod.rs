@@ -53,6 +53,10 @@ pub struct GenArgs {
     /// Weights dtype: f32, f16 or bf16 (default: f32 on CPU, bf16 on CUDA).
     #[arg(long)]
     pub dtype: Option<String>,
+    /// `as-stored` (a GGUF file runs quantized), `dense`, or a format to
+    /// quantize a safetensors model to at load (`q8_0`, `q4_k`, …).
+    #[arg(long, default_value = "as-stored")]
+    pub quantize: String,
 }
 
 impl GenArgs {
@@ -93,7 +97,16 @@ impl GenArgs {
             .map(metal_candle::backend::parse_dtype)
             .transpose()?;
         let start = std::time::Instant::now();
-        let gen = Generator::from_pretrained(&self.model, dtype, &device, self.config())?;
+        let options = metal_candle::models::LoadOptions {
+            dtype,
+            quantization: self.quantize.parse()?,
+        };
+        let lm = metal_candle::inference::LanguageModel::from_pretrained_with(
+            &self.model,
+            &device,
+            &options,
+        )?;
+        let gen = Generator::new(lm, self.config())?;
         tracing::info!("loaded {} in {:.1?}", self.model, start.elapsed());
         Ok(gen)
     }

@@ -96,3 +96,125 @@ pub fn random_weights(
         })
         .collect()
 }
+
+/// llama.cpp's tensor name for a Hugging Face one (`None`: not stored).
+fn gguf_name(hf: &str) -> Option<String> {
+    match hf {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let g = match module {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{g}.{kind}"))
+}
+
+/// llama.cpp's `permute(w, n_head)` of q/k rows (for interleaved RoPE).
+fn permute(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    w.reshape((heads, 2, rows / heads / 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))
+}
+
+/// Writes `tensors` (Hugging Face names, any float dtype) of a `config`
+/// model as a GGUF file the way llama.cpp's converter lays it out: its
+/// names, its metadata keys, llama-arch q/k rows permuted, linear weights
+/// in `format` and everything else in f32. For tests and benchmarks.
+///
+/// # Errors
+/// Quantization (a width that is not whole blocks) or I/O failures.
+pub fn write_gguf(
+    tensors: &HashMap<String, Tensor>,
+    config: &DecoderConfig,
+    format: candle_core::quantized::GgmlDType,
+    path: &std::path::Path,
+) -> anyhow::Result<()> {
+    use candle_core::quantized::{gguf_file::Value, GgmlDType, QTensor};
+    use metal_candle::layers::RopeScaling;
+    let arch = config.model_type.as_str();
+    let mut q: Vec<(String, QTensor)> = Vec::new();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for hf in names {
+        let Some(name) = gguf_name(hf) else {
+            anyhow::bail!("no GGUF name for {hf}");
+        };
+        let mut t = tensors[hf].to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+        if matches!(arch, "llama" | "mistral") {
+            if hf.ends_with("q_proj.weight") {
+                t = permute(&t, config.num_attention_heads)?;
+            } else if hf.ends_with("k_proj.weight") {
+                t = permute(&t, config.num_key_value_heads)?;
+            }
+        }
+        let linear = hf.ends_with("_proj.weight") || hf == "lm_head.weight";
+        let f = if linear { format } else { GgmlDType::F32 };
+        q.push((name, QTensor::quantize(&t, f)?));
+    }
+    let u = |v: usize| Value::U32(v as u32);
+    let mut md: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(arch.into())),
+        (format!("{arch}.embedding_length"), u(config.hidden_size)),
+        (format!("{arch}.block_count"), u(config.num_hidden_layers)),
+        (
+            format!("{arch}.feed_forward_length"),
+            u(config.intermediate_size),
+        ),
+        (
+            format!("{arch}.attention.head_count"),
+            u(config.num_attention_heads),
+        ),
+        (
+            format!("{arch}.attention.head_count_kv"),
+            u(config.num_key_value_heads),
+        ),
+        (format!("{arch}.attention.key_length"), u(config.head_dim)),
+        (
+            format!("{arch}.context_length"),
+            u(config.max_position_embeddings),
+        ),
+        (
+            format!("{arch}.rope.freq_base"),
+            Value::F32(config.rope_theta as f32),
+        ),
+        (
+            format!("{arch}.attention.layer_norm_rms_epsilon"),
+            Value::F32(config.rms_norm_eps as f32),
+        ),
+    ];
+    if let RopeScaling::Linear { factor } = config.rope_scaling {
+        md.push((
+            format!("{arch}.rope.scaling.type"),
+            Value::String("linear".into()),
+        ));
+        md.push((
+            format!("{arch}.rope.scaling.factor"),
+            Value::F32(factor as f32),
+        ));
+    }
+    let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = q.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tmp = path.with_extension("gguf.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    candle_core::quantized::gguf_file::write(&mut f, &md_refs, &t_refs)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}

@@ -423,6 +423,7 @@ pub(crate) fn load_gguf(
     };
     let mut tensors = HashMap::new();
     let mut quantized = HashMap::new();
+    let tied = file.tensor_dims("output.weight").is_none();
     for name in file.tensor_names() {
         let Some(hf) = hf_name(&name) else {
             tracing::debug!("skipping GGUF tensor {name}");
@@ -457,6 +458,12 @@ pub(crate) fn load_gguf(
             .map_err(|e| bad(&name, e))?;
             quantized.insert(hf, Arc::new(q));
             continue;
+        }
+        // A tied output projection multiplies by the quantized embedding
+        // table, as llama.cpp does (the lookup itself needs it dense).
+        if keep_quantized && tied && hf == "model.embed_tokens.weight" && block_format {
+            let on_device = quantized_on(&q, device).map_err(|e| bad(&name, e))?;
+            quantized.insert("lm_head.weight".to_string(), Arc::new(on_device));
         }
         let mut t = q.dequantize(&Device::Cpu)?;
         if let Some(heads) = permuted_heads {

@@ -178,7 +178,9 @@ impl Llama {
                 )?,
             });
         }
-        let lm_head = if config.tie_word_embeddings {
+        // A quantized file ties its output projection to the quantized
+        // embedding table (stored as `lm_head.weight` by the loader).
+        let lm_head = if config.tie_word_embeddings && w.quantized("lm_head.weight").is_none() {
             Linear::new(embed_tokens.clone(), None)
         } else {
             Linear::load(w, "lm_head", h, config.vocab_size, false)?

@@ -20,4 +20,5 @@ mod lora_training;
 mod quantized;
 mod real_generation;
 mod real_lora;
+mod real_quantized;
 mod real_qwen2;
