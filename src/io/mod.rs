@@ -9,5 +9,5 @@ mod hub;
 mod loader;
 
 pub use hub::ModelRepo;
-pub(crate) use loader::read_config;
+pub(crate) use loader::{parse_config, parse_safetensors_bytes, read_config};
 pub use loader::{CheckpointInfo, ModelLoader, TensorInfo, Weights};

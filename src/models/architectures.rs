@@ -313,7 +313,16 @@ pub(crate) fn load_gguf(
     dtype: DType,
     device: &Device,
 ) -> Result<(DecoderConfig, Weights, HashMap<String, Value>)> {
-    let mut file = GgufFile::open(path)?;
+    load_gguf_from(GgufFile::open(path)?, path, dtype, device)
+}
+
+/// [`load_gguf`] of an opened file (any reader); `path` names it in errors.
+pub(crate) fn load_gguf_from<R: std::io::Read + std::io::Seek>(
+    mut file: GgufFile<R>,
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<(DecoderConfig, Weights, HashMap<String, Value>)> {
     let arch_name = file.architecture()?;
     let arch = by_gguf(&arch_name)?;
     let config = gguf_config(&file, &arch_name, arch).map_err(|message| Error::InvalidConfig {
@@ -326,13 +335,9 @@ pub(crate) fn load_gguf(
             tracing::debug!("skipping GGUF tensor {name}");
             continue;
         };
+        // `tensor` refuses tensors with no dimensions or elements, and
+        // sizes that do not fit the file, before reading anything.
         let q = file.tensor(&name, &Device::Cpu)?;
-        if q.shape().dims().is_empty() {
-            return Err(Error::InvalidCheckpoint {
-                path: path.to_path_buf(),
-                message: format!("tensor {name} has no dimensions"),
-            });
-        }
         let mut t = q.dequantize(&Device::Cpu)?;
         // llama.cpp permutes llama q/k rows for interleaved RoPE; undo it
         // for our NEOX-style rotary.
@@ -344,7 +349,7 @@ pub(crate) fn load_gguf(
             };
             t = unpermute_rows(&t, heads).map_err(|e| Error::InvalidCheckpoint {
                 path: path.to_path_buf(),
-                message: format!("tensor {name}: {e}"),
+                message: format!("tensor {name}: {}", crate::error::candle_message(e)),
             })?;
         }
         tensors.insert(hf, t.to_dtype(dtype)?.to_device(device)?);
@@ -358,7 +363,9 @@ pub(crate) fn load_gguf(
 /// `[head, half, 2]` go back to `[head, 2, half]`.
 fn unpermute_rows(t: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
     let dims = t.dims().to_vec();
-    let rows = dims[0];
+    let Some(&rows) = dims.first() else {
+        candle_core::bail!("a q/k projection with no dimensions")
+    };
     if heads == 0 || rows % (2 * heads) != 0 {
         candle_core::bail!("{rows} rows do not split into {heads} heads");
     }
@@ -403,8 +410,8 @@ fn hf_name(gguf: &str) -> Option<String> {
 }
 
 /// The [`DecoderConfig`] a GGUF file's metadata describes.
-fn gguf_config(
-    file: &GgufFile,
+fn gguf_config<R: std::io::Read + std::io::Seek>(
+    file: &GgufFile<R>,
     arch_name: &str,
     arch: &Architecture,
 ) -> std::result::Result<DecoderConfig, String> {
@@ -418,14 +425,14 @@ fn gguf_config(
         v.to_u32()
             .map(|x| x as usize)
             .or_else(|_| v.to_u64().map(|x| x as usize))
-            .map_err(|e| format!("{arch_name}.{k}: {e}"))
+            .map_err(|e| format!("{arch_name}.{k}: {}", crate::error::candle_message(e)))
     };
     let float = |k: &str| -> std::result::Result<f64, String> {
         let v = get(k)?;
         v.to_f32()
             .map(f64::from)
             .or_else(|_| v.to_f64())
-            .map_err(|e| format!("{arch_name}.{k}: {e}"))
+            .map_err(|e| format!("{arch_name}.{k}: {}", crate::error::candle_message(e)))
     };
     let embd = file
         .tensor_dims("token_embd.weight")

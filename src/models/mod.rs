@@ -16,11 +16,11 @@ mod kv_cache;
 mod llama;
 pub(crate) mod mpnet;
 
-pub(crate) use architectures::load_gguf;
 pub use architectures::{
     build_decoder, load_decoder, load_from_repo, parse_decoder_config, read_decoder_config,
     supported_architectures,
 };
+pub(crate) use architectures::{load_gguf, load_gguf_from};
 pub use config::DecoderConfig;
 pub use decoder::CausalLm;
 pub use kv_cache::KvCache;

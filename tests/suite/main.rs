@@ -20,3 +20,4 @@ mod lora_training;
 mod real_generation;
 mod real_lora;
 mod real_qwen2;
+mod reliability;
