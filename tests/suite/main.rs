@@ -12,6 +12,7 @@ mod embeddings_parity;
 mod embeddings_real;
 mod generation;
 mod kernels;
+mod kill_resume;
 mod layers;
 mod loading;
 mod lora_dataset;

@@ -651,3 +651,88 @@ fn same_curve(
     }
     assert_eq!(a.stopped_early, b.stopped_early);
 }
+
+/// A seed of the GGUF fuzz target (fuzz/make_seeds.py): a tiny valid
+/// llama-architecture file with a gpt2 tokenizer and a chat template.
+fn gguf_seed(name: &str) -> Vec<u8> {
+    std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/seeds/gguf")
+            .join(name),
+    )
+    .unwrap()
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> usize {
+    haystack
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .unwrap()
+}
+
+fn load_gguf_bytes(bytes: &[u8]) -> metal_candle::Result<metal_candle::inference::LanguageModel> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.gguf");
+    std::fs::write(&path, bytes).unwrap();
+    metal_candle::inference::LanguageModel::from_pretrained(
+        path.to_str().unwrap(),
+        Some(DType::F32),
+        &candle_core::Device::Cpu,
+    )
+}
+
+#[test]
+fn the_gguf_fuzz_seed_loads_and_generates() {
+    use metal_candle::inference::{Generator, GeneratorConfig};
+    let lm = load_gguf_bytes(&gguf_seed("tiny_llama")).unwrap();
+    assert_eq!(lm.model.config().vocab_size, 8);
+    let mut g = Generator::new(
+        lm,
+        GeneratorConfig {
+            max_tokens: 3,
+            stop_on_eos: false,
+            ..GeneratorConfig::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(g.generate("ab").unwrap().tokens.len(), 3);
+}
+
+/// Crafted GGUF files are errors naming the problem, never panics or
+/// allocations the file cannot back.
+#[test]
+fn crafted_gguf_files_are_errors_not_panics() {
+    let seed = gguf_seed("tiny_llama");
+    // A tensor whose dims multiply past usize (and far past the file).
+    let mut huge = seed.clone();
+    let at = find(&huge, b"token_embd.weight") + "token_embd.weight".len();
+    // n_dims (u32) then the first dim (u64).
+    huge[at + 4..at + 12].copy_from_slice(&(1u64 << 62).to_le_bytes());
+    let err = load_gguf_bytes(&huge).unwrap_err().to_string();
+    assert!(
+        err.contains("token_embd.weight") && err.contains("overflow"),
+        "{err}"
+    );
+    // Large but representable: must not be allocated.
+    huge[at + 4..at + 12].copy_from_slice(&(1u64 << 34).to_le_bytes());
+    let err = load_gguf_bytes(&huge).unwrap_err().to_string();
+    assert!(err.contains("do not fit the file"), "{err}");
+    // A tensor with a zero dimension.
+    let mut zero = seed.clone();
+    zero[at + 4..at + 12].copy_from_slice(&0u64.to_le_bytes());
+    let err = load_gguf_bytes(&zero).unwrap_err().to_string();
+    assert!(err.contains("no elements"), "{err}");
+    // general.alignment = 0: Candle's reader divides by it.
+    let mut align = gguf_seed("metadata_only");
+    let at = find(&align, b"general.alignment") + "general.alignment".len();
+    align[at + 4..at + 8].copy_from_slice(&0u32.to_le_bytes());
+    let err = load_gguf_bytes(&align).unwrap_err().to_string();
+    assert!(err.contains("general.alignment is 0"), "{err}");
+    // Truncated anywhere.
+    for cut in (0..seed.len()).step_by(97) {
+        assert!(load_gguf_bytes(&seed[..cut]).is_err(), "cut at {cut}");
+    }
+    // The fuzz entry point runs the same code from memory.
+    metal_candle::fuzzing::gguf(&align);
+    metal_candle::fuzzing::gguf(&huge);
+}
