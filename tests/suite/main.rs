@@ -18,6 +18,7 @@ mod loading;
 mod lora_dataset;
 mod lora_parity;
 mod lora_training;
+mod properties;
 mod real_generation;
 mod real_lora;
 mod real_qwen2;
