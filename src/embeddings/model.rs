@@ -368,11 +368,9 @@ impl EmbeddingModel {
                 )
             }
             other => {
-                return Err(Error::InvalidConfig {
-                    origin: config_path.display().to_string(),
-                    message: format!(
-                        "model_type `{other}` is not supported for embeddings (bert or mpnet)"
-                    ),
+                return Err(Error::UnsupportedArchitecture {
+                    name: other.to_string(),
+                    supported: "bert, mpnet (embeddings)".into(),
                 })
             }
         };

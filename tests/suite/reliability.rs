@@ -736,3 +736,49 @@ fn crafted_gguf_files_are_errors_not_panics() {
     metal_candle::fuzzing::gguf(&align);
     metal_candle::fuzzing::gguf(&huge);
 }
+
+/// Another family's config is an `UnsupportedArchitecture` naming it, for
+/// embeddings as for decoders (GPT-2: tests/suite/decoder_parity.rs).
+#[test]
+fn unsupported_embedding_architectures_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = fixture("embed-tiny-bge");
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        let to = tmp.path().join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), to).unwrap();
+        }
+    }
+    let path = tmp.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    cfg["model_type"] = "gpt2".into();
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let err =
+        metal_candle::embeddings::EmbeddingModel::from_dir(tmp.path(), &candle_core::Device::Cpu)
+            .unwrap_err();
+    assert!(
+        matches!(&err, Error::UnsupportedArchitecture { name, .. } if name == "gpt2"),
+        "{err}"
+    );
+}
+
+/// `layer_types` is indexed per layer: a list of the wrong length is a
+/// config error, not an index out of bounds.
+#[test]
+fn layer_types_of_the_wrong_length_are_a_config_error() {
+    let text = std::fs::read_to_string(fixture("qwen2-tiny").join("config.json")).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for types in [serde_json::json!(["full_attention"]), serde_json::json!([])] {
+        cfg["layer_types"] = types;
+        let err = metal_candle::models::parse_decoder_config(&cfg.to_string(), "config.json")
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("layer types for 2 layers"),
+            "{err}"
+        );
+    }
+}
