@@ -389,8 +389,7 @@ impl EmbeddingModel {
         }
 
         let tokenizer_path = repo.get("tokenizer.json")?;
-        let tokenizer = Tokenizer::from_file(&tokenizer_path)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", tokenizer_path.display())))?;
+        let tokenizer = crate::io::read_tokenizer_json(&tokenizer_path)?;
 
         let mut model = Self {
             backbone,

@@ -46,8 +46,7 @@ impl TextTokenizer {
     /// Missing or malformed `tokenizer.json`.
     pub fn from_repo(repo: &ModelRepo) -> Result<Self> {
         let path = repo.get("tokenizer.json")?;
-        let inner = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let inner = crate::io::read_tokenizer_json(&path)?;
         let mut tok = Self::wrap(inner);
         if let Some(cfg) = repo.get_optional("tokenizer_config.json")? {
             tok.apply_tokenizer_config(&cfg)?;
@@ -67,8 +66,7 @@ impl TextTokenizer {
     /// # Errors
     /// Missing or malformed file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let inner = crate::io::read_tokenizer_json(path)?;
         Ok(Self::wrap(inner))
     }
 
@@ -90,7 +88,7 @@ impl TextTokenizer {
     /// A tokenizer from the text of `tokenizer.json` and, optionally,
     /// `tokenizer_config.json` (the fuzz targets' entry point).
     pub(crate) fn from_json_texts(tokenizer: &str, config: Option<&str>) -> Result<Self> {
-        let inner: tokenizers::Tokenizer = tokenizer.parse().map_err(tok_err)?;
+        let inner = crate::io::parse_tokenizer_json(tokenizer, "tokenizer.json")?;
         let mut tok = Self::wrap(inner);
         if let Some(c) = config {
             let v: serde_json::Value = serde_json::from_str(c)
@@ -214,7 +212,7 @@ impl TextTokenizer {
                 "vocab": vocab, "merges": merges,
             },
         });
-        let inner: tokenizers::Tokenizer = spec.to_string().parse().map_err(tok_err)?;
+        let inner = crate::io::parse_tokenizer_json(&spec.to_string(), "GGUF tokenizer")?;
         let id = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
         let token = |i: Option<u32>| {
             i.and_then(|i| tokens.get(i as usize))

@@ -782,3 +782,25 @@ fn layer_types_of_the_wrong_length_are_a_config_error() {
         );
     }
 }
+
+/// Found by the tokenizer fuzz target: a `tokenizer.json` with a raw
+/// control character inside a string made `tokenizers` 0.23 panic
+/// (`expect("Helper")` in its decoder deserializer) instead of erroring.
+#[test]
+fn malformed_tokenizer_json_is_an_error_not_a_panic() {
+    let seed = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/seeds/tokenizer/regression-decoder-expect-panic"),
+    )
+    .unwrap();
+    let json = &seed[..seed.iter().position(|&b| b == 0).unwrap_or(seed.len())];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenizer.json");
+    std::fs::write(&path, json).unwrap();
+    let err = metal_candle::inference::TextTokenizer::from_file(&path).unwrap_err();
+    assert!(
+        matches!(err, Error::Tokenizer(_)) && err.to_string().contains("tokenizer.json"),
+        "{err}"
+    );
+    metal_candle::fuzzing::tokenizer(&seed);
+}
