@@ -804,3 +804,22 @@ fn malformed_tokenizer_json_is_an_error_not_a_panic() {
     );
     metal_candle::fuzzing::tokenizer(&seed);
 }
+
+/// Found by the tokenizer fuzz target (second finding): a BPE model whose
+/// merges do not fit its subword prefix/suffix settings makes `tokenizers`
+/// 0.23 slice out of bounds while building the merge map. The parse runs
+/// under `catch_unwind`: an `Error::Tokenizer`, not a crash.
+#[test]
+fn tokenizer_json_that_panics_inside_tokenizers_is_an_error() {
+    let seed = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/seeds/tokenizer/regression-bpe-merge-prefix-panic"),
+    )
+    .unwrap();
+    let json = &seed[..seed.iter().position(|&b| b == 0).unwrap_or(seed.len())];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenizer.json");
+    std::fs::write(&path, json).unwrap();
+    let err = metal_candle::inference::TextTokenizer::from_file(&path).unwrap_err();
+    assert!(err.to_string().contains("panicked"), "{err}");
+}
