@@ -193,7 +193,8 @@ impl AdamW {
     /// Nothing changes unless every tensor is valid.
     ///
     /// # Errors
-    /// See [`Self::check_state`].
+    /// An unknown name, a shape that differs from its parameter, a missing
+    /// partner moment, or non-finite values.
     pub fn load_state(
         &mut self,
         tensors: &std::collections::HashMap<String, Tensor>,
