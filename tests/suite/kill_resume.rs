@@ -98,6 +98,21 @@ fn child_trainer() {
         )
         .unwrap();
     }
+    #[cfg(unix)]
+    {
+        // After `train`, SIGINT is handled as before it (the default here).
+        // SAFETY: reads the current action only.
+        let restored = unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(libc::SIGINT, std::ptr::null(), &mut old);
+            old.sa_sigaction == libc::SIG_DFL
+        };
+        std::fs::write(
+            Path::new(&out).join("sigint_after_train"),
+            if restored { "default" } else { "still ours" },
+        )
+        .unwrap();
+    }
 }
 
 fn spawn(out: &Path, ctrl_c: bool) -> Child {
@@ -260,6 +275,11 @@ fn ctrl_c_finishes_the_step_checkpoints_and_exits_cleanly() {
         .unwrap();
     assert!((2..STEPS).contains(&stopped), "{stopped}");
     assert!(out.path().join(format!("checkpoint-{stopped}")).is_dir());
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("sigint_after_train")).unwrap(),
+        "default",
+        "the SIGINT handler is removed after train"
+    );
     assert!(!out.path().join("adapter_model.safetensors").exists());
     assert_eq!(
         check_prefix(out.path(), &reference, "after Ctrl-C"),
