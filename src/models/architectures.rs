@@ -10,7 +10,7 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::Value;
 use candle_core::{DType, Device, Tensor};
 
-use super::config::{eos_ids, rope_scaling_from_json, DecoderConfig, RawConfig};
+use super::config::{eos_ids, rope_scaling_from_json, DecoderConfig, RawConfig, MAX_LAYERS};
 use super::decoder::CausalLm;
 use super::llama::Llama;
 use crate::error::{Error, Result};
@@ -163,6 +163,12 @@ impl Architecture {
             }
         }
         let layers = raw.num_hidden_layers;
+        // Checked before the per-layer list below is allocated.
+        if layers > MAX_LAYERS {
+            return Err(format!(
+                "num_hidden_layers {layers} is larger than supported ({MAX_LAYERS})"
+            ));
+        }
         let sliding_windows = match (&raw.layer_types, self.windows) {
             (_, Windows::Never) => vec![None; layers],
             (Some(types), _) => types
@@ -444,6 +450,12 @@ fn gguf_config<R: std::io::Read + std::io::Seek>(
         return Err(format!("{arch_name}.attention.head_count must be positive"));
     }
     let layers = num("block_count")?;
+    // Checked before the per-layer list below is allocated.
+    if layers > MAX_LAYERS {
+        return Err(format!(
+            "{arch_name}.block_count {layers} is larger than supported ({MAX_LAYERS})"
+        ));
+    }
     let context = num("context_length")?;
     let rope_scaling = match md
         .get(&format!("{arch_name}.rope.scaling.type"))

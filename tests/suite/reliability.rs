@@ -823,3 +823,40 @@ fn tokenizer_json_that_panics_inside_tokenizers_is_an_error() {
     let err = metal_candle::inference::TextTokenizer::from_file(&path).unwrap_err();
     assert!(err.to_string().contains("panicked"), "{err}");
 }
+
+/// Found by the GGUF fuzz target: a `block_count` of billions made the
+/// config reader allocate a per-layer list of that length (an
+/// out-of-memory abort); `num_hidden_layers` in config.json did the same.
+/// Layer counts (and the other sizes) are bounded before anything is sized
+/// by them.
+#[test]
+fn absurd_layer_counts_are_config_errors_not_allocations() {
+    let seed = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/gguf/regression-huge-block-count"),
+    )
+    .unwrap();
+    let err = load_gguf_bytes(&seed).unwrap_err().to_string();
+    assert!(
+        err.contains("block_count") && err.contains("larger than supported"),
+        "{err}"
+    );
+    metal_candle::fuzzing::gguf(&seed);
+
+    let text = std::fs::read_to_string(fixture("qwen2-tiny").join("config.json")).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&text).unwrap();
+    cfg.as_object_mut().unwrap().remove("layer_types");
+    for (field, value) in [
+        ("num_hidden_layers", 4_000_000_000u64),
+        ("head_dim", 1 << 40),
+        ("vocab_size", 1 << 40),
+    ] {
+        let mut c = cfg.clone();
+        c[field] = value.into();
+        let err =
+            metal_candle::models::parse_decoder_config(&c.to_string(), "config.json").unwrap_err();
+        assert!(
+            err.to_string().contains(field) && err.to_string().contains("larger than supported"),
+            "{field}: {err}"
+        );
+    }
+}
