@@ -32,7 +32,7 @@ impl StopHandle {
         self.0.load(Ordering::SeqCst)
     }
 
-    /// Forgets a request (the trainer does this when a run starts).
+    /// Forgets a request (the trainer does this once it has honoured it).
     pub(crate) fn reset(&self) {
         self.0.store(false, Ordering::SeqCst);
     }

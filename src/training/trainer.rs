@@ -323,7 +323,9 @@ impl<'a> Trainer<'a> {
     }
 
     /// A handle that asks [`Self::train`] to stop after the current step
-    /// (from another thread, a signal handler of the application's, …).
+    /// (from another thread, a signal handler of the application's, …). A
+    /// request made before `train` is honoured after its first step; it is
+    /// consumed when `train` returns.
     #[must_use]
     pub fn stop_handle(&self) -> StopHandle {
         self.stop.clone()
@@ -520,7 +522,6 @@ impl<'a> Trainer<'a> {
         } else {
             None
         };
-        self.stop.reset();
         self.metrics.stopped_early = false;
         let total = self.total_steps(train);
         let mut metrics_file = match &self.config.output_dir {
@@ -590,11 +591,15 @@ impl<'a> Trainer<'a> {
             if stop {
                 tracing::info!("stop requested: stopped after step {}", self.step);
                 self.metrics.stopped_early = true;
+                // The request is consumed: the next `train` runs on.
+                self.stop.reset();
                 bar.finish_and_clear();
                 return Ok(self.metrics.clone());
             }
         }
         bar.finish_and_clear();
+        // A request that came during the last step has nothing left to stop.
+        self.stop.reset();
         if let Some(dir) = &self.config.output_dir {
             save_peft_adapter(&self.adapter, dir, self.config.base_model.as_deref())?;
         }
