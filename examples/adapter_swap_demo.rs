@@ -80,6 +80,8 @@ fn train_demo(
         lr_schedule: LRScheduler::Constant { lr: 2e-3 },
         seed,
         progress: true,
+        // Ctrl-C stops after the current step instead of killing the run.
+        stop_on_ctrl_c: true,
         ..TrainingConfig::default()
     };
     let m = Trainer::new(model, &adapter, config)?.train(&data, None)?;

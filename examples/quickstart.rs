@@ -163,6 +163,8 @@ fn fine_tune(args: &Args, device: &metal_candle::backend::Device) -> Result<()> 
         seed: 7,
         base_model: Some(args.train_model.clone()),
         progress: true,
+        // Ctrl-C stops after the current step instead of killing the run.
+        stop_on_ctrl_c: true,
         ..TrainingConfig::default()
     };
     let metrics = Trainer::new(&mut model, &adapter, config)?.train(&train, Some(&eval))?;

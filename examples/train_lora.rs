@@ -77,6 +77,12 @@ struct Args {
     /// Save a checkpoint every N steps (0: never).
     #[arg(long, default_value_t = 0)]
     save_every: usize,
+    /// Keep only the newest N checkpoints (0: all).
+    #[arg(long, default_value_t = 3)]
+    save_total_limit: usize,
+    /// Continue from the newest checkpoint in --output-dir, if any.
+    #[arg(long)]
+    resume: bool,
     /// Seed for the adapter init, the split and shuffling.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -214,16 +220,33 @@ fn main() -> Result<()> {
         max_grad_norm: Some(1.0),
         eval_every: Some((args.max_steps / 3).max(1)),
         save_every: (args.save_every > 0).then_some(args.save_every),
+        save_total_limit: (args.save_total_limit > 0).then_some(args.save_total_limit),
         output_dir: Some(args.output_dir.clone()),
         seed: args.seed,
         base_model: Some(args.model.clone()),
         progress: true,
+        // Ctrl-C: finish the step, write a checkpoint, stop (--resume continues).
+        stop_on_ctrl_c: true,
         ..TrainingConfig::default()
     };
     let metrics = {
         let mut trainer = Trainer::new(&mut model, &adapter, config)?;
+        if args.resume {
+            match trainer.resume_from_latest(&args.output_dir)? {
+                Some(step) => println!("resumed at step {step}"),
+                None => println!("no checkpoint in {}: starting", args.output_dir.display()),
+            }
+        }
         trainer.train(&train, Some(&eval))?
     };
+    if metrics.stopped_early {
+        println!(
+            "stopped after step {} (checkpoint in {}; run again with --resume)",
+            metrics.steps.len(),
+            args.output_dir.display()
+        );
+        return Ok(());
+    }
     plot_loss(&metrics, &args.output_dir.join("loss.svg"))?;
     let after = greedy(&model, &tokenizer, &args.prompt, args.sample_tokens)?;
 

@@ -5,9 +5,11 @@ use std::path::PathBuf;
 /// Errors returned by metal-candle.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A tensor operation failed inside Candle.
+    /// A tensor operation failed inside Candle. Built with `From`, which
+    /// drops the backtrace Candle attaches under `RUST_BACKTRACE=1` so
+    /// messages stay messages.
     #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
 
     /// Reading or writing a file failed.
     #[error("I/O error on {path}: {source}")]
@@ -109,6 +111,45 @@ pub enum Error {
         /// The offending loss value.
         loss: f32,
     },
+
+    /// An optimizer step produced NaN or infinite adapter weights. The
+    /// step was not applied: the adapter keeps the values of the step before.
+    #[error(
+        "training diverged: optimizer step {step} produced non-finite adapter weights \
+         (not applied; the adapter keeps the weights of step {previous})",
+        previous = step.saturating_sub(1)
+    )]
+    NonFiniteWeights {
+        /// The optimizer step (1-based) that was rejected.
+        step: usize,
+    },
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Candle(strip_backtrace(e))
+    }
+}
+
+/// Candle's error without the backtraces it attaches when `RUST_BACKTRACE`
+/// is set (they would otherwise be printed inside our messages), with
+/// `context` joined by `": "` onto one line.
+pub(crate) fn strip_backtrace(e: candle_core::Error) -> candle_core::Error {
+    use candle_core::Error as C;
+    match e {
+        C::WithBacktrace { inner, .. } => strip_backtrace(*inner),
+        C::Context { inner, context } => C::Msg(format!("{context}: {}", strip_backtrace(*inner))),
+        C::WithPath { inner, path } => C::WithPath {
+            inner: Box::new(strip_backtrace(*inner)),
+            path,
+        },
+        other => other,
+    }
+}
+
+/// The message of a Candle error, without backtrace.
+pub(crate) fn candle_message(e: candle_core::Error) -> String {
+    strip_backtrace(e).to_string()
 }
 
 impl Error {

@@ -19,6 +19,8 @@
 pub mod backend;
 pub mod embeddings;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod inference;
 pub mod io;
 pub mod layers;

@@ -30,6 +30,7 @@ mod model;
 mod pooling;
 mod search;
 
+pub(crate) use model::fuzz_sentence_transformers_files;
 pub use model::{EmbeddingModel, EmbeddingModelType};
 pub use pooling::{normalize, Pooling, PoolingMode};
 pub use search::{cosine_similarity, top_k, Hit, SemanticIndex};

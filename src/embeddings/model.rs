@@ -188,6 +188,46 @@ struct ModelType {
     model_type: String,
 }
 
+/// What `modules.json` asks for: the Pooling module's folder and whether
+/// a Normalize module follows.
+fn modules_plan(text: &str) -> std::result::Result<(String, bool), String> {
+    let modules: Vec<ModuleEntry> = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let mut pooling = None;
+    let mut normalize = false;
+    for m in &modules {
+        let kind = m.kind.rsplit('.').next().unwrap_or_default();
+        match kind {
+            "Transformer" if m.path.is_empty() => {}
+            "Transformer" => {
+                return Err(format!(
+                    "the transformer in subfolder `{}` is not supported (only the repo root)",
+                    m.path
+                ))
+            }
+            "Pooling" => pooling = Some(m.path.clone()),
+            "Normalize" => normalize = true,
+            other => {
+                return Err(format!(
+                    "sentence-transformers module `{other}` ({}) is not supported",
+                    m.kind
+                ))
+            }
+        }
+    }
+    let pooling = pooling.ok_or("no Pooling module")?;
+    Ok((pooling, normalize))
+}
+
+/// The fuzz target of the sentence-transformers files: `modules.json`,
+/// `sentence_bert_config.json`, `config_sentence_transformers.json` and a
+/// pooling config, all parsed from `text`.
+pub(crate) fn fuzz_sentence_transformers_files(text: &str) {
+    let _ = modules_plan(text);
+    let _ = serde_json::from_str::<SbertConfig>(text);
+    let _ = serde_json::from_str::<StConfig>(text);
+    let _ = Pooling::from_json(text);
+}
+
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| Error::InvalidConfig {
@@ -328,11 +368,9 @@ impl EmbeddingModel {
                 )
             }
             other => {
-                return Err(Error::InvalidConfig {
-                    origin: config_path.display().to_string(),
-                    message: format!(
-                        "model_type `{other}` is not supported for embeddings (bert or mpnet)"
-                    ),
+                return Err(Error::UnsupportedArchitecture {
+                    name: other.to_string(),
+                    supported: "bert, mpnet (embeddings)".into(),
                 })
             }
         };
@@ -351,8 +389,7 @@ impl EmbeddingModel {
         }
 
         let tokenizer_path = repo.get("tokenizer.json")?;
-        let tokenizer = Tokenizer::from_file(&tokenizer_path)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", tokenizer_path.display())))?;
+        let tokenizer = crate::io::read_tokenizer_json(&tokenizer_path)?;
 
         let mut model = Self {
             backbone,
@@ -399,41 +436,14 @@ impl EmbeddingModel {
             );
             return Ok((Pooling::default(), false));
         };
-        let modules: Vec<ModuleEntry> = read_json(&path)?;
-        let mut pooling = None;
-        let mut normalize = false;
-        for m in &modules {
-            let kind = m.kind.rsplit('.').next().unwrap_or_default();
-            let invalid = |message: String| Error::InvalidConfig {
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let (pooling_dir, normalize) =
+            modules_plan(&text).map_err(|message| Error::InvalidConfig {
                 origin: path.display().to_string(),
                 message,
-            };
-            match kind {
-                "Transformer" if m.path.is_empty() => {}
-                "Transformer" => {
-                    return Err(invalid(format!(
-                        "the transformer in subfolder `{}` is not supported (only the repo root)",
-                        m.path
-                    )))
-                }
-                "Pooling" => {
-                    pooling = Some(Pooling::from_file(
-                        &repo.get(&format!("{}/config.json", m.path))?,
-                    )?);
-                }
-                "Normalize" => normalize = true,
-                other => {
-                    return Err(invalid(format!(
-                        "sentence-transformers module `{other}` ({}) is not supported",
-                        m.kind
-                    )))
-                }
-            }
-        }
-        let pooling = pooling.ok_or_else(|| Error::InvalidConfig {
-            origin: path.display().to_string(),
-            message: "no Pooling module".into(),
-        })?;
+            })?;
+        // `repo.get` refuses a folder outside the model (`../..`).
+        let pooling = Pooling::from_file(&repo.get(&format!("{pooling_dir}/config.json"))?)?;
         Ok((pooling, normalize))
     }
 

@@ -353,7 +353,8 @@ impl Sampler {
     /// [`LogitsProcessor::apply_penalties`]).
     ///
     /// # Errors
-    /// Tensor errors, or logits that are all `-inf`/NaN when sampling.
+    /// Tensor errors, or logits that are all `-inf`/NaN (or contain `+inf`)
+    /// when sampling.
     pub fn sample(&mut self, logits: &Tensor, context: &[u32], generated: &[u32]) -> Result<u32> {
         let l =
             self.processor
@@ -377,6 +378,14 @@ impl Sampler {
             .iter()
             .map(|x| x.1)
             .fold(f32::NEG_INFINITY, f32::max);
+        if max == f32::INFINITY {
+            // Softmax is undefined with +inf logits (transformers gives NaN
+            // probabilities): say what happened rather than guess a token.
+            return Err(Error::InvalidInput(
+                "no token can be sampled: the logits contain +inf (the model's activations overflowed)"
+                    .into(),
+            ));
+        }
         if c.tokens.is_empty() || !max.is_finite() {
             return Err(Error::InvalidInput(
                 "no token can be sampled: the logits are all -inf or NaN".into(),

@@ -29,6 +29,14 @@ fn tok_err(e: impl std::fmt::Display) -> Error {
     Error::Tokenizer(e.to_string())
 }
 
+/// A GGUF metadata value of the wrong type (Candle's error, backtrace dropped).
+fn md_err(e: candle_core::Error) -> Error {
+    Error::Tokenizer(format!(
+        "GGUF tokenizer metadata: {}",
+        crate::error::candle_message(e)
+    ))
+}
+
 impl TextTokenizer {
     /// Loads `tokenizer.json` and, when present, `tokenizer_config.json`
     /// (chat template, eos/bos tokens) and `generation_config.json` (eos ids)
@@ -38,8 +46,7 @@ impl TextTokenizer {
     /// Missing or malformed `tokenizer.json`.
     pub fn from_repo(repo: &ModelRepo) -> Result<Self> {
         let path = repo.get("tokenizer.json")?;
-        let inner = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let inner = crate::io::read_tokenizer_json(&path)?;
         let mut tok = Self::wrap(inner);
         if let Some(cfg) = repo.get_optional("tokenizer_config.json")? {
             tok.apply_tokenizer_config(&cfg)?;
@@ -59,8 +66,7 @@ impl TextTokenizer {
     /// # Errors
     /// Missing or malformed file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let inner = crate::io::read_tokenizer_json(path)?;
         Ok(Self::wrap(inner))
     }
 
@@ -76,6 +82,23 @@ impl TextTokenizer {
 
     fn apply_tokenizer_config(&mut self, path: &Path) -> Result<()> {
         let v = read_json(path)?;
+        self.apply_tokenizer_config_value(&v)
+    }
+
+    /// A tokenizer from the text of `tokenizer.json` and, optionally,
+    /// `tokenizer_config.json` (the fuzz targets' entry point).
+    pub(crate) fn from_json_texts(tokenizer: &str, config: Option<&str>) -> Result<Self> {
+        let inner = crate::io::parse_tokenizer_json(tokenizer, "tokenizer.json")?;
+        let mut tok = Self::wrap(inner);
+        if let Some(c) = config {
+            let v: serde_json::Value = serde_json::from_str(c)
+                .map_err(|e| Error::config("tokenizer_config.json", e.to_string()))?;
+            tok.apply_tokenizer_config_value(&v)?;
+        }
+        Ok(tok)
+    }
+
+    fn apply_tokenizer_config_value(&mut self, v: &serde_json::Value) -> Result<()> {
         let token_text = |key: &str| -> Option<String> {
             match v.get(key)? {
                 serde_json::Value::String(s) => Some(s.clone()),
@@ -109,7 +132,7 @@ impl TextTokenizer {
             md.get(k)
                 .ok_or_else(|| tok_err(format!("GGUF metadata lacks {k}")))
         };
-        let model = get("tokenizer.ggml.model")?.to_string().map_err(tok_err)?;
+        let model = get("tokenizer.ggml.model")?.to_string().map_err(md_err)?;
         if model != "gpt2" {
             return Err(tok_err(format!(
                 "GGUF tokenizer model `{model}` is not supported (gpt2 BPE only)"
@@ -119,11 +142,11 @@ impl TextTokenizer {
             .get("tokenizer.ggml.pre")
             .and_then(|v| v.to_string().ok())
             .map_or("default", String::as_str);
-        let tokens = get("tokenizer.ggml.tokens")?.to_vec().map_err(tok_err)?;
+        let tokens = get("tokenizer.ggml.tokens")?.to_vec().map_err(md_err)?;
         let types: Vec<i32> = match md.get("tokenizer.ggml.token_type") {
             Some(v) => v
                 .to_vec()
-                .map_err(tok_err)?
+                .map_err(md_err)?
                 .iter()
                 .map(|t| t.to_i32().unwrap_or(1))
                 .collect(),
@@ -131,14 +154,14 @@ impl TextTokenizer {
         };
         let merges: Vec<String> = get("tokenizer.ggml.merges")?
             .to_vec()
-            .map_err(tok_err)?
+            .map_err(md_err)?
             .iter()
-            .map(|m| m.to_string().cloned().map_err(tok_err))
+            .map(|m| m.to_string().cloned().map_err(md_err))
             .collect::<Result<_>>()?;
         let mut vocab = serde_json::Map::new();
         let mut added = Vec::new();
         for (id, t) in tokens.iter().enumerate() {
-            let text = t.to_string().map_err(tok_err)?;
+            let text = t.to_string().map_err(md_err)?;
             // llama.cpp token types: 1 normal, 3 control, 4 user-defined, 5 unused.
             match types.get(id).copied().unwrap_or(1) {
                 5 => continue,
@@ -189,7 +212,7 @@ impl TextTokenizer {
                 "vocab": vocab, "merges": merges,
             },
         });
-        let inner: tokenizers::Tokenizer = spec.to_string().parse().map_err(tok_err)?;
+        let inner = crate::io::parse_tokenizer_json(&spec.to_string(), "GGUF tokenizer")?;
         let id = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
         let token = |i: Option<u32>| {
             i.and_then(|i| tokens.get(i as usize))
@@ -200,7 +223,7 @@ impl TextTokenizer {
         let bos = id("tokenizer.ggml.bos_token_id");
         let chat_template = match md.get("tokenizer.chat_template") {
             Some(t) => Some(ChatTemplate::new(
-                t.to_string().map_err(tok_err)?,
+                t.to_string().map_err(md_err)?,
                 &token(bos),
                 &token(eos),
             )?),

@@ -120,11 +120,16 @@ impl ModelRepo {
     }
 
     /// The path of `filename`, downloading it if needed and allowed.
+    /// `filename` is relative to the repo (`a/b.json`); names that would
+    /// leave it (absolute, `..`, backslashes) are refused, since file names
+    /// also come from the repo's own files (shard indexes, `modules.json`).
     ///
     /// # Errors
+    /// [`Error::InvalidInput`] for a name outside the repo;
     /// [`Error::ModelNotFound`] when the file is not there (offline: not in
     /// the cache), [`Error::Hub`] when a download fails.
     pub fn get(&self, filename: &str) -> Result<PathBuf> {
+        check_inside(filename)?;
         match &self.location {
             Location::Dir(dir) => {
                 let p = dir.join(filename);
@@ -169,6 +174,7 @@ impl ModelRepo {
     /// # Errors
     /// Fails when listing the repo or downloading fails.
     pub fn get_optional(&self, filename: &str) -> Result<Option<PathBuf>> {
+        check_inside(filename)?;
         if let Some(p) = self.cached(filename) {
             return Ok(Some(p));
         }
@@ -264,6 +270,29 @@ impl ModelRepo {
             ),
         }
     }
+}
+
+/// Refuses a repo file name that could resolve outside the repo folder: an
+/// absolute path, a `..` or `.` component, an empty component, a backslash
+/// (a separator on Windows) or a NUL.
+pub(crate) fn inside_repo(filename: &str) -> std::result::Result<(), String> {
+    let bad = filename.is_empty()
+        || filename.starts_with('/')
+        || filename.contains(['\\', '\0'])
+        || filename
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..");
+    if bad {
+        return Err(format!(
+            "`{filename}` points outside the model folder (absolute, `..`, `\\` or empty parts); \
+             only files inside it are read"
+        ));
+    }
+    Ok(())
+}
+
+fn check_inside(filename: &str) -> Result<()> {
+    inside_repo(filename).map_err(Error::InvalidInput)
 }
 
 fn hub_repo(repo_id: &str, revision: &str) -> Repo {

@@ -31,7 +31,9 @@ impl TensorInfo {
     /// Number of elements.
     #[must_use]
     pub fn numel(&self) -> usize {
-        self.shape.iter().product()
+        // Saturating: shapes come from files (checked against the file size
+        // when read, but a hand-made `TensorInfo` may hold anything).
+        self.shape.iter().fold(1usize, |n, &d| n.saturating_mul(d))
     }
 }
 
@@ -48,7 +50,9 @@ impl CheckpointInfo {
     /// Total number of parameters.
     #[must_use]
     pub fn parameter_count(&self) -> usize {
-        self.tensors.iter().map(TensorInfo::numel).sum()
+        self.tensors
+            .iter()
+            .fold(0usize, |n, t| n.saturating_add(t.numel()))
     }
 }
 
@@ -77,6 +81,13 @@ impl ModelLoader {
             let mut shards: Vec<&String> = parsed.weight_map.values().collect();
             shards.sort();
             shards.dedup();
+            // The index is data: a shard named `../../x` must not be read.
+            for s in &shards {
+                super::hub::inside_repo(s).map_err(|message| Error::InvalidCheckpoint {
+                    path: index.clone(),
+                    message: format!("shard {message}"),
+                })?;
+            }
             return shards.into_iter().map(|s| repo.get(s)).collect();
         }
         match repo.get_optional("model.safetensors")? {
@@ -133,7 +144,7 @@ impl ModelLoader {
             let st =
                 unsafe { MmapedSafetensors::new(f) }.map_err(|e| Error::InvalidCheckpoint {
                     path: f.clone(),
-                    message: e.to_string(),
+                    message: crate::error::candle_message(e),
                 })?;
             shards.push(st);
         }
@@ -160,11 +171,17 @@ pub(crate) fn read_config<T: serde::de::DeserializeOwned>(
     validate: impl Fn(&T) -> std::result::Result<(), String>,
 ) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let invalid = |message: String| Error::InvalidConfig {
-        origin: path.display().to_string(),
-        message,
-    };
-    let cfg: T = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+    parse_config(&text, &path.display().to_string(), validate)
+}
+
+/// [`read_config`] on text already read; `origin` names it in errors.
+pub(crate) fn parse_config<T: serde::de::DeserializeOwned>(
+    text: &str,
+    origin: &str,
+    validate: impl Fn(&T) -> std::result::Result<(), String>,
+) -> Result<T> {
+    let invalid = |message: String| Error::config(origin, message);
+    let cfg: T = serde_json::from_str(text).map_err(|e| invalid(e.to_string()))?;
     validate(&cfg).map_err(invalid)?;
     Ok(cfg)
 }
@@ -181,17 +198,49 @@ fn read_safetensors_header(path: &Path) -> Result<Vec<TensorInfo>> {
     file.read_exact(&mut len_bytes)
         .map_err(|_| bad("file is shorter than a safetensors header".into()))?;
     let header_len = u64::from_le_bytes(len_bytes);
-    if header_len > 100_000_000 || 8 + header_len > file_len {
-        return Err(bad(format!(
-            "header length {header_len} does not fit a file of {file_len} bytes (truncated or not safetensors)"
-        )));
-    }
+    check_header_len(header_len, file_len).map_err(bad)?;
     let mut header = vec![0u8; header_len as usize];
     file.read_exact(&mut header)
         .map_err(|e| bad(format!("cannot read header: {e}")))?;
+    parse_safetensors_header(&header, file_len - 8 - header_len).map_err(bad)
+}
+
+/// The header must fit the file (and a sane size: it is read into memory).
+fn check_header_len(header_len: u64, file_len: u64) -> std::result::Result<(), String> {
+    if header_len > 100_000_000 || header_len > file_len.saturating_sub(8) {
+        return Err(format!(
+            "header length {header_len} does not fit a file of {file_len} bytes (truncated or not safetensors)"
+        ));
+    }
+    Ok(())
+}
+
+/// A whole safetensors file in memory: header checks as
+/// [`read_safetensors_header`] (the fuzz targets call this).
+pub(crate) fn parse_safetensors_bytes(
+    bytes: &[u8],
+) -> std::result::Result<Vec<TensorInfo>, String> {
+    let len_bytes: [u8; 8] = bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or("file is shorter than a safetensors header")?;
+    let header_len = u64::from_le_bytes(len_bytes);
+    let file_len = bytes.len() as u64;
+    check_header_len(header_len, file_len)?;
+    // Fits in usize: at most 100 MB, checked above.
+    let header = &bytes[8..8 + header_len as usize];
+    parse_safetensors_header(header, file_len - 8 - header_len)
+}
+
+/// Parses the JSON header and checks every tensor's offsets against its
+/// shape, its dtype and the `data_len` bytes that follow the header. All
+/// arithmetic on the (untrusted) shapes and offsets is checked.
+fn parse_safetensors_header(
+    header: &[u8],
+    data_len: u64,
+) -> std::result::Result<Vec<TensorInfo>, String> {
     let parsed: BTreeMap<String, serde_json::Value> =
-        serde_json::from_slice(&header).map_err(|e| bad(format!("header is not JSON: {e}")))?;
-    let data_len = file_len - 8 - header_len;
+        serde_json::from_slice(header).map_err(|e| format!("header is not JSON: {e}"))?;
     let mut out = Vec::new();
     for (name, v) in parsed {
         if name == "__metadata__" {
@@ -203,22 +252,25 @@ fn read_safetensors_header(path: &Path) -> Result<Vec<TensorInfo>> {
             shape: Vec<usize>,
             data_offsets: (u64, u64),
         }
-        let e: Entry = serde_json::from_value(v)
-            .map_err(|e| bad(format!("bad header entry for `{name}`: {e}")))?;
+        let e: Entry =
+            serde_json::from_value(v).map_err(|e| format!("bad header entry for `{name}`: {e}"))?;
         let elem = dtype_size(&e.dtype)
-            .ok_or_else(|| bad(format!("`{name}` has unknown dtype {}", e.dtype)))?;
+            .ok_or_else(|| format!("`{name}` has unknown dtype {}", e.dtype))?;
         let (start, end) = e.data_offsets;
-        let numel: u64 = e.shape.iter().map(|&d| d as u64).product();
-        if end < start || end - start != numel * elem {
-            return Err(bad(format!(
+        let bytes = e
+            .shape
+            .iter()
+            .try_fold(elem, |acc, &d| acc.checked_mul(d as u64));
+        if end < start || bytes != Some(end - start) {
+            return Err(format!(
                 "`{name}`: data offsets {start}..{end} do not match shape {:?} of {}",
                 e.shape, e.dtype
-            )));
+            ));
         }
         if end > data_len {
-            return Err(bad(format!(
+            return Err(format!(
                 "`{name}` ends at byte {end} but the file holds {data_len} data bytes (truncated?)"
-            )));
+            ));
         }
         out.push(TensorInfo {
             name,

@@ -7,7 +7,9 @@ pub(crate) mod gguf;
 pub use gguf::resolve_gguf;
 mod hub;
 mod loader;
+mod tokenizer_json;
 
 pub use hub::ModelRepo;
-pub(crate) use loader::read_config;
+pub(crate) use loader::{parse_config, parse_safetensors_bytes, read_config};
 pub use loader::{CheckpointInfo, ModelLoader, TensorInfo, Weights};
+pub(crate) use tokenizer_json::{parse_tokenizer_json, read_tokenizer_json};

@@ -125,7 +125,12 @@ impl Linear {
             BaseWeight::Dense(w) => w.dims(),
             BaseWeight::Quantized(q) => q.shape().dims(),
         };
-        (d[0], d[1])
+        // `new` takes any tensor: a weight that is not 2-D reports 0s here
+        // and fails with a shape error in `forward` instead of panicking.
+        (
+            d.first().copied().unwrap_or(0),
+            d.get(1).copied().unwrap_or(0),
+        )
     }
 
     /// Whether the base weight is quantized.

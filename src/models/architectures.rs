@@ -13,7 +13,7 @@ use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
 
-use super::config::{eos_ids, rope_scaling_from_json, DecoderConfig, RawConfig};
+use super::config::{eos_ids, rope_scaling_from_json, DecoderConfig, RawConfig, MAX_LAYERS};
 use super::decoder::CausalLm;
 use super::llama::Llama;
 use crate::error::{Error, Result};
@@ -166,6 +166,12 @@ impl Architecture {
             }
         }
         let layers = raw.num_hidden_layers;
+        // Checked before the per-layer list below is allocated.
+        if layers > MAX_LAYERS {
+            return Err(format!(
+                "num_hidden_layers {layers} is larger than supported ({MAX_LAYERS})"
+            ));
+        }
         let sliding_windows = match (&raw.layer_types, self.windows) {
             (_, Windows::Never) => vec![None; layers],
             (Some(types), _) => types
@@ -410,7 +416,17 @@ pub(crate) fn load_gguf(
     device: &Device,
     keep_quantized: bool,
 ) -> Result<(DecoderConfig, Weights, GgufMetadata)> {
-    let mut file = GgufFile::open(path)?;
+    load_gguf_from(GgufFile::open(path)?, path, dtype, device, keep_quantized)
+}
+
+/// [`load_gguf`] of an opened file (any reader); `path` names it in errors.
+pub(crate) fn load_gguf_from<R: std::io::Read + std::io::Seek>(
+    mut file: GgufFile<R>,
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+    keep_quantized: bool,
+) -> Result<(DecoderConfig, Weights, GgufMetadata)> {
     let arch_name = file.architecture()?;
     let arch = by_gguf(&arch_name)?;
     let config = gguf_config(&file, &arch_name, arch).map_err(|message| Error::InvalidConfig {
@@ -419,7 +435,7 @@ pub(crate) fn load_gguf(
     })?;
     let bad = |name: &str, e: candle_core::Error| Error::InvalidCheckpoint {
         path: path.to_path_buf(),
-        message: format!("tensor {name}: {e}"),
+        message: format!("tensor {name}: {}", crate::error::candle_message(e)),
     };
     let mut tensors = HashMap::new();
     let mut quantized = HashMap::new();
@@ -429,13 +445,9 @@ pub(crate) fn load_gguf(
             tracing::debug!("skipping GGUF tensor {name}");
             continue;
         };
+        // `tensor` refuses tensors with no dimensions or elements, and
+        // sizes that do not fit the file, before reading anything.
         let q = file.tensor(&name, &Device::Cpu)?;
-        if q.shape().dims().is_empty() {
-            return Err(Error::InvalidCheckpoint {
-                path: path.to_path_buf(),
-                message: format!("tensor {name} has no dimensions"),
-            });
-        }
         // llama.cpp permutes llama q/k rows for interleaved RoPE; undo it
         // for our NEOX-style rotary.
         let permuted_heads = (arch.gguf_permuted_qk
@@ -533,7 +545,9 @@ fn unpermute_quantized_rows(
 /// `[head, half, 2]` go back to `[head, 2, half]`.
 fn unpermute_rows(t: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
     let dims = t.dims().to_vec();
-    let rows = dims[0];
+    let Some(&rows) = dims.first() else {
+        candle_core::bail!("a q/k projection with no dimensions")
+    };
     if heads == 0 || rows % (2 * heads) != 0 {
         candle_core::bail!("{rows} rows do not split into {heads} heads");
     }
@@ -578,8 +592,8 @@ fn hf_name(gguf: &str) -> Option<String> {
 }
 
 /// The [`DecoderConfig`] a GGUF file's metadata describes.
-fn gguf_config(
-    file: &GgufFile,
+fn gguf_config<R: std::io::Read + std::io::Seek>(
+    file: &GgufFile<R>,
     arch_name: &str,
     arch: &Architecture,
 ) -> std::result::Result<DecoderConfig, String> {
@@ -593,14 +607,14 @@ fn gguf_config(
         v.to_u32()
             .map(|x| x as usize)
             .or_else(|_| v.to_u64().map(|x| x as usize))
-            .map_err(|e| format!("{arch_name}.{k}: {e}"))
+            .map_err(|e| format!("{arch_name}.{k}: {}", crate::error::candle_message(e)))
     };
     let float = |k: &str| -> std::result::Result<f64, String> {
         let v = get(k)?;
         v.to_f32()
             .map(f64::from)
             .or_else(|_| v.to_f64())
-            .map_err(|e| format!("{arch_name}.{k}: {e}"))
+            .map_err(|e| format!("{arch_name}.{k}: {}", crate::error::candle_message(e)))
     };
     let embd = file
         .tensor_dims("token_embd.weight")
@@ -612,6 +626,12 @@ fn gguf_config(
         return Err(format!("{arch_name}.attention.head_count must be positive"));
     }
     let layers = num("block_count")?;
+    // Checked before the per-layer list below is allocated.
+    if layers > MAX_LAYERS {
+        return Err(format!(
+            "{arch_name}.block_count {layers} is larger than supported ({MAX_LAYERS})"
+        ));
+    }
     let context = num("context_length")?;
     let rope_scaling = match md
         .get(&format!("{arch_name}.rope.scaling.type"))

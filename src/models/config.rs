@@ -52,6 +52,18 @@ pub struct DecoderConfig {
     pub eos_token_ids: Vec<u32>,
 }
 
+/// The most decoder layers a config may ask for. The largest released
+/// decoders have ~130; a config's layer count sizes per-layer tables before
+/// any weight is read, so an absurd one must fail here rather than as an
+/// allocation the machine cannot make.
+pub(crate) const MAX_LAYERS: usize = 4096;
+
+/// Upper bounds of the other sizes, for the same reason (they size the
+/// RoPE tables, KV cache and weight checks): far above any real model.
+const MAX_WIDTH: usize = 1 << 20;
+const MAX_VOCAB: usize = 1 << 24;
+const MAX_HEADS: usize = 1 << 12;
+
 impl DecoderConfig {
     /// The most positions the model handles: `max_position_embeddings`, or
     /// `factor` times that with dynamic-NTK RoPE, which exists to stretch
@@ -84,6 +96,19 @@ impl DecoderConfig {
         ] {
             if v == 0 {
                 return Err(format!("{name} must be positive"));
+            }
+        }
+        for (name, v, max) in [
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+            ("hidden_size", self.hidden_size, MAX_WIDTH),
+            ("intermediate_size", self.intermediate_size, MAX_WIDTH),
+            ("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS),
+            ("num_attention_heads", self.num_attention_heads, MAX_HEADS),
+            ("num_key_value_heads", self.num_key_value_heads, MAX_HEADS),
+            ("head_dim", self.head_dim, MAX_WIDTH),
+        ] {
+            if v > max {
+                return Err(format!("{name} {v} is larger than supported ({max})"));
             }
         }
         // Beyond this the position tables and masks stop being meaningful

@@ -16,6 +16,7 @@ mod kv_cache;
 mod llama;
 pub(crate) mod mpnet;
 
+pub(crate) use architectures::load_gguf_from;
 pub(crate) use architectures::load_with_metadata;
 pub use architectures::{
     build_decoder, load_decoder, load_decoder_with, parse_decoder_config, read_decoder_config,

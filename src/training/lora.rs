@@ -131,28 +131,31 @@ impl LoRAAdapterConfig {
     /// Checks the values.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] for rank 0, a dropout outside [0, 1),
-    /// a non-finite alpha or no target module.
+    /// [`Error::InvalidConfig`] naming the field: rank 0, a dropout
+    /// outside [0, 1), an alpha that is not finite and positive, or no
+    /// target module.
     pub fn validate(&self) -> Result<()> {
         if self.rank == 0 {
-            return Err(Error::config("LoRA config", "LoRA rank must be at least 1"));
+            return Err(Error::config("LoRA config", "rank must be at least 1"));
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(Error::config(
                 "LoRA config",
-                format!("LoRA dropout must be in [0, 1), got {}", self.dropout),
+                format!("dropout must be in [0, 1), got {}", self.dropout),
             ));
         }
-        if !self.alpha.is_finite() {
+        // alpha = 0 scales the update by 0: B gets no gradient and the run
+        // trains nothing; a negative alpha flips the update's sign.
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
             return Err(Error::config(
                 "LoRA config",
-                format!("LoRA alpha must be finite, got {}", self.alpha),
+                format!("alpha must be finite and > 0, got {}", self.alpha),
             ));
         }
         if self.target_modules.is_empty() {
             return Err(Error::config(
                 "LoRA config",
-                "LoRA needs at least one target module",
+                "target_modules must name at least one module",
             ));
         }
         Ok(())

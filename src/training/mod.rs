@@ -7,6 +7,7 @@
 
 mod checkpoint;
 mod dataset;
+mod interrupt;
 mod lora;
 mod loss;
 mod optimizer;
@@ -16,10 +17,12 @@ mod scheduler;
 mod trainer;
 
 pub use dataset::{Batch, Dataset, DatasetConfig, Example};
+pub use interrupt::StopHandle;
 pub use lora::{LoRAAdapter, LoRAAdapterConfig, LoRALayer, TargetModule};
 pub use loss::{causal_lm_loss, shifted_causal_lm_loss, IGNORE_INDEX};
 pub use optimizer::{clip_grad_norm, global_grad_norm, AdamW, AdamWConfig};
+pub(crate) use peft::{adapter_from_tensors, parse_peft_config};
 pub use peft::{load_peft_adapter, save_peft_adapter};
 pub use registry::AdapterRegistry;
 pub use scheduler::LRScheduler;
-pub use trainer::{StepMetrics, Trainer, TrainingConfig, TrainingMetrics};
+pub use trainer::{SettingsCheck, StepMetrics, Trainer, TrainingConfig, TrainingMetrics};

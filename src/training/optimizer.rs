@@ -34,6 +34,45 @@ impl Default for AdamWConfig {
     }
 }
 
+impl AdamWConfig {
+    /// Checks every value: betas in [0, 1), `lr`, `eps` and
+    /// `weight_decay` finite and non-negative. NaN fails every check (a NaN
+    /// `eps` or `weight_decay` would turn every weight into NaN).
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] naming the field.
+    pub fn validate(&self) -> Result<()> {
+        for (name, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(Error::config(
+                    "optimizer config",
+                    format!("AdamW {name} must be in [0, 1), got {v}"),
+                ));
+            }
+        }
+        for (name, v) in [
+            ("lr", self.lr),
+            ("eps", self.eps),
+            ("weight_decay", self.weight_decay),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(Error::config(
+                    "optimizer config",
+                    format!("AdamW {name} must be finite and >= 0, got {v}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checked optimizer moments, from [`AdamW::check_state`].
+#[derive(Debug)]
+pub(crate) struct Moments {
+    m: Vec<Option<Tensor>>,
+    v: Vec<Option<Tensor>>,
+}
+
 /// AdamW over a fixed list of [`Var`]s, with per-parameter moments.
 #[derive(Debug)]
 pub struct AdamW {
@@ -50,25 +89,9 @@ impl AdamW {
     /// An optimizer for `vars`.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] for betas outside [0, 1), a negative
-    /// lr, eps or weight decay.
+    /// See [`AdamWConfig::validate`].
     pub fn new(vars: Vec<Var>, config: AdamWConfig) -> Result<Self> {
-        let c = &config;
-        if !(0.0..1.0).contains(&c.beta1) || !(0.0..1.0).contains(&c.beta2) {
-            return Err(Error::config(
-                "optimizer config",
-                format!(
-                    "AdamW betas must be in [0, 1), got ({}, {})",
-                    c.beta1, c.beta2
-                ),
-            ));
-        }
-        if c.lr < 0.0 || c.eps < 0.0 || c.weight_decay < 0.0 {
-            return Err(Error::config(
-                "optimizer config",
-                "AdamW lr, eps and weight decay must be non-negative",
-            ));
-        }
+        config.validate()?;
         let n = vars.len();
         Ok(Self {
             config,
@@ -100,7 +123,9 @@ impl AdamW {
     /// that parameter (and its moments) untouched, like torch.
     ///
     /// # Errors
-    /// Wrong number of gradients, shape or tensor errors.
+    /// [`Error::NonFiniteWeights`] when the update would make a weight NaN
+    /// or infinite (nothing is changed then); wrong number of gradients,
+    /// shape or tensor errors.
     pub fn step_with(&mut self, grads: &[Option<Tensor>]) -> Result<()> {
         if grads.len() != self.vars.len() {
             return Err(Error::InvalidInput(format!(
@@ -109,11 +134,14 @@ impl AdamW {
                 self.vars.len()
             )));
         }
-        self.step += 1;
         let c = self.config;
-        let t = self.step as i32;
+        let t = i32::try_from(self.step + 1).unwrap_or(i32::MAX);
         let step_size = c.lr / (1.0 - c.beta1.powi(t));
         let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
+        // Compute every update first, apply none until all are finite: a
+        // step that overflows (or meets a NaN gradient) leaves the weights
+        // and moments as they were.
+        let mut updates = Vec::with_capacity(grads.len());
         for (i, g) in grads.iter().enumerate() {
             let Some(g) = g else { continue };
             let p = &self.vars[i];
@@ -130,10 +158,20 @@ impl AdamW {
             let decayed = (p.as_tensor() * (1.0 - c.lr * c.weight_decay))?;
             let denom = ((v.sqrt()? / bc2_sqrt)? + c.eps)?;
             let update = (m.div(&denom)? * step_size)?;
-            p.set(&(decayed - update)?)?;
+            updates.push((i, (decayed - update)?, m, v));
+        }
+        let new: Vec<&Tensor> = updates.iter().flat_map(|(_, p, m, v)| [p, m, v]).collect();
+        if !all_finite(&new)? {
+            return Err(Error::NonFiniteWeights {
+                step: self.step + 1,
+            });
+        }
+        for (i, p, m, v) in updates {
+            self.vars[i].set(&p)?;
             self.m[i] = Some(m);
             self.v[i] = Some(v);
         }
+        self.step += 1;
         Ok(())
     }
 
@@ -152,14 +190,33 @@ impl AdamW {
     }
 
     /// Restores moments saved by [`Self::state_tensors`] and the step count.
+    /// Nothing changes unless every tensor is valid.
     ///
     /// # Errors
-    /// A moment whose shape differs from its parameter, or an unknown name.
+    /// An unknown name, a shape that differs from its parameter, a missing
+    /// partner moment, or non-finite values.
     pub fn load_state(
         &mut self,
         tensors: &std::collections::HashMap<String, Tensor>,
         step: usize,
     ) -> Result<()> {
+        let moments = self.check_state(tensors)?;
+        self.set_state(moments, step);
+        Ok(())
+    }
+
+    /// Checks moments saved by [`Self::state_tensors`] against the
+    /// parameters (names, shapes, finite values, both moments of a
+    /// parameter present) without changing anything; [`Self::set_state`]
+    /// applies the result.
+    ///
+    /// # Errors
+    /// An unknown name, a shape that differs from its parameter, a missing
+    /// partner moment, or non-finite values.
+    pub(crate) fn check_state(
+        &self,
+        tensors: &std::collections::HashMap<String, Tensor>,
+    ) -> Result<Moments> {
         let mut m = vec![None; self.vars.len()];
         let mut v = vec![None; self.vars.len()];
         for (name, t) in tensors {
@@ -177,6 +234,11 @@ impl AdamW {
                     actual: t.dims().to_vec(),
                 });
             }
+            if !all_finite(&[t])? {
+                return Err(Error::InvalidInput(format!(
+                    "optimizer state `{name}` holds NaN or infinite values"
+                )));
+            }
             let t = t.to_device(self.vars[idx].device())?;
             match kind {
                 "exp_avg" => m[idx] = Some(t),
@@ -188,10 +250,19 @@ impl AdamW {
                 }
             }
         }
-        self.m = m;
-        self.v = v;
+        if let Some(i) = (0..m.len()).find(|&i| m[i].is_some() != v[i].is_some()) {
+            return Err(Error::InvalidInput(format!(
+                "optimizer state of parameter {i} has only one of exp_avg / exp_avg_sq"
+            )));
+        }
+        Ok(Moments { m, v })
+    }
+
+    /// Applies moments from [`Self::check_state`] and the step count.
+    pub(crate) fn set_state(&mut self, moments: Moments, step: usize) {
+        self.m = moments.m;
+        self.v = moments.v;
         self.step = step;
-        Ok(())
     }
 
     /// The gradients of this optimizer's vars in `grads`, in var order.
@@ -226,6 +297,38 @@ impl candle_nn::Optimizer for AdamW {
     }
 }
 
+/// Whether every value of `tensors` is finite. One reduction per tensor
+/// on its device and one copy of the totals to the host; only when a total
+/// overflows (huge but finite values) are the values themselves looked at.
+///
+/// # Errors
+/// Tensor errors.
+pub(crate) fn all_finite(tensors: &[&Tensor]) -> Result<bool> {
+    if tensors.is_empty() {
+        return Ok(true);
+    }
+    let sums = tensors
+        .iter()
+        .map(|t| t.to_dtype(candle_core::DType::F32)?.abs()?.sum_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let totals = Tensor::stack(&sums, 0)?
+        .to_device(&candle_core::Device::Cpu)?
+        .to_vec1::<f32>()?;
+    for (t, total) in tensors.iter().zip(totals) {
+        if total.is_finite() {
+            continue;
+        }
+        let v = t
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        if !v.iter().all(|x| x.is_finite()) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// The global L2 norm of all gradients (f32 sums, like torch).
 ///
 /// # Errors
@@ -245,8 +348,17 @@ pub fn global_grad_norm(grads: &[Option<Tensor>]) -> Result<f64> {
 /// before clipping.
 ///
 /// # Errors
-/// Tensor errors.
+/// [`Error::InvalidConfig`] for a `max_norm` that is not finite and
+/// positive; tensor errors.
 pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
+    // A negative bound would flip the gradients (gradient ascent), NaN
+    // would turn them into NaN.
+    if !(max_norm.is_finite() && max_norm > 0.0) {
+        return Err(Error::config(
+            "gradient clipping",
+            format!("max_grad_norm must be finite and > 0, got {max_norm}"),
+        ));
+    }
     let norm = global_grad_norm(grads)?;
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {

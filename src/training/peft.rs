@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 
 use super::checkpoint::{read_safetensors, safetensors_bytes, write_atomic};
 use super::lora::{LoRAAdapter, LoRAAdapterConfig, TargetModule};
+use super::optimizer::all_finite;
 use crate::error::{Error, Result};
 
 /// peft's prefix for a causal LM wrapped by `get_peft_model`.
@@ -55,12 +56,21 @@ pub fn peft_config_json(config: &LoRAAdapterConfig, base_model: Option<&str>) ->
 /// file is written atomically.
 ///
 /// # Errors
-/// I/O or tensor errors.
+/// [`Error::InvalidInput`] when a weight is NaN or infinite (nothing is
+/// written); I/O or tensor errors.
 pub fn save_peft_adapter(
     adapter: &LoRAAdapter,
     dir: &Path,
     base_model: Option<&str>,
 ) -> Result<()> {
+    // Never write an adapter that can only produce NaN.
+    for (name, v) in adapter.named_vars() {
+        if !all_finite(&[v.as_tensor()])? {
+            return Err(Error::InvalidInput(format!(
+                "not saving the adapter: `{name}` holds NaN or infinite values"
+            )));
+        }
+    }
     let cfg = peft_config_json(adapter.config(), base_model);
     let text = serde_json::to_string_pretty(&cfg)
         .map_err(|e| Error::InvalidInput(format!("adapter config: {e}")))?;
@@ -91,7 +101,12 @@ fn bad(dir: &Path, message: impl Into<String>) -> Error {
 pub fn load_peft_config(dir: &Path) -> Result<LoRAAdapterConfig> {
     let path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| bad(dir, e.to_string()))?;
+    parse_peft_config(&text, dir)
+}
+
+/// [`load_peft_config`] on the text of `dir`'s `adapter_config.json`.
+pub(crate) fn parse_peft_config(text: &str, dir: &Path) -> Result<LoRAAdapterConfig> {
+    let v: Value = serde_json::from_str(text).map_err(|e| bad(dir, e.to_string()))?;
     if v.get("peft_type").and_then(Value::as_str) != Some("LORA") {
         return Err(bad(dir, "peft_type is not LORA"));
     }
@@ -118,7 +133,8 @@ pub fn load_peft_config(dir: &Path) -> Result<LoRAAdapterConfig> {
     let rank = v
         .get("r")
         .and_then(Value::as_u64)
-        .ok_or_else(|| bad(dir, "missing `r`"))? as usize;
+        .and_then(|r| usize::try_from(r).ok())
+        .ok_or_else(|| bad(dir, "missing `r`"))?;
     let alpha = v
         .get("lora_alpha")
         .and_then(Value::as_f64)
@@ -139,13 +155,15 @@ pub fn load_peft_config(dir: &Path) -> Result<LoRAAdapterConfig> {
                 "target_modules must be a list of module names (regex targets are not supported)",
             )),
         };
-    Ok(LoRAAdapterConfig {
+    let config = LoRAAdapterConfig {
         rank,
         alpha,
         dropout,
         target_modules: targets,
         use_rslora: flag("use_rslora"),
-    })
+    };
+    config.validate().map_err(|e| bad(dir, e.to_string()))?;
+    Ok(config)
 }
 
 /// Loads an adapter saved by peft's `save_pretrained` (or by
@@ -154,11 +172,25 @@ pub fn load_peft_config(dir: &Path) -> Result<LoRAAdapterConfig> {
 ///
 /// # Errors
 /// Missing files, unsupported options, tensors without their A/B partner
-/// or of inconsistent rank.
+/// or of inconsistent rank, tensors that disagree with `target_modules`
+/// (either way), NaN or infinite weights.
 pub fn load_peft_adapter(dir: &Path, device: &Device) -> Result<LoRAAdapter> {
     let config = load_peft_config(dir)?;
     let path = dir.join(WEIGHTS_FILE);
     let tensors = read_safetensors(&path, device)?;
+    adapter_from_tensors(config, tensors, &path)
+}
+
+/// The adapter that `tensors` (peft names) hold for `config`; `path` names
+/// the weights file in errors. Refuses tensors that do not pair up, ranks
+/// that differ from `r`, modules that disagree with `target_modules` either
+/// way, and non-finite values (such an adapter would only produce NaN).
+pub(crate) fn adapter_from_tensors(
+    config: LoRAAdapterConfig,
+    tensors: HashMap<String, Tensor>,
+    path: &Path,
+) -> Result<LoRAAdapter> {
+    let path = path.to_path_buf();
     let mut pairs: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
     for (name, t) in tensors {
         let inner = name.strip_prefix(PEFT_PREFIX).unwrap_or(&name);
@@ -180,6 +212,7 @@ pub fn load_peft_adapter(dir: &Path, device: &Device) -> Result<LoRAAdapter> {
         }
     }
     let mut layers = Vec::new();
+    let mut found = std::collections::BTreeSet::new();
     for (layer, (a, b)) in pairs {
         let (Some(a), Some(b)) = (a, b) else {
             return Err(Error::InvalidCheckpoint {
@@ -202,7 +235,45 @@ pub fn load_peft_adapter(dir: &Path, device: &Device) -> Result<LoRAAdapter> {
                 ),
             });
         }
+        let module = layer
+            .rsplit('.')
+            .next()
+            .and_then(|m| TargetModule::from_name(m).ok())
+            .filter(|m| config.target_modules.contains(m))
+            .ok_or_else(|| Error::InvalidCheckpoint {
+                path: path.clone(),
+                message: format!(
+                    "`{layer}` is not one of the adapter's target_modules ({})",
+                    module_names(&config.target_modules)
+                ),
+            })?;
+        found.insert(module);
+        for (which, t) in [("lora_A", &a), ("lora_B", &b)] {
+            if !all_finite(&[t])? {
+                return Err(Error::InvalidCheckpoint {
+                    path,
+                    message: format!(
+                        "`{layer}.{which}.weight` holds NaN or infinite values (not finite)"
+                    ),
+                });
+            }
+        }
         layers.push((layer, a, b));
+    }
+    let missing: Vec<TargetModule> = config
+        .target_modules
+        .iter()
+        .copied()
+        .filter(|m| !found.contains(m))
+        .collect();
+    if !layers.is_empty() && !missing.is_empty() {
+        return Err(Error::InvalidCheckpoint {
+            path,
+            message: format!(
+                "target_modules names {} but the file has no tensors for them",
+                module_names(&missing)
+            ),
+        });
     }
     if layers.is_empty() {
         return Err(Error::InvalidCheckpoint {
@@ -213,6 +284,14 @@ pub fn load_peft_adapter(dir: &Path, device: &Device) -> Result<LoRAAdapter> {
     // Model order (layer index numerically, then module), not string order.
     layers.sort_by_key(|(p, _, _)| layer_sort_key(p));
     LoRAAdapter::from_layers(config, layers)
+}
+
+fn module_names(modules: &[TargetModule]) -> String {
+    modules
+        .iter()
+        .map(|m| m.name())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn layer_sort_key(path: &str) -> (usize, usize, String) {

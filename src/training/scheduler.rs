@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::{Error, Result};
+
 /// A learning-rate schedule; [`LRScheduler::lr_at`] gives the rate for the
 /// optimizer step with index `step` (0 for the first), as a `LambdaLR`
 /// stepped after every optimizer step does.
@@ -61,6 +63,48 @@ impl LRScheduler {
             | Self::WarmupCosine { lr, .. }
             | Self::WarmupLinear { lr, .. } => lr,
         }
+    }
+
+    /// Checks the schedule: a finite, non-negative `lr`, at least one step
+    /// for schedules that decay, and warmup no longer than the run.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] naming the field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::config("learning-rate schedule", m));
+        let lr = self.base_lr();
+        // `!(lr >= 0)` also catches NaN, which every comparison lets through.
+        if !(lr.is_finite() && lr >= 0.0) {
+            return bad(format!("lr must be finite and >= 0, got {lr}"));
+        }
+        match *self {
+            Self::Constant { .. } => {}
+            Self::LinearDecay { total_steps, .. } | Self::Cosine { total_steps, .. } => {
+                if total_steps == 0 {
+                    return bad("total_steps must be at least 1".into());
+                }
+            }
+            Self::WarmupCosine {
+                warmup_steps,
+                total_steps,
+                ..
+            }
+            | Self::WarmupLinear {
+                warmup_steps,
+                total_steps,
+                ..
+            } => {
+                if total_steps == 0 {
+                    return bad("total_steps must be at least 1".into());
+                }
+                if warmup_steps > total_steps {
+                    return bad(format!(
+                        "warmup_steps {warmup_steps} is more than total_steps {total_steps}"
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The learning rate of optimizer step `step` (0-based).

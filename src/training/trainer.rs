@@ -9,9 +9,13 @@ use std::time::Instant;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::checkpoint::{read_safetensors, safetensors_bytes, write_atomic, write_dir_atomic};
+use super::checkpoint::{
+    clean_stale_temporaries, list_checkpoints, prune_checkpoints, read_safetensors,
+    safetensors_bytes, write_atomic, write_dir_atomic,
+};
 use super::dataset::{Batch, Dataset};
-use super::lora::LoRAAdapter;
+use super::interrupt::{ctrl_c_requested, CtrlCGuard, StopHandle};
+use super::lora::{LoRAAdapter, LoRAAdapterConfig};
 use super::loss::shifted_causal_lm_loss;
 use super::optimizer::{clip_grad_norm, AdamW, AdamWConfig};
 use super::peft::{load_peft_adapter, save_peft_adapter};
@@ -41,6 +45,10 @@ pub struct TrainingConfig {
     pub eval_every: Option<usize>,
     /// Save `output_dir/checkpoint-{step}` every N steps.
     pub save_every: Option<usize>,
+    /// Keep only the newest N checkpoints, deleting older ones after each
+    /// save (transformers' `save_total_limit`); `None` keeps all.
+    #[serde(default)]
+    pub save_total_limit: Option<usize>,
     /// Where checkpoints, the final adapter and `metrics.jsonl` go.
     pub output_dir: Option<PathBuf>,
     /// Shuffle the training set each epoch (seeded).
@@ -52,6 +60,15 @@ pub struct TrainingConfig {
     pub progress: bool,
     /// Recorded as `base_model_name_or_path` in saved adapters.
     pub base_model: Option<String>,
+    /// Handle Ctrl-C (SIGINT) during [`Trainer::train`]: finish the
+    /// current step, write a checkpoint, return `Ok` with
+    /// [`TrainingMetrics::stopped_early`]. Off by default, so the library
+    /// never takes over an application's signal handling silently; the
+    /// handler is installed for the run only and the previous one restored.
+    /// A second Ctrl-C terminates as usual. Unix only;
+    /// [`Trainer::stop_handle`] works everywhere.
+    #[serde(default)]
+    pub stop_on_ctrl_c: bool,
 }
 
 impl Default for TrainingConfig {
@@ -66,13 +83,155 @@ impl Default for TrainingConfig {
             max_grad_norm: Some(1.0),
             eval_every: None,
             save_every: None,
+            save_total_limit: None,
             output_dir: None,
             shuffle: true,
             seed: 42,
             progress: false,
             base_model: None,
+            stop_on_ctrl_c: false,
         }
     }
+}
+
+impl TrainingConfig {
+    /// Checks every setting, so a bad one fails before step 1 rather than
+    /// as NaN weights later: sizes at least 1, a step count, a finite
+    /// positive `max_grad_norm` (a negative one would flip the gradients),
+    /// and the schedule and optimizer ([`LRScheduler::validate`],
+    /// [`AdamWConfig::validate`]).
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] naming the field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::config("training config", m));
+        if self.batch_size == 0 {
+            return bad("batch_size must be at least 1".into());
+        }
+        if self.grad_accum_steps == 0 {
+            return bad("grad_accum_steps must be at least 1".into());
+        }
+        match self.max_steps {
+            Some(0) => return bad("max_steps must be at least 1".into()),
+            None if self.epochs == 0 => return bad("set epochs or max_steps".into()),
+            _ => {}
+        }
+        if let Some(n) = self.max_grad_norm {
+            if !(n.is_finite() && n > 0.0) {
+                return bad(format!("max_grad_norm must be finite and > 0, got {n}"));
+            }
+        }
+        for (name, v) in [
+            ("eval_every", self.eval_every),
+            ("save_every", self.save_every),
+            ("save_total_limit", self.save_total_limit),
+        ] {
+            if v == Some(0) {
+                return bad(format!("{name} must be at least 1 (or None)"));
+            }
+        }
+        if self.save_every.is_some() && self.output_dir.is_none() {
+            return bad("save_every needs an output_dir".into());
+        }
+        self.lr_schedule.validate()?;
+        self.optimizer.validate()?;
+        Ok(())
+    }
+
+    /// The settings that shape the trajectory: a resumed run continues the
+    /// saved one exactly only when these are equal. `(name, saved, ours)`
+    /// for each that differs.
+    fn trajectory_differences(&self, saved: &TrainingConfig) -> Vec<(String, String, String)> {
+        let mut out = Vec::new();
+        let mut cmp = |name: &str, a: String, b: String| {
+            if a != b {
+                out.push((name.to_string(), a, b));
+            }
+        };
+        cmp(
+            "batch_size",
+            saved.batch_size.to_string(),
+            self.batch_size.to_string(),
+        );
+        cmp(
+            "grad_accum_steps",
+            saved.grad_accum_steps.to_string(),
+            self.grad_accum_steps.to_string(),
+        );
+        cmp(
+            "lr_schedule",
+            format!("{:?}", saved.lr_schedule),
+            format!("{:?}", self.lr_schedule),
+        );
+        let (o, p) = (&saved.optimizer, &self.optimizer);
+        for (name, a, b) in [
+            ("optimizer.beta1", o.beta1, p.beta1),
+            ("optimizer.beta2", o.beta2, p.beta2),
+            ("optimizer.eps", o.eps, p.eps),
+            ("optimizer.weight_decay", o.weight_decay, p.weight_decay),
+        ] {
+            cmp(name, a.to_string(), b.to_string());
+        }
+        cmp(
+            "max_grad_norm",
+            format!("{:?}", saved.max_grad_norm),
+            format!("{:?}", self.max_grad_norm),
+        );
+        cmp(
+            "shuffle",
+            saved.shuffle.to_string(),
+            self.shuffle.to_string(),
+        );
+        cmp("seed", saved.seed.to_string(), self.seed.to_string());
+        out
+    }
+}
+
+/// What [`Trainer::resume_with`] does when the checkpoint's adapter or
+/// training settings differ from the trainer's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SettingsCheck {
+    /// Refuse, naming the first field that differs (the resumed run would
+    /// not continue the saved one exactly).
+    #[default]
+    Strict,
+    /// Resume anyway with the trainer's settings; each difference is
+    /// logged (`tracing` warning). Shapes and names must still match.
+    AllowChanges,
+}
+
+/// Adapter settings that shape the trajectory, `(name, saved, ours)` for
+/// each that differs.
+fn adapter_differences(
+    saved: &LoRAAdapterConfig,
+    ours: &LoRAAdapterConfig,
+) -> Vec<(String, String, String)> {
+    let sorted = |c: &LoRAAdapterConfig| {
+        let mut m: Vec<&str> = c.target_modules.iter().map(|m| m.name()).collect();
+        m.sort_unstable();
+        m.dedup();
+        m.join(",")
+    };
+    let fields = [
+        ("rank", saved.rank.to_string(), ours.rank.to_string()),
+        ("alpha", saved.alpha.to_string(), ours.alpha.to_string()),
+        (
+            "dropout",
+            saved.dropout.to_string(),
+            ours.dropout.to_string(),
+        ),
+        (
+            "use_rslora",
+            saved.use_rslora.to_string(),
+            ours.use_rslora.to_string(),
+        ),
+        ("target_modules", sorted(saved), sorted(ours)),
+    ];
+    fields
+        .into_iter()
+        .filter(|(_, a, b)| a != b)
+        .map(|(n, a, b)| (format!("adapter {n}"), a, b))
+        .collect()
 }
 
 /// What one optimizer step did.
@@ -103,6 +262,12 @@ pub struct TrainingMetrics {
     pub initial_eval_loss: Option<f64>,
     /// Eval loss after the last step.
     pub final_eval_loss: Option<f64>,
+    /// The run stopped before its last step because a stop was requested
+    /// ([`Trainer::stop_handle`] or Ctrl-C with
+    /// [`TrainingConfig::stop_on_ctrl_c`]); a checkpoint of the last step
+    /// was written when there is an output folder.
+    #[serde(default)]
+    pub stopped_early: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -123,6 +288,7 @@ pub struct Trainer<'a> {
     step: usize,
     metrics: TrainingMetrics,
     pad_id: u32,
+    stop: StopHandle,
 }
 
 impl<'a> Trainer<'a> {
@@ -132,21 +298,16 @@ impl<'a> Trainer<'a> {
     /// weights track gradients.
     ///
     /// # Errors
-    /// Invalid config, or an adapter that does not fit the model.
+    /// [`Error::InvalidConfig`] naming the field for an invalid training
+    /// or adapter setting ([`TrainingConfig::validate`]), or an adapter
+    /// that does not fit the model.
     pub fn new(
         model: &'a mut dyn CausalLm,
         adapter: &LoRAAdapter,
         config: TrainingConfig,
     ) -> Result<Self> {
-        if config.batch_size == 0 || config.grad_accum_steps == 0 {
-            return Err(Error::config(
-                "training config",
-                "batch size and accumulation steps must be at least 1",
-            ));
-        }
-        if config.max_steps.is_none() && config.epochs == 0 {
-            return Err(Error::config("training config", "set epochs or max_steps"));
-        }
+        config.validate()?;
+        adapter.config().validate()?;
         adapter.attach(model)?;
         let optimizer = AdamW::new(adapter.trainable_vars(), config.optimizer)?;
         Ok(Self {
@@ -157,7 +318,17 @@ impl<'a> Trainer<'a> {
             step: 0,
             metrics: TrainingMetrics::default(),
             pad_id: 0,
+            stop: StopHandle::default(),
         })
+    }
+
+    /// A handle that asks [`Self::train`] to stop after the current step
+    /// (from another thread, a signal handler of the application's, …). A
+    /// request made before `train` is honoured after its first step; it is
+    /// consumed when `train` returns.
+    #[must_use]
+    pub fn stop_handle(&self) -> StopHandle {
+        self.stop.clone()
     }
 
     /// Optimizer steps taken (including those restored by [`Self::resume_from`]).
@@ -188,14 +359,17 @@ impl<'a> Trainer<'a> {
     #[must_use]
     pub fn total_steps(&self, train: &Dataset) -> usize {
         self.config.max_steps.unwrap_or_else(|| {
-            (self.config.epochs * train.num_batches(self.config.batch_size))
-                .div_ceil(self.config.grad_accum_steps)
+            self.config
+                .epochs
+                .saturating_mul(train.num_batches(self.config.batch_size))
+                .div_ceil(self.config.grad_accum_steps.max(1))
         })
     }
 
     /// Micro-batch `u` of the endless, per-epoch-shuffled stream.
     fn micro_batch(&self, train: &Dataset, u: usize) -> Result<(usize, Batch)> {
-        let nb = train.num_batches(self.config.batch_size);
+        // `train` is not empty (checked by `train`), so nb >= 1.
+        let nb = train.num_batches(self.config.batch_size).max(1);
         let (epoch, index) = (u / nb, u % nb);
         let idx = train.batch_indices(
             self.config.batch_size,
@@ -252,7 +426,7 @@ impl<'a> Trainer<'a> {
         for j in 0..accum {
             batches.push(self.micro_batch(train, self.step * accum + j)?);
         }
-        let epoch = batches[0].0;
+        let epoch = batches.first().map_or(0, |(e, _)| *e);
         let total_targets: usize = batches.iter().map(|(_, b)| b.num_targets).sum();
         if total_targets == 0 {
             return Err(Error::Dataset(
@@ -298,7 +472,14 @@ impl<'a> Trainer<'a> {
         };
         let lr = self.config.lr_schedule.lr_at(self.step);
         self.optimizer.set_lr(lr);
-        self.optimizer.step_with(&grads)?;
+        // The optimizer applies nothing when an update is not finite, so
+        // the adapter (shared with the caller) keeps the last good weights.
+        self.optimizer.step_with(&grads).map_err(|e| match e {
+            Error::NonFiniteWeights { .. } => Error::NonFiniteWeights {
+                step: self.step + 1,
+            },
+            other => other,
+        })?;
         self.step += 1;
         let secs = t0.elapsed().as_secs_f64().max(1e-9);
         Ok(StepMetrics {
@@ -314,13 +495,34 @@ impl<'a> Trainer<'a> {
 
     /// Trains until [`Self::total_steps`], evaluating on `eval` every
     /// `eval_every` steps and at the end, saving checkpoints every
-    /// `save_every` steps and the final adapter (peft format) plus
-    /// `metrics.jsonl` into `output_dir`.
+    /// `save_every` steps (keeping the newest `save_total_limit`) and the
+    /// final adapter (peft format) plus `metrics.jsonl` into `output_dir`.
+    ///
+    /// Before step 1 every example is checked against the model's context
+    /// and what interrupted earlier runs left in `output_dir` (temporary
+    /// checkpoint folders) is cleaned up. A stop request ([`Self::stop_handle`],
+    /// or Ctrl-C with [`TrainingConfig::stop_on_ctrl_c`]) ends the run after
+    /// the current step with a checkpoint and `Ok`.
     ///
     /// # Errors
-    /// [`Error::NonFiniteLoss`] when the loss becomes NaN/inf; I/O and
-    /// tensor errors.
+    /// [`Error::Dataset`] for an empty set or an example longer than the
+    /// context; [`Error::NonFiniteLoss`] / [`Error::NonFiniteWeights`] when
+    /// training diverges (no non-finite adapter or checkpoint is written,
+    /// and the adapter keeps its last finite weights); I/O and tensor errors.
     pub fn train(&mut self, train: &Dataset, eval: Option<&Dataset>) -> Result<TrainingMetrics> {
+        self.check_lengths(train, "training")?;
+        if let Some(e) = eval {
+            self.check_lengths(e, "eval")?;
+        }
+        if let Some(dir) = &self.config.output_dir {
+            clean_stale_temporaries(dir)?;
+        }
+        let _ctrl_c = if self.config.stop_on_ctrl_c {
+            Some(CtrlCGuard::install()?)
+        } else {
+            None
+        };
+        self.metrics.stopped_early = false;
         let total = self.total_steps(train);
         let mut metrics_file = match &self.config.output_dir {
             Some(dir) => Some(self.open_metrics(dir)?),
@@ -372,18 +574,58 @@ impl<'a> Trainer<'a> {
                 self.metrics.final_eval_loss = m.eval_loss;
             }
             self.metrics.steps.push(m);
-            if let (Some(dir), Some(n)) = (&self.config.output_dir, self.config.save_every) {
-                if n > 0 && self.step % n == 0 {
-                    let d = dir.join(format!("checkpoint-{}", self.step));
-                    self.save_checkpoint(&d)?;
+            let stop = !last
+                && (self.stop.is_requested() || (self.config.stop_on_ctrl_c && ctrl_c_requested()));
+            let scheduled = self
+                .config
+                .save_every
+                .is_some_and(|n| n > 0 && self.step % n == 0);
+            if let Some(dir) = self.config.output_dir.clone() {
+                if scheduled || stop {
+                    self.save_checkpoint(&dir.join(format!("checkpoint-{}", self.step)))?;
+                    if let Some(keep) = self.config.save_total_limit {
+                        prune_checkpoints(&dir, keep)?;
+                    }
                 }
+            }
+            if stop {
+                tracing::info!("stop requested: stopped after step {}", self.step);
+                self.metrics.stopped_early = true;
+                // The request is consumed: the next `train` runs on.
+                self.stop.reset();
+                bar.finish_and_clear();
+                return Ok(self.metrics.clone());
             }
         }
         bar.finish_and_clear();
+        // A request that came during the last step has nothing left to stop.
+        self.stop.reset();
         if let Some(dir) = &self.config.output_dir {
             save_peft_adapter(&self.adapter, dir, self.config.base_model.as_deref())?;
         }
         Ok(self.metrics.clone())
+    }
+
+    /// Every example must fit the model's context: found here, before step
+    /// 1, rather than as a failed forward pass when its batch comes up.
+    fn check_lengths(&self, data: &Dataset, which: &str) -> Result<()> {
+        if data.is_empty() {
+            return Err(Error::Dataset(format!("the {which} set is empty")));
+        }
+        let limit = self.model.context_length();
+        if let Some((i, e)) = data
+            .examples()
+            .iter()
+            .enumerate()
+            .find(|(_, e)| e.input_ids.len() > limit)
+        {
+            return Err(Error::Dataset(format!(
+                "{which} example {i} has {} tokens, more than the model's context of {limit}; \
+                 lower DatasetConfig::max_len to at most {limit}",
+                e.input_ids.len()
+            )));
+        }
+        Ok(())
     }
 
     /// Rewrites `metrics.jsonl` with the steps so far (a resumed run
@@ -431,19 +673,79 @@ impl<'a> Trainer<'a> {
     /// Restores a checkpoint written by [`Self::save_checkpoint`]: adapter
     /// weights, optimizer moments, step and metrics. Training then
     /// continues exactly where it stopped (batches are recomputed from the
-    /// step and seed).
+    /// step and seed). The checkpoint's adapter and training settings must
+    /// equal the trainer's ([`SettingsCheck::Strict`]; see
+    /// [`Self::resume_with`]). All or nothing: every file is read and
+    /// checked before anything of the trainer changes.
     ///
     /// # Errors
-    /// Missing or malformed files, or an adapter of other layers/shapes.
+    /// Missing, truncated or malformed files, non-finite values, an adapter
+    /// of other layers/shapes, or different settings (naming the field).
     pub fn resume_from(&mut self, dir: &Path) -> Result<()> {
-        let path = dir.join("trainer_state.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        self.resume_with(dir, SettingsCheck::Strict)
+    }
+
+    /// Resumes from the newest `checkpoint-N` in `output_dir` after
+    /// removing what interrupted writes left there; `Ok(None)` (nothing
+    /// changed) when there is no checkpoint. Checkpoints are written
+    /// atomically, so the newest is complete.
+    ///
+    /// # Errors
+    /// See [`Self::resume_from`].
+    pub fn resume_from_latest(&mut self, output_dir: &Path) -> Result<Option<usize>> {
+        clean_stale_temporaries(output_dir)?;
+        let Some((_, dir)) = list_checkpoints(output_dir)?.pop() else {
+            return Ok(None);
+        };
+        self.resume_from(&dir)?;
+        Ok(Some(self.step))
+    }
+
+    /// [`Self::resume_from`] with a choice of what to do when the
+    /// checkpoint's settings differ from the trainer's.
+    ///
+    /// # Errors
+    /// See [`Self::resume_from`].
+    pub fn resume_with(&mut self, dir: &Path, check: SettingsCheck) -> Result<()> {
+        let state_path = dir.join("trainer_state.json");
+        let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
         let state: TrainerState =
             serde_json::from_str(&text).map_err(|e| Error::InvalidCheckpoint {
-                path: path.clone(),
+                path: state_path.clone(),
                 message: e.to_string(),
             })?;
+        if state.metrics.steps.len() != state.step {
+            return Err(Error::InvalidCheckpoint {
+                path: state_path,
+                message: format!(
+                    "step {} with metrics for {} steps",
+                    state.step,
+                    state.metrics.steps.len()
+                ),
+            });
+        }
+        // Pairs, ranks, target modules and finiteness are checked here.
         let saved = load_peft_adapter(dir, self.model.device())?;
+        let mut differences = adapter_differences(saved.config(), self.adapter.config());
+        differences.extend(self.config.trajectory_differences(&state.config));
+        for (field, theirs, ours) in &differences {
+            match check {
+                SettingsCheck::Strict => {
+                    return Err(Error::config(
+                        format!("resume from {}", dir.display()),
+                        format!(
+                            "`{field}` is {theirs} in the checkpoint but {ours} in this trainer; \
+                             the run would not continue the saved one (use the saved settings, \
+                             or resume_with(dir, SettingsCheck::AllowChanges))"
+                        ),
+                    ))
+                }
+                SettingsCheck::AllowChanges => tracing::warn!(
+                    "resuming from {} with `{field}` changed from {theirs} to {ours}",
+                    dir.display()
+                ),
+            }
+        }
         let ours: HashMap<String, candle_core::Var> =
             self.adapter.named_vars().into_iter().collect();
         let theirs = saved.named_vars();
@@ -457,15 +759,35 @@ impl<'a> Trainer<'a> {
                 ),
             });
         }
+        let mut updates = Vec::with_capacity(theirs.len());
         for (name, v) in &theirs {
             let mine = ours.get(name).ok_or_else(|| Error::InvalidCheckpoint {
                 path: dir.to_path_buf(),
                 message: format!("`{name}` is not in the adapter being trained"),
             })?;
-            mine.set(v.as_tensor())?;
+            if mine.as_tensor().dims() != v.as_tensor().dims() {
+                return Err(Error::ShapeMismatch {
+                    name: name.clone(),
+                    expected: mine.as_tensor().dims().to_vec(),
+                    actual: v.as_tensor().dims().to_vec(),
+                });
+            }
+            updates.push((mine.clone(), v.as_tensor().clone()));
         }
-        let opt = read_safetensors(&dir.join("optimizer.safetensors"), self.model.device())?;
-        self.optimizer.load_state(&opt, state.step)?;
+        let opt_path = dir.join("optimizer.safetensors");
+        let opt = read_safetensors(&opt_path, self.model.device())?;
+        let moments = self
+            .optimizer
+            .check_state(&opt)
+            .map_err(|e| Error::InvalidCheckpoint {
+                path: opt_path,
+                message: e.to_string(),
+            })?;
+        // Everything is read and checked: apply it.
+        for (var, value) in updates {
+            var.set(&value)?;
+        }
+        self.optimizer.set_state(moments, state.step);
         self.step = state.step;
         self.metrics = state.metrics;
         tracing::info!("resumed from {} at step {}", dir.display(), self.step);

@@ -1,0 +1,4 @@
+//! Fuzz target: see metal_candle::fuzzing::peft.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| metal_candle::fuzzing::peft(data));
