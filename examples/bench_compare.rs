@@ -27,7 +27,7 @@ struct Args {
     /// cpu, cuda, cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Which rows: generation, kernels, all.
+    /// Which rows: generation, kernels, lora, embeddings, quantized, all.
     #[arg(long, default_value = "all")]
     suite: String,
     /// Timed repeats per row (median reported).
@@ -557,6 +557,127 @@ fn bench_lora(args: &Args, device: &Device) -> Result<()> {
     Ok(())
 }
 
+/// Device memory in use (bytes), or 0 on the CPU.
+fn used_memory(device: &Device) -> Result<usize> {
+    synchronize(device)?;
+    Ok(metal_candle::backend::device_memory(device)?.map_or(0, |(free, total)| total - free))
+}
+
+/// Greedy decoding of `new` tokens after `prompt` with stock Candle's
+/// quantized Qwen2 (argmax on the device, as ours).
+fn stock_quantized_decode(
+    stock: &mut candle_transformers::models::quantized_qwen2::ModelWeights,
+    prompt: &Tensor,
+    new: usize,
+) -> Result<()> {
+    stock.clear_kv_cache();
+    let p = prompt.dim(1)?;
+    let mut next = stock.forward(prompt, 0)?.argmax_keepdim(1)?;
+    for t in 1..new {
+        next = stock.forward(&next, p + t - 1)?.argmax_keepdim(1)?;
+    }
+    Ok(())
+}
+
+/// Quantized decoding: a GGUF file at Qwen2.5-0.5B's shape (random weights,
+/// linear weights in Q4_0 and Q8_0: 896 columns are not whole Q4_K blocks,
+/// as in the real Q4_K_M file where llama.cpp falls back for them), loaded
+/// as stored by us and by stock Candle's quantized Qwen2; device memory
+/// taken by the loaded model, and greedy decoding speed.
+fn bench_quantized(args: &Args, device: &Device) -> Result<()> {
+    use candle_core::quantized::GgmlDType;
+    use metal_candle::models::{load_decoder_with, LoadOptions, Quantization};
+    let cfg = qwen05b_config(args.quick);
+    let new_tokens = args.new_tokens.unwrap_or(if args.quick { 16 } else { 128 });
+    let prompt = random_ids(1, 32, cfg.vocab_size, device)?;
+    for format in [GgmlDType::Q4_0, GgmlDType::Q8_0] {
+        let path = std::env::temp_dir().join(format!(
+            "metal-candle-bench-{}l-{format:?}.gguf",
+            cfg.num_hidden_layers
+        ));
+        if !path.exists() {
+            let t = random_model::random_weights(&cfg, 0.02, DType::F32, &Device::Cpu)?;
+            random_model::write_gguf(&t, &cfg, format, &path)?;
+        }
+        let shape = format!("b1 prompt32 new{new_tokens} {format:?}");
+        // Ours: dense parts (embeddings, norms) in bf16 on CUDA.
+        let dtype = metal_candle::backend::default_dtype(device);
+        let before = used_memory(device)?;
+        let ours = load_decoder_with(
+            path.to_str().unwrap_or_default(),
+            device,
+            &LoadOptions {
+                dtype: Some(dtype),
+                quantization: Quantization::AsStored,
+            },
+        )?;
+        let resident = used_memory(device)?.saturating_sub(before);
+        let secs = time(device, args.repeats.min(3), || {
+            let mut cache = ours.new_cache();
+            let mut next = ours
+                .forward_last(&prompt, None, Some(&mut cache))?
+                .argmax_keepdim(1)?;
+            for _ in 1..new_tokens {
+                next = ours
+                    .forward_last(&next, None, Some(&mut cache))?
+                    .argmax_keepdim(1)?;
+            }
+            Ok(())
+        })?;
+        emit(
+            "quantized",
+            "decode",
+            &shape,
+            dtype,
+            new_tokens as f64 / secs,
+            "tok/s",
+        );
+        if resident > 0 {
+            emit(
+                "quantized",
+                "model memory",
+                &shape,
+                dtype,
+                resident as f64 / (1 << 20) as f64,
+                "MiB",
+            );
+        }
+        drop(ours);
+        // Stock Candle: f32 activations and embeddings (its only choice).
+        let before = used_memory(device)?;
+        let mut file = std::fs::File::open(&path)?;
+        let content = candle_core::quantized::gguf_file::Content::read(&mut file)?;
+        let mut stock = candle_transformers::models::quantized_qwen2::ModelWeights::from_gguf(
+            content, &mut file, device,
+        )?;
+        let resident = used_memory(device)?.saturating_sub(before);
+        let secs = time(device, args.repeats.min(3), || {
+            stock_quantized_decode(&mut stock, &prompt, new_tokens)
+        })?;
+        emit_as(
+            STOCK,
+            "quantized",
+            "decode",
+            &shape,
+            DType::F32,
+            new_tokens as f64 / secs,
+            "tok/s",
+        );
+        if resident > 0 {
+            emit_as(
+                STOCK,
+                "quantized",
+                "model memory",
+                &shape,
+                DType::F32,
+                resident as f64 / (1 << 20) as f64,
+                "MiB",
+            );
+        }
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let device = parse_device(&args.device)?;
@@ -572,6 +693,9 @@ fn main() -> Result<()> {
     }
     if all || args.suite == "generation" {
         bench_generation(&args, &device)?;
+    }
+    if all || args.suite == "quantized" {
+        bench_quantized(&args, &device)?;
     }
     Ok(())
 }
