@@ -500,59 +500,72 @@ fn bench_lora(args: &Args, device: &Device) -> Result<()> {
     };
     let cfg = qwen05b_config(args.quick);
     let (b, s) = if args.quick { (2, 64) } else { (8, 512) };
-    let (result, peak) = with_peak_memory(device, || {
-        let tensors = random_qwen2_tensors(&cfg, dtype, device)?;
-        let mut model = build_decoder(
-            &cfg,
-            &Weights::from_tensors(tensors, dtype, device, "random"),
-        )?;
-        let lora = LoRAAdapterConfig {
-            rank: 8,
-            alpha: 16.0,
-            dropout: 0.0,
-            target_modules: vec![TargetModule::QProj, TargetModule::VProj],
-            use_rslora: false,
-        };
-        let adapter = LoRAAdapter::new(lora, &model, device, 0)?;
-        adapter.attach(&mut model)?;
-        adapter.set_training(true);
-        let mut opt = AdamW::new(
-            adapter.trainable_vars(),
-            AdamWConfig {
-                lr: 1e-4,
-                ..Default::default()
-            },
-        )?;
-        let ids = random_ids(b, s, cfg.vocab_size, device)?;
-        let labels = ids.to_dtype(DType::I64)?;
-        let secs = time(device, args.repeats, || {
-            let logits = model.forward(&ids, None, None)?;
-            let (loss, _) = shifted_causal_lm_loss(&logits, &labels)?;
-            let grads = loss.backward()?;
-            let g = opt.collect_grads(&grads);
-            opt.step_with(&g)?;
-            Ok(())
+    // LoRA over the dense base, then QLoRA over the same weights in Q4_0.
+    for quantize in [None, Some(candle_core::quantized::GgmlDType::Q4_0)] {
+        let (result, peak) = with_peak_memory(device, || {
+            // QLoRA's base is made on the CPU and quantized layer by layer
+            // as it moves to the device, so the dense copy never sits there.
+            let made_on = if quantize.is_some() {
+                &Device::Cpu
+            } else {
+                device
+            };
+            let tensors = random_qwen2_tensors(&cfg, dtype, made_on)?;
+            let mut model = build_decoder(
+                &cfg,
+                &Weights::from_tensors(tensors, dtype, device, "random").quantize_linears(quantize),
+            )?;
+            let lora = LoRAAdapterConfig {
+                rank: 8,
+                alpha: 16.0,
+                dropout: 0.0,
+                target_modules: vec![TargetModule::QProj, TargetModule::VProj],
+                use_rslora: false,
+            };
+            let adapter = LoRAAdapter::new(lora, &model, device, 0)?;
+            adapter.attach(&mut model)?;
+            adapter.set_training(true);
+            let mut opt = AdamW::new(
+                adapter.trainable_vars(),
+                AdamWConfig {
+                    lr: 1e-4,
+                    ..Default::default()
+                },
+            )?;
+            let ids = random_ids(b, s, cfg.vocab_size, device)?;
+            let labels = ids.to_dtype(DType::I64)?;
+            let secs = time(device, args.repeats, || {
+                let logits = model.forward(&ids, None, None)?;
+                let (loss, _) = shifted_causal_lm_loss(&logits, &labels)?;
+                let grads = loss.backward()?;
+                let g = opt.collect_grads(&grads);
+                opt.step_with(&g)?;
+                Ok(())
+            })?;
+            Ok(secs)
         })?;
-        Ok(secs)
-    })?;
-    let shape = format!("b{b} s{s} r8 q,v");
-    emit(
-        "lora",
-        "train step (fwd+bwd+AdamW)",
-        &shape,
-        dtype,
-        (b * s) as f64 / result,
-        "tok/s",
-    );
-    if peak > 0 {
+        let shape = match quantize {
+            None => format!("b{b} s{s} r8 q,v"),
+            Some(f) => format!("b{b} s{s} r8 q,v, base {f:?} (QLoRA)"),
+        };
         emit(
             "lora",
-            "peak device memory",
+            "train step (fwd+bwd+AdamW)",
             &shape,
             dtype,
-            peak as f64 / (1 << 20) as f64,
-            "MiB",
+            (b * s) as f64 / result,
+            "tok/s",
         );
+        if peak > 0 {
+            emit(
+                "lora",
+                "peak device memory",
+                &shape,
+                dtype,
+                peak as f64 / (1 << 20) as f64,
+                "MiB",
+            );
+        }
     }
     Ok(())
 }
