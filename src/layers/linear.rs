@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
@@ -112,11 +112,33 @@ impl Linear {
         let weight = w.get(&name, &[out_dim, in_dim])?;
         match w.quantize_to() {
             Some(format) if in_dim % format.block_size() == 0 => {
-                let q = QTensor::quantize(&weight, format)?;
-                Self::quantized(Arc::new(q), bias, w.dtype())
+                Self::quantize(&weight, bias, format)
             }
             _ => Ok(Self::new(weight, bias)),
         }
+    }
+
+    /// A layer over `weight` (`[out, in]`, dense) quantized to `format`.
+    ///
+    /// The quantization runs on the CPU and the blocks are then uploaded:
+    /// Candle 0.11's CUDA `QTensor::quantize` leaves the row padding its
+    /// kernels read uninitialised (NaN logits seen on an H200), its upload
+    /// path zero-fills it.
+    ///
+    /// # Errors
+    /// A width that is not a whole number of `format` blocks.
+    pub fn quantize(weight: &Tensor, bias: Option<Tensor>, format: GgmlDType) -> Result<Self> {
+        let dtype = weight.dtype();
+        let q = QTensor::quantize(&weight.to_device(&candle_core::Device::Cpu)?, format)?;
+        let q = if weight.device().is_cpu() {
+            q
+        } else {
+            QTensor::new(
+                QStorage::from_data(q.data()?, weight.device(), format)?,
+                q.shape().clone(),
+            )?
+        };
+        Self::quantized(Arc::new(q), bias, dtype)
     }
 
     /// `[out, in]`.

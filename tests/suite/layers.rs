@@ -30,6 +30,17 @@ fn weights() -> (Tensor, Tensor) {
 #[test]
 fn quantized_linear_matches_its_dequantized_dense_twin() {
     let (w, x) = weights();
+    // A QTensor made elsewhere goes in as it is.
+    let q = Arc::new(
+        QTensor::quantize(
+            &w.to_device(&candle_core::Device::Cpu).unwrap(),
+            GgmlDType::Q8_0,
+        )
+        .unwrap(),
+    );
+    assert!(Linear::quantized(q, None, DType::F32)
+        .unwrap()
+        .is_quantized());
     for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K] {
         // Q4_K packs 256 values per block: pad the input width to 256.
         let (w, x) = if dtype == GgmlDType::Q4K {
@@ -40,9 +51,8 @@ fn quantized_linear_matches_its_dequantized_dense_twin() {
         } else {
             (w.clone(), x.clone())
         };
-        let q = Arc::new(QTensor::quantize(&w, dtype).unwrap());
         let bias = Tensor::randn(0f32, 0.1, 48, &device()).unwrap();
-        let mut ql = Linear::quantized(q, Some(bias.clone()), DType::F32).unwrap();
+        let mut ql = Linear::quantize(&w, Some(bias.clone()), dtype).unwrap();
         assert!(ql.is_quantized());
         assert_eq!(
             (ql.in_features(), ql.out_features()),
@@ -79,8 +89,7 @@ fn quantized_linear_matches_its_dequantized_dense_twin() {
 #[test]
 fn gradients_flow_through_a_quantized_base() {
     let (w, x) = weights();
-    let q = Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap());
-    let ql = Linear::quantized(q, None, DType::F32).unwrap();
+    let ql = Linear::quantize(&w, None, GgmlDType::Q8_0).unwrap();
     let dense = Linear::new(ql.dense_weight(DType::F32).unwrap(), None);
     let xv = Var::from_tensor(&x).unwrap();
     let gq = ql
