@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use super::encoder::{
-    check_inputs, nonzero, padding_bias, Activation, EncoderLayer, LayerDims, LayerNames,
+    check_config, check_inputs, padding_bias, Activation, EncoderLayer, LayerDims, LayerNames,
 };
 use crate::error::{Error, Result};
 use crate::io::Weights;
@@ -73,29 +73,24 @@ impl BertConfig {
     /// # Errors
     /// A description of the first problem found.
     pub fn validate(&self) -> std::result::Result<(), String> {
-        for (name, v) in [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("intermediate_size", self.intermediate_size),
-            ("max_position_embeddings", self.max_position_embeddings),
-        ] {
-            nonzero(name, v)?;
-        }
-        if self.hidden_size % self.num_attention_heads != 0 {
-            return Err(format!(
-                "hidden_size {} is not a multiple of num_attention_heads {}",
-                self.hidden_size, self.num_attention_heads
-            ));
-        }
+        check_config(
+            &[
+                ("vocab_size", self.vocab_size),
+                ("hidden_size", self.hidden_size),
+                ("num_hidden_layers", self.num_hidden_layers),
+                ("num_attention_heads", self.num_attention_heads),
+                ("intermediate_size", self.intermediate_size),
+                ("max_position_embeddings", self.max_position_embeddings),
+            ],
+            (self.hidden_size, self.num_attention_heads),
+            &self.hidden_act,
+        )?;
         if self.position_embedding_type != "absolute" {
             return Err(format!(
                 "position_embedding_type `{}` is not supported (only `absolute`)",
                 self.position_embedding_type
             ));
         }
-        Activation::parse(&self.hidden_act)?;
         Ok(())
     }
 }

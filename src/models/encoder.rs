@@ -161,11 +161,20 @@ pub(crate) fn padding_bias(
     attention_mask(b, s, 0, Some(mask), MaskKind::Bidirectional, device)
 }
 
-/// Checks a config size is non-zero.
-pub(crate) fn nonzero(name: &str, v: usize) -> std::result::Result<(), String> {
-    if v == 0 {
-        Err(format!("{name} must be > 0"))
-    } else {
-        Ok(())
+/// What every encoder config must satisfy: each of `sizes` positive, the
+/// width a multiple of the head count, a supported activation.
+pub(crate) fn check_config(
+    sizes: &[(&str, usize)],
+    (hidden, heads): (usize, usize),
+    hidden_act: &str,
+) -> std::result::Result<(), String> {
+    if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
+        return Err(format!("{name} must be > 0"));
     }
+    if heads == 0 || hidden % heads != 0 {
+        return Err(format!(
+            "hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
+        ));
+    }
+    Activation::parse(hidden_act).map(|_| ())
 }

@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use super::bert::{check_vocab, weight_prefix};
 use super::encoder::{
-    check_inputs, nonzero, padding_bias, Activation, EncoderLayer, LayerDims, LayerNames,
+    check_config, check_inputs, padding_bias, Activation, EncoderLayer, LayerDims, LayerNames,
 };
 use crate::error::{Error, Result};
 use crate::io::Weights;
@@ -79,21 +79,17 @@ impl MpnetConfig {
     /// # Errors
     /// A description of the first problem found.
     pub fn validate(&self) -> std::result::Result<(), String> {
-        for (name, v) in [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("intermediate_size", self.intermediate_size),
-        ] {
-            nonzero(name, v)?;
-        }
-        if self.hidden_size % self.num_attention_heads != 0 {
-            return Err(format!(
-                "hidden_size {} is not a multiple of num_attention_heads {}",
-                self.hidden_size, self.num_attention_heads
-            ));
-        }
+        check_config(
+            &[
+                ("vocab_size", self.vocab_size),
+                ("hidden_size", self.hidden_size),
+                ("num_hidden_layers", self.num_hidden_layers),
+                ("num_attention_heads", self.num_attention_heads),
+                ("intermediate_size", self.intermediate_size),
+            ],
+            (self.hidden_size, self.num_attention_heads),
+            &self.hidden_act,
+        )?;
         if self.max_position_embeddings <= PADDING_IDX as usize + 1 {
             return Err(format!(
                 "max_position_embeddings {} leaves no room for tokens",
@@ -106,7 +102,6 @@ impl MpnetConfig {
                 self.relative_attention_num_buckets
             ));
         }
-        Activation::parse(&self.hidden_act)?;
         Ok(())
     }
 

@@ -82,17 +82,21 @@ pub fn json_strings(v: &serde_json::Value) -> Vec<String> {
         .collect()
 }
 
-/// `max |ours - theirs| / max |theirs|`, the relative difference the
-/// gradient and logit tolerances are stated in.
-pub fn rel_diff(ours: &Tensor, theirs: &Tensor) -> f32 {
-    let scale = theirs
-        .to_dtype(candle_core::DType::F32)
+/// `max |t|` (any float dtype, any device): the scale tolerances are
+/// stated against.
+pub fn abs_max(t: &Tensor) -> f32 {
+    t.to_dtype(candle_core::DType::F32)
         .unwrap()
         .abs()
         .unwrap()
         .max_all()
         .unwrap()
         .to_scalar::<f32>()
-        .unwrap();
-    max_abs_diff(ours, theirs) / scale
+        .unwrap()
+}
+
+/// `max |ours - theirs| / max |theirs|`, the relative difference the
+/// gradient and logit tolerances are stated in.
+pub fn rel_diff(ours: &Tensor, theirs: &Tensor) -> f32 {
+    max_abs_diff(ours, theirs) / abs_max(theirs)
 }

@@ -3,7 +3,7 @@
 //! prefill, the KV cache, padded batches, long prompts (sliding windows and
 //! RoPE scaling at work), greedy generation; causality and errors.
 
-use crate::common::{device, fixture, max_abs_diff, reference};
+use crate::common::{abs_max, device, fixture, max_abs_diff, reference};
 use candle_core::{DType, IndexOp, Tensor};
 use metal_candle::inference::{Generator, GeneratorConfig, TextTokenizer};
 use metal_candle::models::{load_decoder, CausalLm};
@@ -337,13 +337,7 @@ fn bf16_logits_stay_within_bf16_resolution_of_transformers_f32() {
             .to_dtype(DType::F32)
             .unwrap();
         let reference = &r["logits"];
-        let scale = reference
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let scale = abs_max(reference);
         let d = max_abs_diff(&logits, reference);
         assert!(
             d <= 0.05 * scale,

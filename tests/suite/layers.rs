@@ -7,7 +7,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Tensor, Var};
 use metal_candle::layers::{Linear, LinearAdapter};
 
-use crate::common::{device, max_abs_diff};
+use crate::common::{abs_max, device, max_abs_diff};
 
 /// Adds a constant, to see the hook run.
 #[derive(Debug)]
@@ -63,13 +63,7 @@ fn quantized_linear_matches_its_dequantized_dense_twin() {
         // Candle's quantized kernels also quantize the activations (Q8 per
         // block), so the product differs from the dequantized dense one by
         // that rounding: well under 1% of the output scale here.
-        let scale = yd
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let scale = abs_max(&yd);
         let d = max_abs_diff(&yq, &yd);
         assert!(d <= 0.01 * scale, "{dtype:?}: {d} vs scale {scale}");
         // The adapter hook works on a quantized base.

@@ -15,7 +15,7 @@ use metal_candle::training::{
     load_peft_adapter, save_peft_adapter, LoRAAdapter, LoRAAdapterConfig, TargetModule,
 };
 
-use crate::common::{device, fixture, max_abs_diff, reference};
+use crate::common::{abs_max, device, fixture, max_abs_diff, reference};
 
 #[path = "../../examples/common/random_model.rs"]
 mod random_model;
@@ -43,15 +43,6 @@ fn ids(r: &HashMap<String, Tensor>) -> Tensor {
         .to_dtype(DType::U32)
         .unwrap()
         .to_device(&device())
-        .unwrap()
-}
-
-fn scale(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
         .unwrap()
 }
 
@@ -112,9 +103,9 @@ fn gguf_files_load_quantized_and_track_their_dequantized_weights() {
             let agree = agreement(&q, &d);
             println!(
                 "{name} {format:?}: max diff {diff:.4} (scale {:.2}), argmax agreement {agree}",
-                scale(&d)
+                abs_max(&d)
             );
-            assert!(diff <= bound * scale(&d), "{name} {format:?}: {diff}");
+            assert!(diff <= bound * abs_max(&d), "{name} {format:?}: {diff}");
             // 14 positions of a random tiny model with near-ties: one flip
             // is 7%; the logit bound above is the real check.
             assert!(agree >= 0.7, "{name} {format:?}: agreement {agree}");
@@ -141,9 +132,9 @@ fn safetensors_models_quantize_in_situ() {
     let (diff, agree) = (max_abs_diff(&a, &b), agreement(&a, &b));
     println!(
         "in-situ Q8_0: max diff {diff:.4} (scale {:.2}), agreement {agree}",
-        scale(&b)
+        abs_max(&b)
     );
-    assert!(diff <= 0.05 * scale(&b), "in-situ Q8_0 vs dense: {diff}");
+    assert!(diff <= 0.05 * abs_max(&b), "in-situ Q8_0 vs dense: {diff}");
     assert!(agree >= 0.85, "in-situ Q8_0 argmax agreement {agree}");
     // Widths that are not whole blocks stay dense instead of failing:
     // Q4_K needs 256 columns, the tiny model has 64 and 96.
@@ -236,11 +227,11 @@ fn qlora_trains_over_a_quantized_base_and_its_adapter_loads_on_the_dense_one() {
     let d = max_abs_diff(&on_dense, &logits);
     println!(
         "QLoRA adapter on dense vs quantized base: {d:.4} (scale {:.2})",
-        scale(&on_dense)
+        abs_max(&on_dense)
     );
     assert!(agreement(&on_dense, &logits) >= 0.85);
     assert!(
-        d <= 0.05 * scale(&on_dense),
+        d <= 0.05 * abs_max(&on_dense),
         "adapter on dense vs quantized base: {d}"
     );
     assert!(
