@@ -169,6 +169,39 @@ pub fn write_gguf(
         let f = if linear { format } else { GgmlDType::F32 };
         q.push((name, QTensor::quantize(&t, f)?));
     }
+    // llama.cpp's converter writes Llama 3.1's RoPE scaling as one divisor
+    // per frequency (`rope_freqs.weight`), not as metadata.
+    if let RopeScaling::Llama3 {
+        factor,
+        low_freq_factor,
+        high_freq_factor,
+        original_max,
+    } = config.rope_scaling
+    {
+        let dim = config.head_dim;
+        let old = original_max as f64;
+        let divisors: Vec<f32> = (0..dim / 2)
+            .map(|i| {
+                let freq = 1.0 / config.rope_theta.powf((2 * i) as f64 / dim as f64);
+                let wavelen = 2.0 * std::f64::consts::PI / freq;
+                let d = if wavelen < old / high_freq_factor {
+                    1.0
+                } else if wavelen > old / low_freq_factor {
+                    factor
+                } else {
+                    let smooth =
+                        (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                    1.0 / ((1.0 - smooth) / factor + smooth)
+                };
+                d as f32
+            })
+            .collect();
+        let t = Tensor::from_vec(divisors, dim / 2, &Device::Cpu)?;
+        q.push((
+            "rope_freqs.weight".into(),
+            QTensor::quantize(&t, GgmlDType::F32)?,
+        ));
+    }
     let u = |v: usize| Value::U32(v as u32);
     let mut md: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(arch.into())),

@@ -54,6 +54,10 @@ pub enum RopeScaling {
         /// Context length the model was trained with.
         original_max: usize,
     },
+    /// Each frequency divided by its own factor: how llama.cpp's GGUF files
+    /// store Llama 3.1's scaling (`rope_freqs.weight`, one per dimension
+    /// pair).
+    Divisors(Vec<f64>),
 }
 
 /// Frequencies for rotary embeddings of `head_dim` dimensions.
@@ -82,6 +86,7 @@ fn scaled_inv_freq(head_dim: usize, theta: f64, scaling: &RopeScaling) -> (Vec<f
     match *scaling {
         RopeScaling::None | RopeScaling::Dynamic { .. } => (base, 1.0),
         RopeScaling::Linear { factor } => (base.iter().map(|f| f / factor).collect(), 1.0),
+        RopeScaling::Divisors(ref d) => (base.iter().zip(d).map(|(f, d)| f / d).collect(), 1.0),
         RopeScaling::Llama3 {
             factor,
             low_freq_factor,

@@ -429,10 +429,22 @@ pub(crate) fn load_gguf_from<R: std::io::Read + std::io::Seek>(
 ) -> Result<(DecoderConfig, Weights, GgufMetadata)> {
     let arch_name = file.architecture()?;
     let arch = by_gguf(&arch_name)?;
-    let config = gguf_config(&file, &arch_name, arch).map_err(|message| Error::InvalidConfig {
+    let invalid = |message: String| Error::InvalidConfig {
         origin: path.display().to_string(),
         message,
-    })?;
+    };
+    let mut config = gguf_config(&file, &arch_name, arch).map_err(invalid)?;
+    // llama.cpp stores Llama 3.1's RoPE scaling as per-frequency divisors
+    // (`rope_freqs.weight`), not as metadata.
+    if file.tensor_dims("rope_freqs.weight").is_some() {
+        let divisors = file
+            .tensor("rope_freqs.weight", &Device::Cpu)?
+            .dequantize(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        config.rope_scaling = RopeScaling::Divisors(divisors.into_iter().map(f64::from).collect());
+        config.validate().map_err(invalid)?;
+    }
     let bad = |name: &str, e: candle_core::Error| Error::InvalidCheckpoint {
         path: path.to_path_buf(),
         message: format!("tensor {name}: {}", crate::error::candle_message(e)),

@@ -144,6 +144,9 @@ impl DecoderConfig {
         }
         let factor_ok = match &self.rope_scaling {
             RopeScaling::None => true,
+            RopeScaling::Divisors(d) => {
+                d.len() == self.head_dim / 2 && d.iter().all(|&v| positive(v))
+            }
             RopeScaling::Linear { factor } | RopeScaling::Dynamic { factor, .. } => {
                 positive(*factor)
             }

@@ -73,15 +73,30 @@ fn agreement(a: &Tensor, b: &Tensor) -> f32 {
 #[test]
 fn gguf_files_load_quantized_and_track_their_dequantized_weights() {
     let dir = tempfile::tempdir().unwrap();
-    for name in ["qwen2-tiny", "llama-tiny-linear", "qwen3-tiny"] {
+    for name in [
+        "qwen2-tiny",
+        "llama-tiny-linear",
+        "llama3-tiny",
+        "qwen3-tiny",
+    ] {
         let r = reference(name);
         let f32_file = dir.path().join(format!("{name}-f32.gguf"));
         write_gguf(name, GgmlDType::F32, &f32_file);
-        let logits = load(&f32_file, Quantization::AsStored)
-            .forward(&ids(&r), None, None)
-            .unwrap();
+        let m = load(&f32_file, Quantization::AsStored);
+        let logits = m.forward(&ids(&r), None, None).unwrap();
         let d = max_abs_diff(&logits, &r["logits"]);
         assert!(d <= 1e-4, "{name} f32 GGUF vs transformers: {d}");
+        // The 20-token prompt, where RoPE scaling (llama3's as llama.cpp
+        // stores it: per-frequency divisors) shows.
+        if let Some(long) = r.get("long_input_ids") {
+            let long = long
+                .to_dtype(DType::U32)
+                .unwrap()
+                .to_device(&device())
+                .unwrap();
+            let d = max_abs_diff(&m.forward(&long, None, None).unwrap(), &r["long_logits"]);
+            assert!(d <= 1e-4, "{name} f32 GGUF, long prompt: {d}");
+        }
 
         for (format, bound) in [(GgmlDType::Q8_0, 0.05), (GgmlDType::Q4_0, 0.15)] {
             let file = dir.path().join(format!("{name}-{format:?}.gguf"));
