@@ -613,8 +613,12 @@ fn bench_quantized(args: &Args, device: &Device) -> Result<()> {
             random_model::write_gguf(&t, &cfg, format, &path)?;
         }
         let shape = format!("b1 prompt32 new{new_tokens} {format:?}");
-        // Ours: dense parts (embeddings, norms) in bf16 on CUDA.
-        let dtype = metal_candle::backend::default_dtype(device);
+        // Ours: dense parts (embeddings, norms) in --dtype (default: bf16
+        // on CUDA).
+        let dtype = match &args.dtype {
+            Some(d) => parse_dtype(d)?,
+            None => metal_candle::backend::default_dtype(device),
+        };
         let before = used_memory(device)?;
         let ours = load_decoder_with(
             path.to_str().unwrap_or_default(),
