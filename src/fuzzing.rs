@@ -16,6 +16,29 @@ use crate::models::mpnet::{MpnetConfig, MpnetModel};
 use crate::models::{build_decoder, load_gguf_from, parse_decoder_config};
 use crate::training::{Dataset, DatasetConfig};
 
+/// For the targets that reach tokenizer.json (gguf, tokenizer): the
+/// library parses it under `catch_unwind` because the tokenizers crate
+/// panics on some malformed files (src/io/tokenizer_json.rs), but
+/// libFuzzer's panic hook aborts even on a caught panic. This hook lets
+/// panics raised inside that crate through to the library's
+/// `catch_unwind` (one that escapes it still aborts: libfuzzer-sys catches
+/// it around the target) and keeps aborting on any panic elsewhere.
+/// Installed once.
+pub fn tolerate_caught_tokenizers_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let abort = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let in_tokenizers = info
+                .location()
+                .is_some_and(|l| l.file().contains("/tokenizers-"));
+            if !in_tokenizers {
+                abort(info);
+            }
+        }));
+    });
+}
+
 /// The safetensors header reader (names, dtypes, shapes and offsets
 /// checked against the file size), then Candle's loader on what passed.
 pub fn safetensors(data: &[u8]) {
