@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 
 use super::config::{eos_ids, rope_scaling_from_json, DecoderConfig, RawConfig, MAX_LAYERS};
 use super::decoder::CausalLm;
@@ -471,15 +471,18 @@ pub(crate) fn load_gguf_from<R: std::io::Read + std::io::Seek>(
                 config.num_key_value_heads
             }
         });
+        let q = match permuted_heads {
+            Some(heads) => unpermute_rows(&q, heads).map_err(|e| bad(&name, e))?,
+            None => q,
+        };
         let is_linear = hf.ends_with("_proj.weight") || hf == "lm_head.weight";
         let block_format = !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
         if keep_quantized && is_linear && block_format && q.shape().dims().len() == 2 {
-            let q = match permuted_heads {
-                Some(heads) => unpermute_quantized_rows(&q, heads, device),
-                None if device.is_cpu() => Ok(q),
-                None => quantized_on(&q, device),
-            }
-            .map_err(|e| bad(&name, e))?;
+            let q = if device.is_cpu() {
+                q
+            } else {
+                quantized_on(&q, device).map_err(|e| bad(&name, e))?
+            };
             quantized.insert(hf, Arc::new(q));
             continue;
         }
@@ -489,10 +492,7 @@ pub(crate) fn load_gguf_from<R: std::io::Read + std::io::Seek>(
             let on_device = quantized_on(&q, device).map_err(|e| bad(&name, e))?;
             quantized.insert("lm_head.weight".to_string(), Arc::new(on_device));
         }
-        let mut t = q.dequantize(&Device::Cpu)?;
-        if let Some(heads) = permuted_heads {
-            t = unpermute_rows(&t, heads).map_err(|e| bad(&name, e))?;
-        }
+        let t = q.dequantize(&Device::Cpu)?;
         tensors.insert(hf, t.to_dtype(dtype)?.to_device(device)?);
     }
     tracing::info!(
@@ -514,18 +514,19 @@ fn quantized_on(q: &QTensor, device: &Device) -> candle_core::Result<QTensor> {
     )
 }
 
-/// [`unpermute_rows`] on a block-quantized `[rows, in]` matrix: rows are
-/// whole runs of blocks, so the permutation moves bytes without touching
-/// the quantized values.
-fn unpermute_quantized_rows(
-    q: &QTensor,
-    heads: usize,
-    device: &Device,
-) -> candle_core::Result<QTensor> {
-    let (rows, cols) = q.shape().dims2()?;
+/// Inverse of llama.cpp's `permute(w, n_head)`: rows grouped per head as
+/// `[head, half, 2]` go back to `[head, 2, half]`. Works on the stored
+/// bytes (on the CPU): a row is a whole run of blocks, so quantized values
+/// move untouched and a dense file's rows the same way.
+fn unpermute_rows(q: &QTensor, heads: usize) -> candle_core::Result<QTensor> {
+    let dims = q.shape().dims();
+    let Some(&rows) = dims.first() else {
+        candle_core::bail!("a q/k projection with no dimensions")
+    };
     if heads == 0 || rows % (2 * heads) != 0 {
         candle_core::bail!("{rows} rows do not split into {heads} heads");
     }
+    let cols: usize = dims[1..].iter().product();
     let block = q.dtype().block_size();
     if cols % block != 0 {
         candle_core::bail!("{cols} columns are not whole blocks of {block}");
@@ -548,27 +549,9 @@ fn unpermute_quantized_rows(
         }
     }
     QTensor::new(
-        QStorage::from_data(std::borrow::Cow::Owned(out), device, q.dtype())?,
+        QStorage::from_data(std::borrow::Cow::Owned(out), &Device::Cpu, q.dtype())?,
         q.shape().clone(),
     )
-}
-
-/// Inverse of llama.cpp's `permute(w, n_head)`: rows grouped per head as
-/// `[head, half, 2]` go back to `[head, 2, half]`.
-fn unpermute_rows(t: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
-    let dims = t.dims().to_vec();
-    let Some(&rows) = dims.first() else {
-        candle_core::bail!("a q/k projection with no dimensions")
-    };
-    if heads == 0 || rows % (2 * heads) != 0 {
-        candle_core::bail!("{rows} rows do not split into {heads} heads");
-    }
-    let rest: usize = dims[1..].iter().product();
-    let half = rows / heads / 2;
-    t.reshape((heads, half, 2, rest))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape(dims)
 }
 
 /// llama.cpp's tensor names → Hugging Face names (shared by every
