@@ -138,6 +138,14 @@ impl DecoderConfig {
         if self.sliding_windows.contains(&Some(0)) {
             return Err("sliding_window must be positive".into());
         }
+        // The decoder builds one window mask per forward for all windowed
+        // layers (every supported family has a single window size).
+        let mut windows = self.sliding_windows.iter().flatten();
+        if let Some(first) = windows.next() {
+            if windows.any(|w| w != first) {
+                return Err("layers with different sliding windows are not supported".into());
+            }
+        }
         let positive = |x: f64| x.is_finite() && x > 0.0;
         if !positive(self.rms_norm_eps) || !positive(self.rope_theta) {
             return Err("rms_norm_eps and rope_theta must be positive".into());

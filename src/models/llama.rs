@@ -332,7 +332,8 @@ impl CausalLm for Llama {
         let positions = Self::positions(rows.as_deref(), (b, s), past);
         let (cos, sin) = self.rotary.tables(&positions, (b, s), self.dtype())?;
         let mask = build_mask(b, s, past, rows.as_deref(), MaskKind::Causal, device)?;
-        // One window mask serves every windowed layer (one window per model).
+        // One window mask serves every windowed layer (`validate` allows
+        // one window size per model).
         let window_mask = match self.config.sliding_windows.iter().flatten().next() {
             Some(&w) => build_mask(
                 b,
