@@ -5,8 +5,7 @@ use candle_core::{DType, Device};
 
 use super::tokenizer::TextTokenizer;
 use crate::error::Result;
-use crate::io::ModelRepo;
-use crate::models::{load_with_metadata, CausalLm, LoadOptions};
+use crate::models::{load_with_source, CausalLm, LoadOptions, LoadedFrom};
 
 /// A model and its tokenizer.
 #[derive(Debug)]
@@ -47,10 +46,10 @@ impl LanguageModel {
         device: &Device,
         options: &LoadOptions,
     ) -> Result<Self> {
-        let (model, metadata) = load_with_metadata(source, device, options)?;
-        let mut tokenizer = match metadata {
-            Some(metadata) => TextTokenizer::from_gguf_metadata(&metadata)?,
-            None => TextTokenizer::from_repo(&ModelRepo::open(source)?)?,
+        let (model, from) = load_with_source(source, device, options)?;
+        let mut tokenizer = match from {
+            LoadedFrom::Gguf(metadata) => TextTokenizer::from_gguf_metadata(&metadata)?,
+            LoadedFrom::Repo(repo) => TextTokenizer::from_repo(&repo)?,
         };
         if tokenizer.eos_token_ids().is_empty() {
             tokenizer.set_eos_token_ids(model.config().eos_token_ids.clone());

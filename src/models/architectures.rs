@@ -360,18 +360,26 @@ pub fn load_decoder_with(
     device: &Device,
     options: &LoadOptions,
 ) -> Result<Box<dyn CausalLm>> {
-    Ok(load_with_metadata(source, device, options)?.0)
+    Ok(load_with_source(source, device, options)?.0)
 }
 
 /// A GGUF file's metadata (tokenizer, chat template, …).
 pub(crate) type GgufMetadata = HashMap<String, Value>;
 
-/// The decoder, and the GGUF metadata when it came from a GGUF file.
-pub(crate) fn load_with_metadata(
+/// Where a loaded decoder came from: what its tokenizer is read from.
+pub(crate) enum LoadedFrom {
+    /// A GGUF file: its metadata holds the tokenizer and chat template.
+    Gguf(GgufMetadata),
+    /// A directory or Hub repo with `tokenizer.json`.
+    Repo(ModelRepo),
+}
+
+/// The decoder, and where it came from.
+pub(crate) fn load_with_source(
     source: &str,
     device: &Device,
     options: &LoadOptions,
-) -> Result<(Box<dyn CausalLm>, Option<GgufMetadata>)> {
+) -> Result<(Box<dyn CausalLm>, LoadedFrom)> {
     let dtype = options
         .dtype
         .unwrap_or_else(|| crate::backend::default_dtype(device));
@@ -383,7 +391,7 @@ pub(crate) fn load_with_metadata(
     if let Some(path) = resolve_gguf(source)? {
         let (config, weights, metadata) = load_gguf(&path, dtype, device, keep_quantized)?;
         let model = build_decoder(&config, &weights.quantize_linears(quantize_to))?;
-        return Ok((model, Some(metadata)));
+        return Ok((model, LoadedFrom::Gguf(metadata)));
     }
     let repo = ModelRepo::open(source)?;
     let (config, arch) = read_config_with_arch(&repo.get("config.json")?)?;
@@ -400,7 +408,7 @@ pub(crate) fn load_with_metadata(
             .map(|f| format!(", linears {f:?}"))
             .unwrap_or_default()
     );
-    Ok(((arch.build)(&config, &weights)?, None))
+    Ok(((arch.build)(&config, &weights)?, LoadedFrom::Repo(repo)))
 }
 
 /// Reads a GGUF decoder: its config from the metadata, its tensors under

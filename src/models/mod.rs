@@ -17,11 +17,11 @@ mod llama;
 pub(crate) mod mpnet;
 
 pub(crate) use architectures::load_gguf_from;
-pub(crate) use architectures::load_with_metadata;
 pub use architectures::{
     build_decoder, load_decoder, load_decoder_with, parse_decoder_config, read_decoder_config,
     supported_architectures, LoadOptions, Quantization,
 };
+pub(crate) use architectures::{load_with_source, LoadedFrom};
 pub use config::DecoderConfig;
 pub use decoder::CausalLm;
 pub use kv_cache::KvCache;
