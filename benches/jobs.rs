@@ -88,7 +88,7 @@ fn embeddings(c: &mut Criterion) {
 }
 
 fn lora(c: &mut Criterion) {
-    use metal_candle::training::{shifted_causal_lm_loss, AdamW, AdamWConfig};
+    use metal_candle::training::{lm_loss, AdamW, AdamWConfig};
     use metal_candle::training::{LoRAAdapter, LoRAAdapterConfig, TargetModule};
     let dev = Device::Cpu;
     let mut model = small_qwen2(&dev);
@@ -109,8 +109,7 @@ fn lora(c: &mut Criterion) {
     let labels = ids.to_dtype(DType::I64).unwrap();
     c.bench_function("lora r8 q,v train step qwen2 small (4L h256) 2x128", |b| {
         b.iter(|| {
-            let logits = model.forward(&ids, None, None).unwrap();
-            let (loss, _) = shifted_causal_lm_loss(&logits, &labels).unwrap();
+            let (loss, _) = lm_loss(&model, &ids, None, &labels).unwrap();
             let grads = loss.backward().unwrap();
             let g = opt.collect_grads(&grads);
             opt.step_with(&g).unwrap();

@@ -490,22 +490,80 @@ fn with_peak_memory<T>(device: &Device, f: impl FnOnce() -> Result<T>) -> Result
     Ok((out?, peak.load(Ordering::Relaxed)))
 }
 
+/// Qwen2.5-1.5B's shape (hidden 1536, 28 layers, 12 heads / 2 KV heads).
+fn qwen15b_config(quick: bool) -> DecoderConfig {
+    let layers = if quick { 4 } else { 28 };
+    metal_candle::models::parse_decoder_config(
+        &serde_json::json!({
+            "model_type": "qwen2", "vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960,
+            "num_hidden_layers": layers, "num_attention_heads": 12, "num_key_value_heads": 2,
+            "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": true,
+        })
+        .to_string(),
+        "benchmark config",
+    )
+    .expect("static config")
+}
+
+/// One LoRA benchmark row (scripts/peers.py's LORA_ROWS has the same).
+struct LoraRow {
+    model: &'static str,
+    batch: usize,
+    seq: usize,
+    rank: usize,
+    all_modules: bool,
+    quantize: Option<candle_core::quantized::GgmlDType>,
+    checkpointing: bool,
+}
+
+fn lora_rows(quick: bool) -> Vec<LoraRow> {
+    use candle_core::quantized::GgmlDType;
+    let row = |model, batch, seq, rank, all_modules, quantize, checkpointing| LoraRow {
+        model,
+        batch,
+        seq,
+        rank,
+        all_modules,
+        quantize,
+        checkpointing,
+    };
+    if quick {
+        return vec![
+            row("0.5B", 2, 64, 8, false, None, false),
+            row("0.5B", 2, 64, 8, false, Some(GgmlDType::Q4_0), false),
+            row("0.5B", 2, 64, 8, false, None, true),
+        ];
+    }
+    vec![
+        row("0.5B", 8, 512, 8, false, None, false),
+        row("0.5B", 8, 512, 16, true, None, false),
+        row("1.5B", 4, 1024, 8, false, None, false),
+        row("0.5B", 8, 512, 8, false, Some(GgmlDType::Q4_0), false),
+        row("0.5B", 8, 512, 8, false, None, true),
+        row("0.5B", 8, 512, 8, false, Some(GgmlDType::Q4_0), true),
+        row("1.5B", 4, 1024, 8, false, None, true),
+    ]
+}
+
 fn bench_lora(args: &Args, device: &Device) -> Result<()> {
-    use metal_candle::training::shifted_causal_lm_loss;
+    use metal_candle::training::lm_loss;
     use metal_candle::training::{AdamW, AdamWConfig};
     use metal_candle::training::{LoRAAdapter, LoRAAdapterConfig, TargetModule};
     let dtype = match &args.dtype {
         Some(d) => parse_dtype(d)?,
         None => metal_candle::backend::default_dtype(device),
     };
-    let cfg = qwen05b_config(args.quick);
-    let (b, s) = if args.quick { (2, 64) } else { (8, 512) };
-    // LoRA over the dense base, then QLoRA over the same weights in Q4_0.
-    for quantize in [None, Some(candle_core::quantized::GgmlDType::Q4_0)] {
+    for row in lora_rows(args.quick) {
+        let cfg = match row.model {
+            "1.5B" => qwen15b_config(args.quick),
+            _ => qwen05b_config(args.quick),
+        };
+        let (b, s) = (row.batch, row.seq);
         let (result, peak) = with_peak_memory(device, || {
             // QLoRA's base is made on the CPU and quantized layer by layer
             // as it moves to the device, so the dense copy never sits there.
-            let made_on = if quantize.is_some() {
+            let made_on = if row.quantize.is_some() {
                 &Device::Cpu
             } else {
                 device
@@ -513,18 +571,24 @@ fn bench_lora(args: &Args, device: &Device) -> Result<()> {
             let tensors = random_qwen2_tensors(&cfg, dtype, made_on)?;
             let mut model = build_decoder(
                 &cfg,
-                &Weights::from_tensors(tensors, dtype, device, "random").quantize_linears(quantize),
+                &Weights::from_tensors(tensors, dtype, device, "random")
+                    .quantize_linears(row.quantize),
             )?;
             let lora = LoRAAdapterConfig {
-                rank: 8,
-                alpha: 16.0,
+                rank: row.rank,
+                alpha: 2.0 * row.rank as f64,
                 dropout: 0.0,
-                target_modules: vec![TargetModule::QProj, TargetModule::VProj],
+                target_modules: if row.all_modules {
+                    TargetModule::ALL.to_vec()
+                } else {
+                    vec![TargetModule::QProj, TargetModule::VProj]
+                },
                 use_rslora: false,
             };
             let adapter = LoRAAdapter::new(lora, &model, device, 0)?;
             adapter.attach(&mut model)?;
             adapter.set_training(true);
+            model.set_gradient_checkpointing(row.checkpointing);
             let mut opt = AdamW::new(
                 adapter.trainable_vars(),
                 AdamWConfig {
@@ -535,19 +599,32 @@ fn bench_lora(args: &Args, device: &Device) -> Result<()> {
             let ids = random_ids(b, s, cfg.vocab_size, device)?;
             let labels = ids.to_dtype(DType::I64)?;
             let secs = time(device, args.repeats, || {
-                let logits = model.forward(&ids, None, None)?;
-                let (loss, _) = shifted_causal_lm_loss(&logits, &labels)?;
-                let grads = loss.backward()?;
+                let (loss, _) = lm_loss(&model, &ids, None, &labels)?;
+                let grads = metal_candle::training::backward(&loss)?;
                 let g = opt.collect_grads(&grads);
                 opt.step_with(&g)?;
                 Ok(())
             })?;
-            Ok(secs)
+            // Where the step's time goes: the forward (with the loss) alone.
+            let fwd = time(device, args.repeats, || {
+                lm_loss(&model, &ids, None, &labels)?;
+                Ok(())
+            })?;
+            Ok((secs, fwd))
         })?;
-        let shape = match quantize {
-            None => format!("b{b} s{s} r8 q,v"),
-            Some(f) => format!("b{b} s{s} r8 q,v, base {f:?} (QLoRA)"),
-        };
+        let (result, fwd) = result;
+        let mut shape = format!(
+            "{} b{b} s{s} r{} {}",
+            row.model,
+            row.rank,
+            if row.all_modules { "all7" } else { "q,v" }
+        );
+        if let Some(f) = row.quantize {
+            shape.push_str(&format!(" base {f:?} (QLoRA)"));
+        }
+        if row.checkpointing {
+            shape.push_str(" ckpt");
+        }
         emit(
             "lora",
             "train step (fwd+bwd+AdamW)",
@@ -555,6 +632,14 @@ fn bench_lora(args: &Args, device: &Device) -> Result<()> {
             dtype,
             (b * s) as f64 / result,
             "tok/s",
+        );
+        emit(
+            "lora",
+            "forward + loss only",
+            &shape,
+            dtype,
+            fwd * 1e3,
+            "ms",
         );
         if peak > 0 {
             emit(
@@ -567,6 +652,39 @@ fn bench_lora(args: &Args, device: &Device) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// One LoRA training step (0.5B shape, 2 layers, b8 × 512, r8 q,v) and
+/// nothing else, for a profiler (`ncu`) to count and time its kernels; then
+/// the step's wall time over a few repeats.
+fn profile_lora_step(args: &Args, device: &Device) -> Result<()> {
+    use metal_candle::training::{lm_loss, LoRAAdapter, LoRAAdapterConfig};
+    let dtype = metal_candle::backend::default_dtype(device);
+    let mut cfg = qwen05b_config(false);
+    cfg.num_hidden_layers = 2;
+    let tensors = random_qwen2_tensors(&cfg, dtype, device)?;
+    let mut model = build_decoder(&cfg, &Weights::from_tensors(tensors, dtype, device, "random"))?;
+    let adapter = LoRAAdapter::new(LoRAAdapterConfig::default(), &model, device, 0)?;
+    adapter.attach(&mut model)?;
+    let ids = random_ids(8, 512, cfg.vocab_size, device)?;
+    let labels = ids.to_dtype(DType::I64)?;
+    let mut step = || -> Result<()> {
+        let (loss, _) = lm_loss(&model, &ids, None, &labels)?;
+        metal_candle::training::backward(&loss)?;
+        Ok(())
+    };
+    step()?;
+    synchronize(device)?;
+    if std::env::var_os("PROFILE_ONCE").is_some() {
+        return Ok(());
+    }
+    let secs = time(device, args.repeats, &mut step)?;
+    let fwd = time(device, args.repeats, || {
+        lm_loss(&model, &ids, None, &labels)?;
+        Ok(())
+    })?;
+    eprintln!("2-layer step {:.1} ms, forward+loss {:.1} ms", secs * 1e3, fwd * 1e3);
     Ok(())
 }
 
@@ -704,6 +822,9 @@ fn main() -> Result<()> {
     }
     if all || args.suite == "embeddings" {
         bench_embeddings(&args, &device)?;
+    }
+    if args.suite == "lora-profile" {
+        profile_lora_step(&args, &device)?;
     }
     if all || args.suite == "lora" {
         bench_lora(&args, &device)?;

@@ -224,33 +224,62 @@ def with_peak_memory(device, fn):
     return out, peak[0]
 
 
+def qwen15b(quick):
+    from transformers import Qwen2Config
+    return Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                       num_hidden_layers=4 if quick else 28, num_attention_heads=12,
+                       num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
+                       rms_norm_eps=1e-6, tie_word_embeddings=True)
+
+
+ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# (model, batch, seq, rank, all seven modules, gradient checkpointing, attention):
+# examples/bench_compare.rs's lora_rows has the same shapes.
+LORA_ROWS = [
+    ("0.5B", 8, 512, 8, False, False, "sdpa"),
+    ("0.5B", 8, 512, 8, False, False, "eager"),
+    ("0.5B", 8, 512, 16, True, False, "sdpa"),
+    ("1.5B", 4, 1024, 8, False, False, "sdpa"),
+    ("0.5B", 8, 512, 8, False, True, "sdpa"),
+]
+LORA_ROWS_QUICK = [("0.5B", 2, 64, 8, False, False, "sdpa")]
+
+
 def bench_lora(args):
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2ForCausalLM
     dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "f32")
-    cfg = qwen05b(args.quick)
-    b, s = (2, 64) if args.quick else (8, 512)
+    for (name, b, s, r, all7, ckpt, attn) in (LORA_ROWS_QUICK if args.quick else LORA_ROWS):
+        cfg = qwen15b(args.quick) if name == "1.5B" else qwen05b(args.quick)
 
-    def run():
-        torch.manual_seed(0)
-        model = Qwen2ForCausalLM._from_config(cfg, attn_implementation="eager", dtype=DT[dtype]).to(args.device)
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                                 target_modules=["q_proj", "v_proj"]))
-        model.train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        x = ids(b, s, cfg.vocab_size, args.device)
+        def run():
+            torch.manual_seed(0)
+            model = Qwen2ForCausalLM._from_config(cfg, attn_implementation=attn, dtype=DT[dtype]).to(args.device)
+            if ckpt:
+                model.gradient_checkpointing_enable()
+                model.enable_input_require_grads()
+            model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
+                                                     target_modules=ALL7 if all7 else ["q_proj", "v_proj"]))
+            model.train()
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+            x = ids(b, s, cfg.vocab_size, args.device)
 
-        def step():
-            loss = model(input_ids=x, labels=x).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return timed(args.device, args.repeats, step)
-    secs, peak = with_peak_memory(args.device, run)
-    shape = f"b{b} s{s} r8 q,v"
-    emit("peft (transformers eager)", "lora", "train step (fwd+bwd+AdamW)", shape, dtype, b * s / secs, "tok/s")
-    if peak:
-        emit("peft (transformers eager)", "lora", "peak device memory", shape, dtype, peak / 2**20, "MiB")
+            def step():
+                loss = model(input_ids=x, labels=x).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            out = timed(args.device, args.repeats, step)
+            del model, opt
+            return out
+        secs, peak = with_peak_memory(args.device, run)
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        shape = f"{name} b{b} s{s} r{r} {'all7' if all7 else 'q,v'}" + (" ckpt" if ckpt else "")
+        impl = f"peft (transformers {attn})"
+        emit(impl, "lora", "train step (fwd+bwd+AdamW)", shape, dtype, b * s / secs, "tok/s")
+        if peak:
+            emit(impl, "lora", "peak device memory", shape, dtype, peak / 2**20, "MiB")
 
 
 def main():

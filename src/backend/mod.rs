@@ -6,6 +6,7 @@
 
 pub use candle_core::{DType, Device};
 
+pub(crate) mod autograd;
 pub mod kernels;
 
 use crate::error::{Error, Result};

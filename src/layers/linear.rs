@@ -6,6 +6,7 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Tensor};
 
+use crate::backend::autograd::{frozen_matmul, matmul_t};
 use crate::error::{Error, Result};
 use crate::io::Weights;
 
@@ -18,6 +19,12 @@ pub trait LinearAdapter: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// Tensor errors (shape, device, dtype).
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor>;
+
+    /// The adapter's trainable tensors (what activation recomputation must
+    /// hand gradients to).
+    fn parameters(&self) -> Vec<Tensor> {
+        Vec::new()
+    }
 }
 
 /// The base weight of a [`Linear`].
@@ -260,11 +267,23 @@ impl Linear {
 /// CPU and CUDA backends and, under autograd, keeps batch-sized copies of the
 /// weight (measured on an H200: 79,665 vs 59,921 MiB peak and 0.84x the
 /// speed of the LoRA benchmark's step, BENCHMARKS.md).
+///
+/// When `x` tracks gradients and the weight does not (a frozen base), the
+/// product's backward forms only the input gradient (`frozen_matmul`).
 fn dense_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let dims = x.dims();
+    let frozen = x.track_op() && !w.track_op();
     match dims.len() {
         0 | 1 => candle_core::bail!("linear: input must have at least 2 dims, got {dims:?}"),
+        2 if frozen => frozen_matmul(&x.contiguous()?, w),
         2 => x.matmul(&w.t()?),
+        _ if frozen => {
+            let (lead, k) = dims.split_at(dims.len() - 1);
+            let rows: usize = lead.iter().product();
+            let mut out = lead.to_vec();
+            out.push(w.dim(0)?);
+            frozen_matmul(&x.contiguous()?.reshape((rows, k[0]))?, w)?.reshape(out)
+        }
         _ if x.is_contiguous() => {
             let (lead, k) = dims.split_at(dims.len() - 1);
             let rows: usize = lead.iter().product();
@@ -279,20 +298,82 @@ fn dense_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
-/// `x Wᵀ` through Candle's quantized kernels (f32 activations), returned
-/// in `x`'s dtype. Differentiable with respect to `x`, so adapters below a
-/// quantized layer still get gradients (Candle's own op has no backward).
+/// Inputs with at least this many rows multiply a quantized weight by
+/// dequantizing it (transiently, in the input's dtype) and running the dense
+/// matmul; fewer rows (decoding) use Candle's quantized kernels.
+///
+/// Candle's quantized kernels quantize the activations too (to 8 bits,
+/// Q8_K / Q8_1, as llama.cpp's CPU kernels): cheap for a few rows, where
+/// reading the weight is the cost, but it moves the logits of a prompt or
+/// a training batch away from the model's own (96.7% next-token agreement
+/// with the dequantized Qwen2.5-Coder Q4_K_M file over 2,000 tokens). With
+/// many rows the matmul is compute-bound, the dequantization is paid once
+/// for all of them, and the result is the dequantized model's, as
+/// bitsandbytes' QLoRA and llama.cpp's CUDA backend for large batches do.
+pub(crate) const DEQUANTIZE_ROWS: usize = 32;
+
+/// `x Wᵀ` for a quantized `W`: dequantized and dense for
+/// [`DEQUANTIZE_ROWS`] rows or more, else Candle's quantized kernels (f32
+/// activations) returned in `x`'s dtype. Differentiable with respect to `x`
+/// either way, so adapters below a quantized layer still get gradients
+/// (Candle's own op has no backward).
 fn quantized_matmul(x: &Tensor, q: &Arc<QTensor>) -> candle_core::Result<Tensor> {
     let dtype = x.dtype();
+    let dims = x.dims();
+    let Some((&k, lead)) = dims.split_last() else {
+        candle_core::bail!("linear: input must have at least 2 dims, got {dims:?}");
+    };
+    let rows: usize = lead.iter().product();
+    if rows >= DEQUANTIZE_ROWS {
+        let mut out = lead.to_vec();
+        out.push(q.shape().dims2()?.0);
+        let op = QuantizedMatMul {
+            w: q.clone(),
+            dense: true,
+        };
+        return x
+            .contiguous()?
+            .reshape((rows, k))?
+            .apply_op1(op)?
+            .reshape(out);
+    }
+    let op = QuantizedMatMul {
+        w: q.clone(),
+        dense: false,
+    };
     x.to_dtype(DType::F32)?
         .contiguous()?
-        .apply_op1(QuantizedMatMul(q.clone()))?
+        .apply_op1(op)?
         .to_dtype(dtype)
 }
 
-/// Candle's quantized matmul with a backward pass: `dx = dy · W`, with `W`
-/// dequantized for the backward only.
-struct QuantizedMatMul(Arc<QTensor>);
+/// A quantized matmul with a backward pass (`dx = dy · W`, `W` dequantized
+/// for the backward only, never kept): Candle's quantized kernels
+/// (`dense: false`, f32 input), or, for inputs with many rows, `W`
+/// dequantized to the input's dtype and a dense matmul (`dense: true`, 2-D
+/// input).
+struct QuantizedMatMul {
+    w: Arc<QTensor>,
+    dense: bool,
+}
+
+impl QuantizedMatMul {
+    /// `x Wᵀ` with `W` dequantized on `device` in `dtype`.
+    fn dense_fwd<S: candle_core::backend::BackendStorage>(
+        &self,
+        x: &S,
+        l: &candle_core::Layout,
+        device: &candle_core::Device,
+        unwrap: impl Fn(&candle_core::Storage) -> Option<&S>,
+    ) -> candle_core::Result<(S, candle_core::Shape)> {
+        let w = self.w.dequantize(device)?.to_dtype(x.dtype())?;
+        let (ws, wl) = w.storage_and_layout();
+        let ws = unwrap(&ws).ok_or_else(|| {
+            candle_core::Error::Msg("quantized matmul: weight on another device".into())
+        })?;
+        matmul_t(x, l, ws, wl)
+    }
+}
 
 impl candle_core::CustomOp1 for QuantizedMatMul {
     fn name(&self) -> &'static str {
@@ -304,7 +385,13 @@ impl candle_core::CustomOp1 for QuantizedMatMul {
         s: &candle_core::CpuStorage,
         l: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        candle_core::CustomOp1::cpu_fwd(self.0.as_ref(), s, l)
+        if self.dense {
+            return self.dense_fwd(s, l, &candle_core::Device::Cpu, |st| match st {
+                candle_core::Storage::Cpu(c) => Some(c),
+                _ => None,
+            });
+        }
+        candle_core::CustomOp1::cpu_fwd(self.w.as_ref(), s, l)
     }
 
     #[cfg(feature = "cuda")]
@@ -313,7 +400,15 @@ impl candle_core::CustomOp1 for QuantizedMatMul {
         s: &candle_core::CudaStorage,
         l: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        candle_core::CustomOp1::cuda_fwd(self.0.as_ref(), s, l)
+        if self.dense {
+            let device =
+                candle_core::Device::Cuda(candle_core::backend::BackendStorage::device(s).clone());
+            return self.dense_fwd(s, l, &device, |st| match st {
+                candle_core::Storage::Cuda(c) => Some(c),
+                _ => None,
+            });
+        }
+        candle_core::CustomOp1::cuda_fwd(self.w.as_ref(), s, l)
     }
 
     #[cfg(feature = "metal")]
@@ -322,11 +417,19 @@ impl candle_core::CustomOp1 for QuantizedMatMul {
         s: &candle_core::MetalStorage,
         l: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::MetalStorage, candle_core::Shape)> {
-        candle_core::CustomOp1::metal_fwd(self.0.as_ref(), s, l)
+        if self.dense {
+            let device =
+                candle_core::Device::Metal(candle_core::backend::BackendStorage::device(s).clone());
+            return self.dense_fwd(s, l, &device, |st| match st {
+                candle_core::Storage::Metal(c) => Some(c),
+                _ => None,
+            });
+        }
+        candle_core::CustomOp1::metal_fwd(self.w.as_ref(), s, l)
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let w = self.0.dequantize(dy.device())?.to_dtype(dy.dtype())?;
+        let w = self.w.dequantize(dy.device())?.to_dtype(dy.dtype())?;
         Ok(Some(dy.broadcast_matmul(&w)?))
     }
 }

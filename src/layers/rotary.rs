@@ -2,9 +2,12 @@
 //! Llama/Qwen/Mistral in transformers, with the RoPE scaling variants of
 //! transformers' `modeling_rope_utils.py`.
 
-use candle_core::{DType, Device, Tensor, D};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
 
 use super::norm::needs_grad;
+use crate::backend::autograd::with_backward;
 use crate::error::Result;
 
 /// How RoPE frequencies are scaled for contexts beyond the trained one
@@ -219,8 +222,11 @@ impl RotaryEmbedding {
     }
 
     /// Rotates `x` (`[b, heads, s, head_dim]`) by the tables from
-    /// [`Self::tables`]: Candle's fused kernel, or differentiable ops when `x`
-    /// tracks gradients (the fused kernel has no backward).
+    /// [`Self::tables`] with Candle's fused kernel. When `x` tracks
+    /// gradients the rotation is one graph node whose backward is the
+    /// inverse rotation (the same kernel with `-sin`): the fused kernel has
+    /// no backward, and the composed form kept half a dozen activation-sized
+    /// intermediates per layer.
     ///
     /// # Errors
     /// Tensor errors.
@@ -228,12 +234,15 @@ impl RotaryEmbedding {
         if !needs_grad(&[x]) {
             return candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin);
         }
-        let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(1)?;
-        let sin = Tensor::cat(&[sin, sin], D::Minus1)?.unsqueeze(1)?;
-        let half = x.dim(D::Minus1)? / 2;
-        let x1 = x.narrow(D::Minus1, 0, half)?;
-        let x2 = x.narrow(D::Minus1, half, half)?;
-        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+        let y = candle_nn::rotary_emb::rope(&x.detach().contiguous()?, cos, sin)?;
+        let (cos, neg_sin) = (cos.detach(), sin.detach().neg()?);
+        let backward = move |_: &[&Tensor], _: &Tensor, dy: &Tensor| {
+            Ok(vec![Some(candle_nn::rotary_emb::rope(
+                &dy.contiguous()?,
+                &cos,
+                &neg_sin,
+            )?)])
+        };
+        with_backward(&[x], &y, Arc::new(backward))
     }
 }

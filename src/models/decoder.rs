@@ -35,11 +35,17 @@ pub trait CausalLm: Send + Sync + std::fmt::Debug {
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor>;
 
+    /// The output projection from hidden states to vocabulary logits
+    /// (the embedding table when they are tied).
+    fn lm_head(&self) -> &Linear;
+
     /// Projects hidden states to vocabulary logits.
     ///
     /// # Errors
     /// Tensor errors.
-    fn logits(&self, hidden: &Tensor) -> Result<Tensor>;
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(self.lm_head().forward(hidden)?)
+    }
 
     /// The linear layers by checkpoint path
     /// (`model.layers.{i}.self_attn.q_proj`, …), in model order: where
@@ -51,6 +57,18 @@ pub trait CausalLm: Send + Sync + std::fmt::Debug {
 
     /// Parameters of the base model (tied weights counted once).
     fn parameter_count(&self) -> usize;
+
+    /// Activation recomputation ("gradient checkpointing"): when on, a
+    /// training forward keeps only each decoder layer's input and the
+    /// backward pass runs the layer again, trading about a third more
+    /// compute for most of the activation memory. The gradients of the
+    /// adapters inside such layers are then collected by
+    /// `metal_candle::training::backward`, which replaces `loss.backward()`
+    /// (the trainer does this). Off by default; a model that cannot
+    /// recompute ignores it.
+    fn set_gradient_checkpointing(&mut self, on: bool) {
+        let _ = on;
+    }
 
     /// Logits `[b, s, vocab]` for every position; see [`Self::forward_hidden`].
     ///
@@ -117,6 +135,9 @@ impl<M: CausalLm + ?Sized> CausalLm for Box<M> {
     ) -> Result<Tensor> {
         (**self).forward_hidden(input_ids, attention_mask, cache)
     }
+    fn lm_head(&self) -> &Linear {
+        (**self).lm_head()
+    }
     fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         (**self).logits(hidden)
     }
@@ -128,5 +149,8 @@ impl<M: CausalLm + ?Sized> CausalLm for Box<M> {
     }
     fn parameter_count(&self) -> usize {
         (**self).parameter_count()
+    }
+    fn set_gradient_checkpointing(&mut self, on: bool) {
+        (**self).set_gradient_checkpointing(on);
     }
 }

@@ -9,11 +9,14 @@
 //! Every projection is a [`Linear`] with an adapter hook, which is where
 //! LoRA plugs in.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
 
 use super::config::DecoderConfig;
 use super::decoder::CausalLm;
 use super::kv_cache::KvCache;
+use crate::backend::autograd::checkpoint;
 use crate::error::{Error, Result};
 use crate::io::Weights;
 use crate::layers::{
@@ -129,6 +132,33 @@ struct DecoderLayer {
     post_attention_layernorm: RmsNorm,
 }
 
+impl DecoderLayer {
+    fn forward(&self, x: &Tensor, ctx: &mut LayerCtx<'_>, i: usize) -> Result<Tensor> {
+        let h = self.input_layernorm.forward(x)?;
+        let x = (x + self.self_attn.forward(&h, ctx, i)?)?;
+        let h = self.post_attention_layernorm.forward(&x)?;
+        Ok((&x + self.mlp.forward(&h)?)?)
+    }
+
+    /// The trainable tensors of the adapters attached to this layer.
+    fn parameters(&self) -> Vec<Tensor> {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ]
+        .iter()
+        .filter_map(|l| l.adapter())
+        .flat_map(|a| a.parameters())
+        .collect()
+    }
+}
+
 /// Per-forward state every layer reads.
 struct LayerCtx<'a> {
     cos: &'a Tensor,
@@ -147,6 +177,9 @@ pub struct Llama {
     norm: RmsNorm,
     lm_head: Linear,
     rotary: RotaryEmbedding,
+    /// Recompute each layer's activations in the backward pass instead of
+    /// keeping them ([`CausalLm::set_gradient_checkpointing`]).
+    checkpointing: bool,
 }
 
 impl Llama {
@@ -197,6 +230,7 @@ impl Llama {
                 config.rope_scaling.clone(),
                 w.device(),
             )?,
+            checkpointing: false,
         })
     }
 
@@ -361,6 +395,23 @@ impl CausalLm for Llama {
             .index_select(&input_ids.flatten_all()?, 0)?
             .reshape((b, s, self.config.hidden_size))?;
         for (i, layer) in self.layers.iter().enumerate() {
+            if self.checkpointing && cache.is_none() {
+                let params = layer.parameters();
+                let (layer, cos, sin) = (layer.clone(), cos.clone(), sin.clone());
+                let (mask, window_mask) = (mask.clone(), window_mask.clone());
+                let f = move |x: &Tensor| {
+                    let mut ctx = LayerCtx {
+                        cos: &cos,
+                        sin: &sin,
+                        mask: mask.as_ref(),
+                        window_mask: window_mask.as_ref(),
+                        cache: None,
+                    };
+                    layer.forward(x, &mut ctx, i)
+                };
+                x = checkpoint(&x, params, Arc::new(f))?;
+                continue;
+            }
             let mut ctx = LayerCtx {
                 cos: &cos,
                 sin: &sin,
@@ -368,10 +419,7 @@ impl CausalLm for Llama {
                 window_mask: window_mask.as_ref(),
                 cache: cache.as_deref_mut(),
             };
-            let h = layer.input_layernorm.forward(&x)?;
-            x = (x + layer.self_attn.forward(&h, &mut ctx, i)?)?;
-            let h = layer.post_attention_layernorm.forward(&x)?;
-            x = (x + layer.mlp.forward(&h)?)?;
+            x = layer.forward(&x, &mut ctx, i)?;
         }
         if let Some(c) = cache {
             c.advance(s);
@@ -379,7 +427,11 @@ impl CausalLm for Llama {
         Ok(self.norm.forward(&x)?)
     }
 
-    fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(self.lm_head.forward(hidden)?)
+    fn lm_head(&self) -> &Linear {
+        &self.lm_head
+    }
+
+    fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.checkpointing = on;
     }
 }

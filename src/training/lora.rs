@@ -214,13 +214,21 @@ impl LoRALayer {
     }
 
     /// Inverted dropout with a mask drawn from (adapter seed, layer index):
-    /// reproducible, so a resumed run sees the same masks.
+    /// reproducible, so a resumed run sees the same masks. On a GPU the
+    /// mask is drawn there (the device generator seeded the same way),
+    /// not on the host and copied over.
     fn dropout(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let p = self.dropout;
         let seed = self.shared.dropout_seed.load(Ordering::Relaxed)
             ^ self.index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let keep = 1.0 / (1.0 - p);
+        if !x.device().is_cpu() {
+            x.device().set_seed(seed)?;
+            let u = Tensor::rand(0f32, 1f32, x.shape(), x.device())?;
+            let mask = (u.ge(f64::from(p))?.to_dtype(x.dtype())? * f64::from(keep))?;
+            return x.mul(&mask);
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mask: Vec<f32> = (0..x.elem_count())
             .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
             .collect();
@@ -256,14 +264,30 @@ impl LoRALayer {
 
 impl LinearAdapter for LoRALayer {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        // f32 like peft (which keeps adapters in f32 under a bf16 base and
+        // casts the input to them), as 2-D matmuls: a batched matmul
+        // against broadcast `A`/`B` is slower and, under autograd, keeps
+        // batch-sized copies of them. The scale is applied to the rank-r
+        // intermediate, not the output-sized result.
+        let dims = x.dims().to_vec();
+        let Some((&features, lead)) = dims.split_last() else {
+            candle_core::bail!("LoRA input must have at least 1 dim");
+        };
+        let rows: usize = lead.iter().product();
         let dtype = x.dtype();
-        let mut h = x.to_dtype(DType::F32)?;
+        let mut h = x.to_dtype(DType::F32)?.reshape((rows, features))?;
         if self.dropout > 0.0 && self.shared.training.load(Ordering::Relaxed) {
             h = self.dropout(&h)?;
         }
-        let h = h.broadcast_matmul(&self.a.as_tensor().t()?)?;
-        let h = h.broadcast_matmul(&self.b.as_tensor().t()?)?;
-        (h * self.scale)?.to_dtype(dtype)
+        let h = (h.matmul(&self.a.as_tensor().t()?)? * self.scale)?;
+        let h = h.matmul(&self.b.as_tensor().t()?)?;
+        let mut out = lead.to_vec();
+        out.push(h.dim(1)?);
+        h.reshape(out)?.to_dtype(dtype)
+    }
+
+    fn parameters(&self) -> Vec<Tensor> {
+        vec![self.a.as_tensor().clone(), self.b.as_tensor().clone()]
     }
 }
 

@@ -19,10 +19,24 @@ mod trainer;
 pub use dataset::{Batch, Dataset, DatasetConfig, Example};
 pub use interrupt::StopHandle;
 pub use lora::{LoRAAdapter, LoRAAdapterConfig, LoRALayer, TargetModule};
-pub use loss::{causal_lm_loss, shifted_causal_lm_loss, IGNORE_INDEX};
+pub use loss::{causal_lm_loss, lm_loss, shifted_causal_lm_loss, IGNORE_INDEX};
 pub use optimizer::{clip_grad_norm, global_grad_norm, AdamW, AdamWConfig};
 pub(crate) use peft::{adapter_from_tensors, parse_peft_config};
 pub use peft::{load_peft_adapter, save_peft_adapter};
 pub use registry::AdapterRegistry;
 pub use scheduler::LRScheduler;
 pub use trainer::{SettingsCheck, StepMetrics, Trainer, TrainingConfig, TrainingMetrics};
+
+/// `loss.backward()`, plus the adapter gradients of decoder layers that
+/// were recomputed in the backward pass
+/// ([`crate::models::CausalLm::set_gradient_checkpointing`]): with
+/// checkpointing on, call this instead of `loss.backward()`, which would
+/// miss them. Without it, the same as `loss.backward()`.
+///
+/// # Errors
+/// Tensor errors.
+pub fn backward(
+    loss: &candle_core::Tensor,
+) -> crate::error::Result<candle_core::backprop::GradStore> {
+    Ok(crate::backend::autograd::backward(loss)?)
+}

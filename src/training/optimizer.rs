@@ -334,11 +334,22 @@ pub(crate) fn all_finite(tensors: &[&Tensor]) -> Result<bool> {
 /// # Errors
 /// Tensor errors.
 pub fn global_grad_norm(grads: &[Option<Tensor>]) -> Result<f64> {
-    let mut total = 0f64;
-    for g in grads.iter().flatten() {
-        let n = g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?;
-        total += n.to_scalar::<f64>()?;
+    // One sum of squares per gradient on its device, stacked, and one copy
+    // of the totals to the host (not one host sync per gradient).
+    let sums = grads
+        .iter()
+        .flatten()
+        .map(|g| g.to_dtype(candle_core::DType::F32)?.sqr()?.sum_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    if sums.is_empty() {
+        return Ok(0.0);
     }
+    let total: f64 = Tensor::stack(&sums, 0)?
+        .to_device(&candle_core::Device::Cpu)?
+        .to_vec1::<f32>()?
+        .iter()
+        .map(|&s| f64::from(s))
+        .sum();
     Ok(total.sqrt())
 }
 

@@ -8,8 +8,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Tensor};
 use metal_candle::models::{load_decoder, CausalLm};
 use metal_candle::training::{
-    clip_grad_norm, load_peft_adapter, shifted_causal_lm_loss, AdamW, AdamWConfig, LRScheduler,
-    LoRAAdapter,
+    clip_grad_norm, lm_loss, load_peft_adapter, AdamW, AdamWConfig, LRScheduler, LoRAAdapter,
 };
 
 fn tiny_model() -> Box<dyn CausalLm> {
@@ -75,7 +74,8 @@ fn run(adapter: &LoRAAdapter, b: &Batch) -> (f32, Tensor, candle_core::backprop:
     let mut model = tiny_model();
     adapter.attach(&mut model).unwrap();
     let logits = model.forward(&b.ids, Some(&b.mask), None).unwrap();
-    let (loss, _) = shifted_causal_lm_loss(&logits, &b.labels).unwrap();
+    // The training loss: fused with the output projection, chunked.
+    let (loss, _) = lm_loss(&model, &b.ids, Some(&b.mask), &b.labels).unwrap();
     let grads = loss.backward().unwrap();
     (scalar(&loss), logits, grads)
 }

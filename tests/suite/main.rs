@@ -25,3 +25,4 @@ mod real_lora;
 mod real_quantized;
 mod real_qwen2;
 mod reliability;
+mod training_ops;
