@@ -213,7 +213,11 @@ fn emit_as(imp: &str, job: &str, row: &str, shape: &str, dtype: DType, value: f6
 
 /// Qwen2.5-0.5B's shape (tied embeddings).
 fn qwen05b_config(quick: bool) -> DecoderConfig {
-    let layers = if quick { 4 } else { 24 };
+    qwen05b_layers(if quick { 4 } else { 24 })
+}
+
+/// Qwen2.5-0.5B's shape with `layers` decoder layers.
+fn qwen05b_layers(layers: usize) -> DecoderConfig {
     metal_candle::models::parse_decoder_config(
         &serde_json::json!({
             "model_type": "qwen2", "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864,
@@ -661,10 +665,12 @@ fn bench_lora(args: &Args, device: &Device) -> Result<()> {
 fn profile_lora_step(args: &Args, device: &Device) -> Result<()> {
     use metal_candle::training::{lm_loss, LoRAAdapter, LoRAAdapterConfig};
     let dtype = metal_candle::backend::default_dtype(device);
-    let mut cfg = qwen05b_config(false);
-    cfg.num_hidden_layers = 2;
+    let cfg = qwen05b_layers(2);
     let tensors = random_qwen2_tensors(&cfg, dtype, device)?;
-    let mut model = build_decoder(&cfg, &Weights::from_tensors(tensors, dtype, device, "random"))?;
+    let mut model = build_decoder(
+        &cfg,
+        &Weights::from_tensors(tensors, dtype, device, "random"),
+    )?;
     let adapter = LoRAAdapter::new(LoRAAdapterConfig::default(), &model, device, 0)?;
     adapter.attach(&mut model)?;
     let ids = random_ids(8, 512, cfg.vocab_size, device)?;
@@ -684,7 +690,11 @@ fn profile_lora_step(args: &Args, device: &Device) -> Result<()> {
         lm_loss(&model, &ids, None, &labels)?;
         Ok(())
     })?;
-    eprintln!("2-layer step {:.1} ms, forward+loss {:.1} ms", secs * 1e3, fwd * 1e3);
+    eprintln!(
+        "2-layer step {:.1} ms, forward+loss {:.1} ms",
+        secs * 1e3,
+        fwd * 1e3
+    );
     Ok(())
 }
 

@@ -11,7 +11,7 @@ def main(path):
         lines = [l for l in f if l.startswith('"')]
     for r in csv.DictReader(lines):
         if r.get("Metric Name") == "gpu__time_duration.sum":
-            rows.append((r["Kernel Name"], float(r["Metric Value"])))
+            rows.append((r["Kernel Name"], float(r["Metric Value"].replace(",", ""))))
     by = defaultdict(lambda: [0, 0.0])
     for name, ns in rows:
         short = name.split("(")[0][:90]

@@ -16,5 +16,6 @@ mod rotary;
 pub use attention::{attention, softmax_last_dim, MaskKind};
 pub(crate) use attention::{attention_mask, mask_rows};
 pub use linear::{Linear, LinearAdapter};
+pub(crate) use norm::needs_grad;
 pub use norm::{LayerNorm, RmsNorm};
 pub use rotary::{RopeScaling, RotaryEmbedding};

@@ -16,9 +16,10 @@ use candle_core::{DType, Device, Tensor};
 use super::config::DecoderConfig;
 use super::decoder::CausalLm;
 use super::kv_cache::KvCache;
-use crate::backend::autograd::checkpoint;
+use crate::backend::autograd::{checkpoint, with_backward};
 use crate::error::{Error, Result};
 use crate::io::Weights;
+use crate::layers::needs_grad;
 use crate::layers::{
     attention, attention_mask as build_mask, mask_rows, Linear, MaskKind, RmsNorm, RotaryEmbedding,
 };
@@ -114,6 +115,9 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if needs_grad(&[x]) && self.is_frozen() {
+            return self.forward_frozen(x);
+        }
         // Our fused silu(gate) * up has a backward, so it serves training
         // too (one pass instead of two and an intermediate; 4x the composed
         // ops on the CPU, measured on [4, 128, 4864] f32).
@@ -121,6 +125,46 @@ impl Mlp {
         let up = self.up_proj.forward(x)?;
         self.down_proj
             .forward(&crate::backend::kernels::swiglu(&gate, &up)?)
+    }
+
+    /// No adapter and no bias on any projection: nothing in the MLP trains.
+    fn is_frozen(&self) -> bool {
+        [&self.gate_proj, &self.up_proj, &self.down_proj]
+            .iter()
+            .all(|l| l.adapter().is_none() && l.bias().is_none())
+    }
+
+    /// A frozen MLP under training as one graph node with a written
+    /// backward (`dx = dg W_gate + du W_up`, `(dg, du)` from the fused
+    /// SwiGLU backward of `dy W_down`): Candle's graph would keep the
+    /// intermediate-width activation and start a zero gradient for each of
+    /// the three intermediate-width tensors (0.6 ms a layer on an H200 at
+    /// b8 × 512, Nsight Compute).
+    fn forward_frozen(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let xd = x.detach();
+        let gate = self.gate_proj.forward(&xd)?;
+        let up = self.up_proj.forward(&xd)?;
+        let y = self
+            .down_proj
+            .forward(&crate::backend::kernels::swiglu(&gate, &up)?)?;
+        let mlp = self.clone();
+        let backward = move |_: &[&Tensor], _: &Tensor, dy: &Tensor| {
+            let dtype = dy.dtype();
+            let weight = |l: &Linear| {
+                l.dense_weight(dtype)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))
+            };
+            let dims = dy.dims().to_vec();
+            let rows = dy.elem_count() / dims.last().copied().unwrap_or(1).max(1);
+            let dy = dy.contiguous()?.reshape((rows, ()))?;
+            let d_act = dy.matmul(&weight(&mlp.down_proj)?)?;
+            let (g2, u2) = (gate.reshape((rows, ()))?, up.reshape((rows, ()))?);
+            let (d_gate, d_up) = crate::backend::kernels::swiglu_backward(&g2, &u2, &d_act)?;
+            let dx = (d_gate.matmul(&weight(&mlp.gate_proj)?)?
+                + d_up.matmul(&weight(&mlp.up_proj)?)?)?;
+            Ok(vec![Some(dx.reshape(dims.as_slice())?)])
+        };
+        with_backward(&[x], &y, Arc::new(backward))
     }
 }
 

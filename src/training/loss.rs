@@ -5,6 +5,7 @@ use std::sync::Arc;
 use candle_core::{DType, Tensor, D};
 
 use crate::backend::autograd::with_backward;
+use crate::backend::kernels::{cross_entropy_grad, cross_entropy_stats};
 use crate::error::{Error, Result};
 use crate::layers::Linear;
 use crate::models::CausalLm;
@@ -82,7 +83,8 @@ const CHUNK_ROWS: usize = 256;
 /// At the LoRA benchmark's shape (4,096 positions, 151,936 words) the
 /// composed loss kept about 12 GB of f32 logits and their derivatives.
 ///
-/// Math in f32 over logits in the head's dtype, as [`causal_lm_loss`].
+/// Math in f32 over logits in the head's dtype, as [`causal_lm_loss`], one
+/// kernel pass over each chunk each way (`backend::kernels::cross_entropy`).
 /// The gradient flows to `hidden` only (the head is frozen).
 fn linear_cross_entropy(hidden: &Tensor, lm_head: &Linear, targets: &Tensor) -> Result<Tensor> {
     let n = hidden.dim(0)?;
@@ -99,15 +101,11 @@ fn linear_cross_entropy(hidden: &Tensor, lm_head: &Linear, targets: &Tensor) -> 
     let mut total = Tensor::zeros((), DType::F32, hidden.device())?;
     for start in (0..n).step_by(chunk) {
         let len = chunk.min(n - start);
-        let logits = lm_head
-            .forward(&h.narrow(0, start, len)?)?
-            .to_dtype(DType::F32)?;
-        let lse = logits.log_sum_exp(D::Minus1)?;
-        let picked = logits
-            .gather(&targets.narrow(0, start, len)?.unsqueeze(1)?, 1)?
-            .squeeze(1)?;
+        let logits = lm_head.forward(&h.narrow(0, start, len)?)?;
+        let stats = cross_entropy_stats(&logits, &targets.narrow(0, start, len)?)?;
+        let (lse, picked) = (stats.narrow(1, 0, 1)?, stats.narrow(1, 1, 1)?);
         total = (total + (&lse - picked)?.sum_all()?)?;
-        lses.push(lse);
+        lses.push(lse.squeeze(1)?);
     }
     let loss = (total / n as f64)?;
     if !hidden.track_op() {
@@ -120,20 +118,18 @@ fn linear_cross_entropy(hidden: &Tensor, lm_head: &Linear, targets: &Tensor) -> 
         let w = head
             .dense_weight(dtype)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let scale = (grad.to_dtype(DType::F32)? / n as f64)?;
-        let mut dh = Vec::with_capacity(lse.dim(0)?.div_ceil(chunk));
+        let g = (grad.to_dtype(DType::F32)? / n as f64)?;
+        let mut dh = Vec::with_capacity(n.div_ceil(chunk));
         for start in (0..n).step_by(chunk) {
             let len = chunk.min(n - start);
-            let logits = head
-                .forward(&h.narrow(0, start, len)?)?
-                .to_dtype(DType::F32)?;
-            let p = logits
-                .broadcast_sub(&lse.narrow(0, start, len)?.unsqueeze(1)?)?
-                .exp()?;
-            let idx = targets.narrow(0, start, len)?.unsqueeze(1)?;
-            let minus_one = Tensor::full(-1f32, (len, 1), p.device())?;
-            let dlogits = p.scatter_add(&idx, &minus_one, 1)?.broadcast_mul(&scale)?;
-            dh.push(dlogits.to_dtype(dtype)?.matmul(&w)?);
+            let logits = head.forward(&h.narrow(0, start, len)?)?;
+            let dlogits = cross_entropy_grad(
+                &logits,
+                &targets.narrow(0, start, len)?,
+                &lse.narrow(0, start, len)?,
+                &g,
+            )?;
+            dh.push(dlogits.matmul(&w)?);
         }
         Ok(vec![Some(Tensor::cat(&dh, 0)?)])
     };

@@ -15,8 +15,11 @@ pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod launch;
 
+mod cross_entropy;
 mod rms_norm;
 mod swiglu;
 
+pub(crate) use cross_entropy::{cross_entropy_grad, cross_entropy_stats};
 pub use rms_norm::rms_norm;
 pub use swiglu::swiglu;
+pub(crate) use swiglu::swiglu_backward;

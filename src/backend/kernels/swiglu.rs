@@ -36,6 +36,25 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
     gate.contiguous()?.apply_op2(&up.contiguous()?, Swiglu)
 }
 
+/// The gradients of [`swiglu`] with respect to `gate` and `up` for output
+/// gradient `dy` (one fused pass), for callers that write their own
+/// backward around it.
+///
+/// # Errors
+/// Shape or dtype mismatch.
+pub(crate) fn swiglu_backward(
+    gate: &Tensor,
+    up: &Tensor,
+    dy: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let grads = gate.contiguous()?.apply_op3_no_bwd(
+        &up.contiguous()?,
+        &dy.contiguous()?,
+        &SwigluBackward,
+    )?;
+    Ok((grads.get(0)?, grads.get(1)?))
+}
+
 struct Swiglu;
 
 /// Backward: inputs gate, up, dy; output `[2, ..shape]`, d_gate stacked
@@ -118,8 +137,8 @@ impl candle_core::CustomOp2 for Swiglu {
         _y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let grads = gate.apply_op3_no_bwd(up, &dy.contiguous()?, &SwigluBackward)?;
-        Ok((Some(grads.get(0)?), Some(grads.get(1)?)))
+        let (d_gate, d_up) = swiglu_backward(gate, up, dy)?;
+        Ok((Some(d_gate), Some(d_up)))
     }
 }
 
