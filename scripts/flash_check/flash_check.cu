@@ -60,8 +60,11 @@ __device__ float ref_score(const RefArgs& a, int bi, int h, int i, int j) {
 }
 
 // One warp per query row: O, lse (natural log; +inf when no key is visible),
-// dsum = Σ_j p_j dP_j and dQ.
-__global__ void ref_rows(RefArgs a, float* o, float* lse, float* dsum, float* dq) {
+// the row max and log-sum separately (p = exp((x − max) − logsum): with an
+// f32::MIN padding bias, max + logsum would lose logsum), dsum = Σ_j p_j dP_j
+// and dQ.
+__global__ void ref_rows(RefArgs a, float* o, float* lse, float* rmax, float* rlog, float* dsum,
+                         float* dq) {
   const size_t row = (size_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   if (row >= (size_t)a.b * a.hq * a.s) return;
   const int lane = threadIdx.x % 32;
@@ -79,12 +82,17 @@ __global__ void ref_rows(RefArgs a, float* o, float* lse, float* dsum, float* dq
     m = mn;
   }
   const float L = l > 0.f ? m + logf(l) : INFINITY;
-  if (lane == 0) lse[row] = L;
+  const float logl = logf(l);
+  if (lane == 0) {
+    lse[row] = L;
+    rmax[row] = m;
+    rlog[row] = logl;
+  }
   float acc[4] = {0, 0, 0, 0};  // d <= 128: 4 components per lane
   float ds = 0.f;
   for (int j = 0; j < a.t; ++j) {
     if (!ref_visible(a, i, j) || l == 0.f) continue;
-    const float p = expf(ref_score(a, bi, h, i, j) - L);
+    const float p = expf((ref_score(a, bi, h, i, j) - m) - logl);
     for (int c = 0; c < 4; ++c) {
       const int dd = lane + 32 * c;
       if (dd < a.d) acc[c] += p * vb[(size_t)j * a.d + dd];
@@ -97,7 +105,7 @@ __global__ void ref_rows(RefArgs a, float* o, float* lse, float* dsum, float* dq
   float g[4] = {0, 0, 0, 0};
   for (int j = 0; j < a.t; ++j) {
     if (!ref_visible(a, i, j) || l == 0.f) continue;
-    const float p = expf(ref_score(a, bi, h, i, j) - L);
+    const float p = expf((ref_score(a, bi, h, i, j) - m) - logl);
     const float dp = warp_dot(doi, vb + (size_t)j * a.d, a.d);
     const float dS = p * (dp - ds);
     for (int c = 0; c < 4; ++c) {
@@ -110,7 +118,8 @@ __global__ void ref_rows(RefArgs a, float* o, float* lse, float* dsum, float* dq
 }
 
 // One warp per key: dK and dV summed over the query heads of its group.
-__global__ void ref_keys(RefArgs a, const float* lse, const float* dsum, float* dk, float* dv) {
+__global__ void ref_keys(RefArgs a, const float* lse, const float* rmax, const float* rlog,
+                         const float* dsum, float* dk, float* dv) {
   const size_t key = (size_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   if (key >= (size_t)a.b * a.hkv * a.t) return;
   const int lane = threadIdx.x % 32;
@@ -122,7 +131,7 @@ __global__ void ref_keys(RefArgs a, const float* lse, const float* dsum, float* 
     for (int i = 0; i < a.s; ++i) {
       const size_t row = ((size_t)bi * a.hq + h) * a.s + i;
       if (!ref_visible(a, i, j) || isinf(lse[row])) continue;
-      const float p = expf(ref_score(a, bi, h, i, j) - lse[row]);
+      const float p = expf((ref_score(a, bi, h, i, j) - rmax[row]) - rlog[row]);
       const float* doi = a.dout + row * a.d;
       const float* qi = a.q + row * a.d;
       const float dS = p * (warp_dot(doi, vj, a.d) - dsum[row]);
@@ -388,16 +397,18 @@ template <typename T> static bool check(const Case& c) {
   CK(cudaGetLastError());
   CK(cudaDeviceSynchronize());
 
-  float *ro, *rlse, *rds, *rdq, *rdk, *rdv;
+  float *ro, *rlse, *rmax, *rlog, *rds, *rdq, *rdk, *rdv;
   CK(cudaMalloc(&ro, B.nq * 4));
   CK(cudaMalloc(&rlse, B.nq / c.d * 4));
+  CK(cudaMalloc(&rmax, B.nq / c.d * 4));
+  CK(cudaMalloc(&rlog, B.nq / c.d * 4));
   CK(cudaMalloc(&rds, B.nq / c.d * 4));
   CK(cudaMalloc(&rdq, B.nq * 4));
   CK(cudaMalloc(&rdk, B.nk * 4));
   CK(cudaMalloc(&rdv, B.nk * 4));
   const size_t rows = B.nq / c.d, keys = B.nk / c.d;
-  ref_rows<<<(rows + 3) / 4, 128>>>(ra, ro, rlse, rds, rdq);
-  ref_keys<<<(keys + 3) / 4, 128>>>(ra, rlse, rds, rdk, rdv);
+  ref_rows<<<(rows + 3) / 4, 128>>>(ra, ro, rlse, rmax, rlog, rds, rdq);
+  ref_keys<<<(keys + 3) / 4, 128>>>(ra, rlse, rmax, rlog, rds, rdk, rdv);
   CK(cudaGetLastError());
   CK(cudaDeviceSynchronize());
 
@@ -405,12 +416,16 @@ template <typename T> static bool check(const Case& c) {
   const float edq = rel_err(download(B.dq, B.nq), download_f32(rdq, B.nq));
   const float edk = rel_err(download(B.dk, B.nk), download_f32(rdk, B.nk));
   const float edv = rel_err(download(B.dv, B.nk), download_f32(rdv, B.nk));
-  // lse: absolute error over rows that see a key (both +inf otherwise).
+  // lse: error relative to max(1, |lse|) over rows that see a key (both +inf
+  // otherwise). Rows whose keys are all padding (max below -1e4) are skipped:
+  // the kernel floors their scores, so their lse is about -11357 + log(n).
   float e_lse = 0.f;
   {
-    auto a = download_f32(B.lse, rows), b = download_f32(rlse, rows);
+    auto a = download_f32(B.lse, rows), b = download_f32(rlse, rows), mx = download_f32(rmax, rows);
     for (size_t i = 0; i < rows; ++i) {
-      if (std::isinf(b[i]) && b[i] > 0) {
+      if (mx[i] < -1e4f && !std::isinf(mx[i])) {
+        if (!std::isfinite(a[i])) e_lse = INFINITY;
+      } else if (std::isinf(b[i]) && b[i] > 0) {
         if (!(std::isinf(a[i]) && a[i] > 0)) e_lse = INFINITY;
       } else if (!std::isfinite(a[i])) {
         e_lse = INFINITY;
@@ -423,7 +438,7 @@ template <typename T> static bool check(const Case& c) {
   printf("%-4s b%d hq%-2d hkv%-2d s%-4d t%-4d d%-3d %-6s w%-3d %-6s | O %.2e  lse %.2e  dQ %.2e  dK %.2e  dV %.2e  %s\n",
          c.dt == BF16 ? "bf16" : "f16", c.b, c.hq, c.hkv, c.s, c.t, c.d, c.causal ? "causal" : "full",
          c.window, bias_name(c.bias), eo, e_lse, edq, edk, edv, ok ? "ok" : "FAIL");
-  for (float* p : {ro, rlse, rds, rdq, rdk, rdv}) CK(cudaFree(p));
+  for (float* p : {ro, rlse, rmax, rlog, rds, rdq, rdk, rdv}) CK(cudaFree(p));
   free_buffers(B, f32s);
   return ok;
 }

@@ -17,10 +17,15 @@
 // Query i sits at absolute position i + (t - s); it sees key j when
 //   (!causal || j <= i + t - s) && (window == 0 || (i + t - s) - j < window).
 // A row that sees no key at all gives O = 0, lse = +inf (so the backward's
-// recomputed probabilities are 0). Bias values are clamped at -1e30 before
-// they are scaled into log2 units: f32::MIN * log2(e) would overflow to -inf,
-// whereas the composed path keeps a row whose keys are all masked by a large
-// negative finite (uniform weights over its keys); the clamp keeps that.
+// recomputed probabilities are 0). With a bias, scores (in log2 units) are
+// floored at SCORE_FLOOR = -16384 (a natural-log bias of about -11357): a
+// padding mask of f32::MIN then gives every key of an all-padding row the
+// same score, hence the uniform weights the composed path gives it, and the
+// row's lse stays small enough that lse = max + log2(sum) keeps its
+// log2(sum) (at f32::MIN it would be absorbed and the backward's recomputed
+// probabilities would be 1 instead of 1/n). f32::MIN * log2(e) overflows to
+// -inf, which the floor also absorbs; masked keys of other rows still get
+// weight exp2(-16384 - max) = 0.
 //
 // Forward, one block per (64 query rows, head, batch), 4 warps of 16 rows:
 // Q fragments stay in registers, K/V tiles stream through shared memory with
@@ -42,7 +47,7 @@ namespace flash {
 
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
-constexpr float BIAS_FLOOR = -1e30f;
+constexpr float SCORE_FLOOR = -16384.f;
 
 // Shared-memory rows are padded by 8 elements (16 bytes) so that the eight
 // rows one ldmatrix phase reads fall in distinct banks for d = 32, 64, 128.
@@ -218,7 +223,7 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
         const int col = n0 + nt * 8 + 2 * tq + (e & 1);
         float x = sacc[nt][e] * scale_log2;
         if (HAS_BIAS && row < s && col < t)
-          x += fmaxf(biasb[(long long)row * bias_rs + col], BIAS_FLOOR) * LOG2E;
+          x = fmaxf(x + biasb[(long long)row * bias_rs + col] * LOG2E, SCORE_FLOOR);
         if (need_mask && !visible(col, row + off, t, causal, window)) x = -INFINITY;
         sacc[nt][e] = x;
       }
@@ -482,7 +487,7 @@ __device__ __forceinline__ void bwd(const T* __restrict__ q, const T* __restrict
         const int qi = m0 + ql;
         float x = sacc[nt][e] * scale_log2;
         if (HAS_BIAS && qi < s && key < t)
-          x += fmaxf(biasb[(long long)qi * bias_rs + key], BIAS_FLOOR) * LOG2E;
+          x = fmaxf(x + biasb[(long long)qi * bias_rs + key] * LOG2E, SCORE_FLOOR);
         float p = exp2f(x - cL[ql]);
         if (need_mask && !visible(key, qi + off, t, causal, window)) p = 0.f;
         sacc[nt][e] = p;
