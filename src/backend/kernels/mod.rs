@@ -15,8 +15,10 @@ pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod launch;
 
+mod flash_attn;
 mod rms_norm;
 mod swiglu;
 
+pub use flash_attn::{flash_attention, flash_attention_supported};
 pub use rms_norm::rms_norm;
 pub use swiglu::swiglu;
