@@ -102,10 +102,15 @@ pub fn flash_attention(
     }
     let window = match window {
         Some(0) => candle_core::bail!("flash_attention: a window of 0 keys hides everything"),
-        Some(w) => w,
-        None => 0,
+        // A query is at most t - 1 positions after key 0, so a window of t
+        // or more hides nothing: no window (which also keeps the kernel's
+        // int arithmetic on window edges far from overflow).
+        Some(w) if w < dims.t => w,
+        _ => 0,
     };
-    let bias = bias.map(|b| dims.bias(b)).transpose()?;
+    let bias = bias
+        .map(|b| dims.bias(&b.to_device(q.device())?))
+        .transpose()?;
     let op = FlashAttn {
         p: Params {
             dims,
