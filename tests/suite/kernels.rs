@@ -7,7 +7,8 @@
 
 use crate::common::{device, rel_diff};
 use candle_core::{DType, Device, Tensor, Var, D};
-use metal_candle::backend::kernels::{rms_norm, swiglu};
+use metal_candle::backend::kernels::{flash_attention, rms_norm, swiglu};
+use metal_candle::layers::attention;
 
 type Op = fn(&[Tensor]) -> candle_core::Result<Tensor>;
 
@@ -18,9 +19,27 @@ struct Row {
     fused: Op,
     /// The same function composed of Candle's differentiable ops.
     composed: Op,
-    /// Random inputs for one shape (the first input's) and dtype.
+    /// Random inputs for one shape (the first input's, unless the row says
+    /// otherwise) and dtype.
     inputs: fn(&[usize], DType, &Device) -> Vec<Tensor>,
     shapes: &'static [&'static [usize]],
+    /// The first `grads` inputs are differentiated; the rest are constants
+    /// (an attention bias).
+    grads: usize,
+    /// Whether the fused op runs for this dtype on this device (the CUDA
+    /// attention kernel takes bf16/f16 only; f32 takes the composed path).
+    runs_on: fn(DType, &Device) -> bool,
+    /// `(dtype, forward, backward)` bounds, see [`TOLERANCES`].
+    tolerances: &'static [(DType, f32, f32)],
+}
+
+fn everywhere(_: DType, _: &Device) -> bool {
+    true
+}
+
+/// The flash-attention kernel on CUDA takes half precision only.
+fn flash_runs_on(dtype: DType, dev: &Device) -> bool {
+    !dev.is_cuda() || dtype != DType::F32
 }
 
 const EPS: f32 = 1e-6;
@@ -41,6 +60,9 @@ const KERNELS: &[Row] = &[
             &[6, 1500],
             &[2, 4096],
         ],
+        grads: 2,
+        runs_on: everywhere,
+        tolerances: TOLERANCES,
     },
     Row {
         name: "swiglu",
@@ -51,6 +73,77 @@ const KERNELS: &[Row] = &[
         // row, and more elements than one elementwise grid covers (1024
         // blocks of 256), so the grid-stride loop runs.
         shapes: &[&[7], &[3, 100], &[4, 2, 896], &[64, 4864]],
+        grads: 2,
+        runs_on: everywhere,
+        tolerances: TOLERANCES,
+    },
+    // Attention shapes are [b, heads, kv_heads, s, t, d]; the CUDA kernel
+    // takes 64 query rows and 64 keys per tile, so s or t of 65..130 cover
+    // several tiles and partial ones.
+    Row {
+        name: "flash_attention",
+        fused: |t| flash_attention(&t[0], &t[1], &t[2], None, scale(&t[0]), false, None),
+        composed: |t| attention_composed(t, None, false, None),
+        inputs: attention_inputs,
+        shapes: &[
+            &[2, 2, 2, 7, 7, 32],
+            &[1, 4, 2, 5, 9, 64],
+            &[1, 2, 1, 70, 90, 128],
+        ],
+        grads: 3,
+        runs_on: flash_runs_on,
+        tolerances: ATTENTION_TOLERANCES,
+    },
+    Row {
+        name: "flash_attention causal",
+        fused: |t| flash_attention(&t[0], &t[1], &t[2], None, scale(&t[0]), true, None),
+        composed: |t| attention_composed(t, None, true, None),
+        inputs: attention_inputs,
+        // GQA 2, 3 and 7; a decode step (s = 1 after 12 cached keys); queries
+        // after a cache (s < t); several tiles.
+        shapes: &[
+            &[1, 4, 2, 9, 9, 32],
+            &[2, 6, 2, 3, 11, 64],
+            &[1, 7, 1, 1, 13, 128],
+            &[1, 2, 1, 130, 130, 64],
+        ],
+        grads: 3,
+        runs_on: flash_runs_on,
+        tolerances: ATTENTION_TOLERANCES,
+    },
+    Row {
+        name: "flash_attention window",
+        fused: |t| flash_attention(&t[0], &t[1], &t[2], None, scale(&t[0]), true, Some(WINDOW)),
+        composed: |t| attention_composed(t, None, true, Some(WINDOW)),
+        inputs: attention_inputs,
+        shapes: &[
+            &[1, 4, 2, 12, 12, 32],
+            &[1, 2, 1, 5, 20, 64],
+            &[1, 2, 2, 100, 100, 64],
+        ],
+        grads: 3,
+        runs_on: flash_runs_on,
+        tolerances: ATTENTION_TOLERANCES,
+    },
+    Row {
+        name: "flash_attention padding",
+        fused: |t| flash_attention(&t[0], &t[1], &t[2], Some(&t[3]), scale(&t[0]), false, None),
+        composed: |t| attention_composed(t, Some(&t[3]), false, None),
+        inputs: padded_attention_inputs,
+        shapes: &[&[2, 4, 2, 6, 6, 64], &[2, 2, 1, 70, 70, 32]],
+        grads: 3,
+        runs_on: flash_runs_on,
+        tolerances: ATTENTION_TOLERANCES,
+    },
+    Row {
+        name: "flash_attention position bias",
+        fused: |t| flash_attention(&t[0], &t[1], &t[2], Some(&t[3]), scale(&t[0]), false, None),
+        composed: |t| attention_composed(t, Some(&t[3]), false, None),
+        inputs: biased_attention_inputs,
+        shapes: &[&[2, 4, 4, 9, 9, 64], &[1, 2, 2, 65, 65, 128]],
+        grads: 3,
+        runs_on: flash_runs_on,
+        tolerances: ATTENTION_TOLERANCES,
     },
 ];
 
@@ -79,6 +172,104 @@ const TOLERANCES: &[(DType, f32, f32)] = &[
     (DType::BF16, 2e-2, 5e-2),
     (DType::F16, 4e-3, 8e-3),
 ];
+
+/// Sliding window of the window row.
+const WINDOW: usize = 4;
+
+/// Attention against the composed path, which rounds more than the kernel:
+/// in bf16/f16 it rounds the scores q·kᵀ to the input dtype before the f32
+/// softmax, and its backward rounds after every op, whereas the kernel keeps
+/// scores in f32 and rounds only P (and dS) for the tensor-core products.
+/// The same bounds as [`TOLERANCES`]; worst over the five attention rows:
+///
+/// - CPU (the f32 reference path): f32 4.8e-7 forward, 5.5e-7 backward;
+///   bf16 1.1e-2 / 1.2e-2; f16 1.5e-3 / 2.0e-3.
+/// - CUDA (the kernel, H200): bf16 9.6e-3 forward, 1.6e-2 backward; f16
+///   1.6e-3 / 1.8e-3 (f32 is not run there: the kernel takes half precision).
+///
+/// Against an exact f32 reference (scripts/flash_check) the kernel is within
+/// 4.2e-3 (bf16) and 6e-4 (f16) of the largest value, so most of the above
+/// is the composed path's rounding.
+const ATTENTION_TOLERANCES: &[(DType, f32, f32)] = &[
+    (DType::F32, 1e-5, 1e-5),
+    (DType::BF16, 2e-2, 5e-2),
+    (DType::F16, 4e-3, 8e-3),
+];
+
+fn scale(q: &Tensor) -> f64 {
+    1.0 / (q.dim(3).unwrap() as f64).sqrt()
+}
+
+/// q `[b, h, s, d]`, k and v `[b, kv, t, d]` for a shape `[b, h, kv, s, t, d]`.
+fn attention_inputs(shape: &[usize], dtype: DType, dev: &Device) -> Vec<Tensor> {
+    let &[b, h, kv, s, t, d] = shape else {
+        panic!("attention shape is [b, heads, kv_heads, s, t, d], got {shape:?}")
+    };
+    vec![
+        randn(0.0, 1.0, &[b, h, s, d], dtype, dev),
+        randn(0.0, 1.0, &[b, kv, t, d], dtype, dev),
+        randn(0.0, 1.0, &[b, kv, t, d], dtype, dev),
+    ]
+}
+
+/// A padding mask `[b, 1, s, t]` (0 or `f32::MIN`, as `attention_mask` makes):
+/// batch `i` hides its last `2i` keys, and batch 1's query row 0 hides every
+/// key (an all-padding row: finite, uniform weights in both paths).
+fn padded_attention_inputs(shape: &[usize], dtype: DType, dev: &Device) -> Vec<Tensor> {
+    let mut inputs = attention_inputs(shape, dtype, dev);
+    let (b, s, t) = (shape[0], shape[3], shape[4]);
+    let mask: Vec<f32> = (0..b * s * t)
+        .map(|n| {
+            let (bi, i, j) = (n / (s * t), n / t % s, n % t);
+            if j + 2 * bi >= t || (bi == 1 && i == 0) {
+                f32::MIN
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    inputs.push(Tensor::from_vec(mask, (b, 1, s, t), dev).unwrap());
+    inputs
+}
+
+/// A relative-position-like bias `[1, h, s, t]` (MPNet), broadcast over the
+/// batch.
+fn biased_attention_inputs(shape: &[usize], dtype: DType, dev: &Device) -> Vec<Tensor> {
+    let mut inputs = attention_inputs(shape, dtype, dev);
+    let (h, s, t) = (shape[1], shape[3], shape[4]);
+    inputs.push(randn(0.0, 2.0, &[1, h, s, t], DType::F32, dev));
+    inputs
+}
+
+/// The composed attention with the causal/window flags turned into a mask
+/// (`f32::MIN` where hidden, replacing the bias there rather than adding to
+/// it, which would overflow to -inf).
+fn attention_composed(
+    t: &[Tensor],
+    bias: Option<&Tensor>,
+    causal: bool,
+    window: Option<usize>,
+) -> candle_core::Result<Tensor> {
+    let (b, h, s, _) = t[0].dims4()?;
+    let tk = t[1].dim(2)?;
+    let dev = t[0].device();
+    let visible: Vec<u8> = (0..s * tk)
+        .map(|n| {
+            let (i, j) = ((n / tk) as i64, (n % tk) as i64);
+            let qpos = i + tk as i64 - s as i64;
+            let ok = (!causal || j <= qpos) && window.is_none_or(|w| qpos - j < w as i64);
+            u8::from(ok)
+        })
+        .collect();
+    let visible = Tensor::from_vec(visible, (1, 1, s, tk), dev)?.broadcast_as((b, h, s, tk))?;
+    let bias = match bias {
+        Some(bias) => bias.broadcast_as((b, h, s, tk))?.contiguous()?,
+        None => Tensor::zeros((b, h, s, tk), DType::F32, dev)?,
+    };
+    let hidden = Tensor::full(f32::MIN, (b, h, s, tk), dev)?;
+    let bias = visible.where_cond(&bias, &hidden)?;
+    attention(&t[0], &t[1], &t[2], Some(&bias), scale(&t[0]))
+}
 
 /// transformers' Qwen2RMSNorm, op by op (statistics in f32, the normalised
 /// value rounded to the input dtype before the weight).
@@ -117,11 +308,14 @@ fn swiglu_inputs(shape: &[usize], dtype: DType, dev: &Device) -> Vec<Tensor> {
 /// `(forward, [d input 0, d input 1, ...])`.
 fn errors(row: &Row, shape: &[usize], dtype: DType) -> (f32, Vec<f32>) {
     let dev = device();
-    let vars: Vec<Var> = (row.inputs)(shape, dtype, &dev)
+    let mut inputs = (row.inputs)(shape, dtype, &dev);
+    let vars: Vec<Var> = inputs[..row.grads]
         .iter()
         .map(|t| Var::from_tensor(t).unwrap())
         .collect();
-    let inputs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    for (input, var) in inputs.iter_mut().zip(&vars) {
+        *input = var.as_tensor().clone();
+    }
     let ours = (row.fused)(&inputs).unwrap();
     let theirs = (row.composed)(&inputs).unwrap();
     assert_eq!(ours.dims(), theirs.dims(), "{}: output shape", row.name);
@@ -153,7 +347,10 @@ fn errors(row: &Row, shape: &[usize], dtype: DType) -> (f32, Vec<f32>) {
 #[test]
 fn fused_kernels_match_their_compositions_forward_and_backward() {
     for row in KERNELS {
-        for &(dtype, fwd_tol, bwd_tol) in TOLERANCES {
+        for &(dtype, fwd_tol, bwd_tol) in row.tolerances {
+            if !(row.runs_on)(dtype, &device()) {
+                continue;
+            }
             // Worst case over the row's shapes, printed for BENCHMARKS-style
             // bookkeeping (`-- --nocapture`).
             let mut worst_fwd = 0f32;
@@ -227,4 +424,112 @@ fn swiglu_rejects_mismatched_inputs() {
     // Integer tensors have no kernel.
     let ints = Tensor::zeros((2, 8), DType::U32, &dev).unwrap();
     assert!(swiglu(&ints, &ints).is_err());
+}
+
+/// The dtype the attention tests use on `device()`: f32 on the CPU, bf16 on
+/// CUDA (the kernel's dtypes).
+fn attention_dtype(dev: &Device) -> (DType, f32) {
+    if dev.is_cuda() {
+        (DType::BF16, 2e-2)
+    } else {
+        (DType::F32, 1e-5)
+    }
+}
+
+#[test]
+fn flash_attention_accepts_views() {
+    // The decoders' layout: [b, s, heads, d] projections transposed to
+    // [b, heads, s, d] (not contiguous), and a contiguous view that starts
+    // at an odd element (the kernel wants 16-byte aligned rows: copied).
+    let dev = device();
+    let (dtype, tol) = attention_dtype(&dev);
+    let (b, s, h, kv, d) = (2, 11, 4, 2, 64);
+    let q = randn(0.0, 1.0, &[b, s, h, d], dtype, &dev)
+        .transpose(1, 2)
+        .unwrap();
+    let k = randn(0.0, 1.0, &[b, s, kv, d], dtype, &dev)
+        .transpose(1, 2)
+        .unwrap();
+    let n = b * kv * s * d;
+    let v = randn(0.0, 1.0, &[n + 3], dtype, &dev)
+        .narrow(0, 3, n)
+        .unwrap()
+        .reshape((b, kv, s, d))
+        .unwrap();
+    let ours = flash_attention(&q, &k, &v, None, 0.125, true, None).unwrap();
+    let theirs = attention_composed(&[q, k, v], None, true, None).unwrap();
+    let diff = rel_diff(&ours, &theirs);
+    assert!(diff <= tol, "flash_attention on views differs by {diff}");
+}
+
+#[test]
+fn flash_attention_rows_that_see_no_key_are_zero() {
+    // Causal with more queries than keys: query 0 sits at position -1 and
+    // sees nothing. Its output is 0 and every gradient stays finite.
+    let dev = device();
+    let (dtype, _) = attention_dtype(&dev);
+    let q = Var::from_tensor(&randn(0.0, 1.0, &[1, 2, 3, 32], dtype, &dev)).unwrap();
+    let k = Var::from_tensor(&randn(0.0, 1.0, &[1, 1, 2, 32], dtype, &dev)).unwrap();
+    let v = Var::from_tensor(&randn(0.0, 1.0, &[1, 1, 2, 32], dtype, &dev)).unwrap();
+    let out = flash_attention(
+        q.as_tensor(),
+        k.as_tensor(),
+        v.as_tensor(),
+        None,
+        0.2,
+        true,
+        None,
+    )
+    .unwrap();
+    let out32 = out.to_dtype(DType::F32).unwrap();
+    let first = out32
+        .narrow(2, 0, 1)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    assert_eq!(first.to_scalar::<f32>().unwrap(), 0.0);
+    let grads = out32.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    for var in [&q, &k, &v] {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let finite = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(finite.iter().all(|x| x.is_finite()), "non-finite gradient");
+    }
+}
+
+#[test]
+fn flash_attention_rejects_mismatched_inputs() {
+    let dev = device();
+    let (f, _) = attention_dtype(&dev);
+    let z = |shape: &[usize], dtype| Tensor::zeros(shape, dtype, &dev).unwrap();
+    let attn =
+        |q: &Tensor, k: &Tensor, v: &Tensor| flash_attention(q, k, v, None, 1.0, false, None);
+    let (q, k) = (z(&[1, 4, 3, 32], f), z(&[1, 2, 5, 32], f));
+    assert!(attn(&q, &k, &k).is_ok());
+    // 4 query heads for 3 kv heads; head dims differ; batch differs.
+    let k3 = z(&[1, 3, 5, 32], f);
+    assert!(attn(&q, &k3, &k3).is_err());
+    let k16 = z(&[1, 2, 5, 16], f);
+    assert!(attn(&q, &k16, &k16).is_err());
+    let kb = z(&[2, 2, 5, 32], f);
+    assert!(attn(&q, &kb, &kb).is_err());
+    // v unlike k; mixed dtypes; a window of 0; a bias that does not broadcast.
+    assert!(attn(&q, &k, &z(&[1, 2, 4, 32], f)).is_err());
+    assert!(attn(&q, &k, &z(&[1, 2, 5, 32], DType::F16)).is_err());
+    assert!(flash_attention(&q, &k, &k, None, 1.0, true, Some(0)).is_err());
+    let bias = z(&[1, 1, 3, 4], DType::F32);
+    assert!(flash_attention(&q, &k, &k, Some(&bias), 1.0, false, None).is_err());
+    if dev.is_cuda() {
+        // f32 and head dims without a kernel take the composed path instead.
+        let q32 = z(&[1, 4, 3, 32], DType::F32);
+        let k32 = z(&[1, 2, 5, 32], DType::F32);
+        assert!(attn(&q32, &k32, &k32).is_err());
+        let (q48, k48) = (z(&[1, 4, 3, 48], f), z(&[1, 2, 5, 48], f));
+        assert!(attn(&q48, &k48, &k48).is_err());
+    }
 }

@@ -16,10 +16,12 @@ pub(crate) mod cpu;
 pub(crate) mod launch;
 
 mod cross_entropy;
+mod flash_attn;
 mod rms_norm;
 mod swiglu;
 
 pub(crate) use cross_entropy::{cross_entropy_grad, cross_entropy_stats};
+pub use flash_attn::{flash_attention, flash_attention_supported};
 pub use rms_norm::rms_norm;
 pub use swiglu::swiglu;
 pub(crate) use swiglu::swiglu_backward;

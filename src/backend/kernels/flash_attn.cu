@@ -1,0 +1,641 @@
+// FlashAttention-2 forward and backward for bf16 and f16, head dims 32, 64
+// and 128, on tensor cores (mma.sync m16n8k16, f32 accumulators; sm_80+,
+// built for sm_90).
+//
+// Why a fused kernel: the composed attention materialises the [b, h, s, t]
+// scores in f32 (and, for training, the probabilities and their gradient),
+// which dominates memory and time at long sequences. Here scores live in
+// registers one [64 x BN] tile at a time with an online softmax; the backward
+// recomputes them from the saved log-sum-exp instead of storing them.
+//
+// Layouts (all contiguous, element offsets):
+//   q, o, dout, dq : [b, hq, s, d]      k, v, dk, dv : [b, hkv, t, d]
+//   lse, dsum      : [b, hq, s] f32     bias         : f32, element strides
+//   (b_stride, h_stride, row_stride) over [b, hq, s, t], last dim contiguous,
+//   stride 0 for broadcast dims; null pointer for no bias.
+// Query head h reads key/value head h / (hq / hkv) (grouped-query attention).
+// Query i sits at absolute position i + (t - s); it sees key j when
+//   (!causal || j <= i + t - s) && (window == 0 || (i + t - s) - j < window).
+// A row that sees no key at all gives O = 0, lse = +inf (so the backward's
+// recomputed probabilities are 0). With a bias, scores (in log2 units) are
+// floored at SCORE_FLOOR = -16384 (a natural-log bias of about -11357): a
+// padding mask of f32::MIN then gives every key of an all-padding row the
+// same score, hence the uniform weights the composed path gives it, and the
+// row's lse stays small enough that lse = max + log2(sum) keeps its
+// log2(sum) (at f32::MIN it would be absorbed and the backward's recomputed
+// probabilities would be 1 instead of 1/n). f32::MIN * log2(e) overflows to
+// -inf, which the floor also absorbs; masked keys of other rows still get
+// weight exp2(-16384 - max) = 0.
+//
+// Forward, one block per (64 query rows, head, batch), 4 warps of 16 rows:
+// Q fragments stay in registers, K/V tiles stream through shared memory with
+// cp.async (the next K tile loads during P·V, the next V tile during Q·Kᵀ),
+// P never leaves registers (the m16n8k16 accumulator layout of S is the A
+// operand layout of P·V). Writes O (input dtype) and lse (natural log).
+//
+// Backward (FA2): flash_attn_bwd_dot_* computes dsum = rowsum(dO∘O);
+// flash_attn_bwd_* runs one block per (64 keys, query head, batch), each warp
+// owning 16 keys, and loops over query tiles (double-buffered): Sᵀ = K Qᵀ and
+// dPᵀ = V dOᵀ in registers, Pᵀ = exp(Sᵀ − lse), dSᵀ = Pᵀ∘(dPᵀ − dsum),
+// dV += Pᵀ dO and dK += dSᵀ Q in registers, dQ += dS K through shared memory
+// and f32 atomics into dq_acc. dK/dV go straight to the output dtype when
+// hq == hkv and are atomically summed into f32 buffers for GQA;
+// flash_attn_convert_* turns the f32 buffers into the output dtype.
+#include "common.cuh"
+
+namespace flash {
+
+constexpr float LOG2E = 1.4426950408889634f;
+constexpr float LN2 = 0.6931471805599453f;
+constexpr float SCORE_FLOOR = -16384.f;
+
+// Shared-memory rows are padded by 8 elements (16 bytes) so that the eight
+// rows one ldmatrix phase reads fall in distinct banks for d = 32, 64, 128.
+template <int D> struct Pad { static constexpr int LD = D + 8; };
+
+template <typename T> __device__ __forceinline__ uint32_t pack2(float a, float b);
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
+  __half2 v = __floats2half2_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+template <typename T>
+__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                   uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                            uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i.
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// 16-byte async copy; zero-fills the destination when !ok (rows past the end).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool ok) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(ok ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ uint32_t dynamic_smem_size() {
+  uint32_t v;
+  asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(v));
+  return v;
+}
+
+// ROWS x D elements from global (row stride D) into shared (row stride LD),
+// rows at or past `valid` zero-filled. `src` must point at a valid row 0.
+template <typename T, int ROWS, int D, int NT>
+__device__ __forceinline__ void load_tile(T* dst, const T* src, int valid, int tid) {
+  constexpr int CH = D / 8;
+  constexpr int LD = Pad<D>::LD;
+#pragma unroll
+  for (int c = tid; c < ROWS * CH; c += NT) {
+    const int r = c / CH, col = (c % CH) * 8;
+    const bool ok = r < valid;
+    cp_async16(dst + r * LD + col, src + (ok ? (size_t)r * D + col : 0), ok);
+  }
+}
+
+// Whether key j is visible from the query at absolute position qpos.
+__device__ __forceinline__ bool visible(int j, int qpos, int t, int causal, int window) {
+  return j < t && (!causal || j <= qpos) && (window <= 0 || qpos - j < window);
+}
+
+// ---------------------------------------------------------------- forward --
+
+template <int D> struct FwdCfg {
+  static constexpr int WARPS = 4;
+  static constexpr int BM = 16 * WARPS;
+  static constexpr int BN = 64;
+  static constexpr int SMEM = (BM + 2 * BN) * Pad<D>::LD * 2;
+};
+
+template <typename T, int D, bool HAS_BIAS>
+__device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict__ k,
+                                    const T* __restrict__ v, const float* __restrict__ bias,
+                                    T* __restrict__ o, float* __restrict__ lse, int hq, int hkv,
+                                    int s, int t, float scale, int causal, int window,
+                                    long long bias_bs, long long bias_hs, long long bias_rs) {
+  using C = FwdCfg<D>;
+  constexpr int BM = C::BM, BN = C::BN, NT = 32 * C::WARPS, LD = Pad<D>::LD;
+  extern __shared__ __align__(16) unsigned char smem[];
+  if (dynamic_smem_size() < (uint32_t)C::SMEM) __trap();
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sK = sQ + BM * LD;
+  T* sV = sK + BN * LD;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
+  // Heaviest (latest, under a causal mask) query tiles first.
+  const int m0 = (gridDim.x - 1 - blockIdx.x) * BM;
+  const int h = blockIdx.y, bi = blockIdx.z, hk = h / (hq / hkv);
+  const size_t bh = (size_t)bi * hq + h;
+  const T* qb = q + (bh * s + m0) * D;
+  const T* kb = k + ((size_t)bi * hkv + hk) * t * D;
+  const T* vb = v + ((size_t)bi * hkv + hk) * t * D;
+  const float* biasb = HAS_BIAS ? bias + bi * bias_bs + h * bias_hs : nullptr;
+  const int off = t - s;
+
+  // Keys any row of this tile can see.
+  int n_lo = 0, n_hi = t;
+  if (causal) n_hi = min(t, m0 + BM + off);
+  if (window > 0) n_lo = max(0, m0 + off - window + 1);
+  const int n_begin = (n_lo / BN) * BN;
+
+  const float scale_log2 = scale * LOG2E;
+  float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};
+  float oacc[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) oacc[i][0] = oacc[i][1] = oacc[i][2] = oacc[i][3] = 0.f;
+  uint32_t qf[D / 16][4];
+
+  load_tile<T, BM, D, NT>(sQ, qb, s - m0, tid);
+  if (n_begin < n_hi) load_tile<T, BN, D, NT>(sK, kb + (size_t)n_begin * D, t - n_begin, tid);
+  cp_async_commit();
+  if (n_begin < n_hi) load_tile<T, BN, D, NT>(sV, vb + (size_t)n_begin * D, t - n_begin, tid);
+  cp_async_commit();
+
+  for (int n0 = n_begin; n0 < n_hi; n0 += BN) {
+    cp_async_wait<1>();
+    __syncthreads();
+    if (n0 == n_begin) {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk)
+        ldsm_x4(qf[kk], sQ + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
+    }
+    // S = Q Kᵀ for this warp's 16 rows and the tile's BN keys.
+    float sacc[BN / 8][4];
+#pragma unroll
+    for (int i = 0; i < BN / 8; ++i) sacc[i][0] = sacc[i][1] = sacc[i][2] = sacc[i][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+      for (int nn = 0; nn < BN / 16; ++nn) {
+        uint32_t b[4];
+        ldsm_x4(b, sK + (nn * 16 + (lane & 7) + (lane >> 4) * 8) * LD + kk * 16 + ((lane >> 3) & 1) * 8);
+        mma<T>(sacc[2 * nn], qf[kk], b[0], b[1]);
+        mma<T>(sacc[2 * nn + 1], qf[kk], b[2], b[3]);
+      }
+    }
+    // Scores in log2 units, bias added, invisible keys at -inf. Only tiles
+    // that cross the end of the keys, the causal diagonal or the window edge
+    // need the per-element test.
+    const bool need_mask = n0 + BN > t || (causal && n0 + BN - 1 > m0 + off) ||
+                           (window > 0 && n0 < m0 + BM - 1 + off - window + 1);
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = m0 + warp * 16 + g + (e >> 1) * 8;
+        const int col = n0 + nt * 8 + 2 * tq + (e & 1);
+        float x = sacc[nt][e] * scale_log2;
+        if (HAS_BIAS && row < s && col < t)
+          x = fmaxf(x + biasb[(long long)row * bias_rs + col] * LOG2E, SCORE_FLOOR);
+        if (need_mask && !visible(col, row + off, t, causal, window)) x = -INFINITY;
+        sacc[nt][e] = x;
+      }
+    }
+    // Online softmax: each row lives in the 4 lanes of a quad.
+    float mu[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < BN / 8; ++nt) mx = fmaxf(mx, fmaxf(sacc[nt][2 * r], sacc[nt][2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+      const float m_new = fmaxf(m_r[r], mx);
+      // A row with nothing visible yet keeps max -inf; subtract 0 instead so
+      // exp2 gives 0 rather than NaN.
+      mu[r] = m_new == -INFINITY ? 0.f : m_new;
+      const float alpha = exp2f(m_r[r] - mu[r]);
+      m_r[r] = m_new;
+      l_r[r] *= alpha;
+#pragma unroll
+      for (int nn = 0; nn < D / 8; ++nn) {
+        oacc[nn][2 * r] *= alpha;
+        oacc[nn][2 * r + 1] *= alpha;
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float p = exp2f(sacc[nt][e] - mu[e >> 1]);
+        l_r[e >> 1] += p;
+        sacc[nt][e] = p;
+      }
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // V ready; every warp is done with this K tile
+    if (n0 + BN < n_hi) load_tile<T, BN, D, NT>(sK, kb + (size_t)(n0 + BN) * D, t - n0 - BN, tid);
+    cp_async_commit();
+    // O += P V, P straight from the S accumulators.
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      const uint32_t a[4] = {pack2<T>(sacc[2 * kk][0], sacc[2 * kk][1]),
+                             pack2<T>(sacc[2 * kk][2], sacc[2 * kk][3]),
+                             pack2<T>(sacc[2 * kk + 1][0], sacc[2 * kk + 1][1]),
+                             pack2<T>(sacc[2 * kk + 1][2], sacc[2 * kk + 1][3])};
+#pragma unroll
+      for (int nn = 0; nn < D / 16; ++nn) {
+        uint32_t b[4];
+        ldsm_x4_t(b, sV + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + nn * 16 + (lane >> 4) * 8);
+        mma<T>(oacc[2 * nn], a, b[0], b[1]);
+        mma<T>(oacc[2 * nn + 1], a, b[2], b[3]);
+      }
+    }
+    __syncthreads();  // every warp is done with this V tile
+    if (n0 + BN < n_hi) load_tile<T, BN, D, NT>(sV, vb + (size_t)(n0 + BN) * D, t - n0 - BN, tid);
+    cp_async_commit();
+  }
+
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l_r[r] += __shfl_xor_sync(0xffffffff, l_r[r], 1);
+    l_r[r] += __shfl_xor_sync(0xffffffff, l_r[r], 2);
+    inv[r] = l_r[r] > 0.f ? 1.f / l_r[r] : 0.f;
+  }
+  // Stage this warp's rows of O in sQ (free since the first tile) for
+  // 16-byte coalesced stores. With no key tile at all the Q load may still be
+  // in flight: wait for it first.
+  cp_async_wait<0>();
+  __syncthreads();
+#pragma unroll
+  for (int nn = 0; nn < D / 8; ++nn)
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      *reinterpret_cast<uint32_t*>(sQ + (warp * 16 + g + 8 * r) * LD + nn * 8 + 2 * tq) =
+          pack2<T>(oacc[nn][2 * r] * inv[r], oacc[nn][2 * r + 1] * inv[r]);
+  __syncwarp();
+  T* ob = o + (bh * s + m0 + warp * 16) * D;
+#pragma unroll
+  for (int c = lane; c < 16 * D / 8; c += 32) {
+    const int r = c / (D / 8), col = (c % (D / 8)) * 8;
+    if (m0 + warp * 16 + r < s)
+      *reinterpret_cast<uint4*>(ob + (size_t)r * D + col) =
+          *reinterpret_cast<const uint4*>(sQ + (warp * 16 + r) * LD + col);
+  }
+  if (tq == 0) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = m0 + warp * 16 + g + 8 * r;
+      if (row < s) lse[bh * s + row] = l_r[r] > 0.f ? (m_r[r] + log2f(l_r[r])) * LN2 : INFINITY;
+    }
+  }
+}
+
+// --------------------------------------------------------------- backward --
+
+// dsum[row] = Σ_d dO[row, d]·O[row, d], D/8 threads per row (16 bytes each).
+template <typename T, int D>
+__device__ __forceinline__ void bwd_dot(const T* __restrict__ o, const T* __restrict__ dout,
+                                        float* __restrict__ dsum, size_t rows) {
+  constexpr int G = D / 8;
+  const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  const size_t row = idx / G;
+  const int part = idx % G;
+  float acc = 0.f;
+  if (row < rows) {
+    const uint4 a = *reinterpret_cast<const uint4*>(o + row * D + part * 8);
+    const uint4 b = *reinterpret_cast<const uint4*>(dout + row * D + part * 8);
+    const T* ae = reinterpret_cast<const T*>(&a);
+    const T* be = reinterpret_cast<const T*>(&b);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc += to_f(ae[i]) * to_f(be[i]);
+  }
+  // Groups of G lanes are aligned within the warp; every lane takes part.
+#pragma unroll
+  for (int w = G / 2; w > 0; w >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, w);
+  if (part == 0 && row < rows) dsum[row] = acc;
+}
+
+template <int D> struct BwdCfg {
+  static constexpr int WARPS = 4;
+  static constexpr int BN = 16 * WARPS;  // keys per block, 16 per warp
+  // Query rows per step: 32 at d = 128 keeps the four [16 x BM] and two
+  // [16 x d] accumulators within the register file.
+  static constexpr int BM = D <= 64 ? 64 : 32;
+  // K/V A-fragments kept in registers across query tiles (d <= 64 only).
+  static constexpr bool KV_REGS = D <= 64;
+  static constexpr int LDS = BM + 8;
+  static constexpr int SMEM = (2 * BN + 4 * BM) * Pad<D>::LD * 2 + BN * LDS * 2 + 4 * BM * 4;
+};
+
+template <typename T, int D, bool HAS_BIAS>
+__device__ __forceinline__ void bwd(const T* __restrict__ q, const T* __restrict__ k,
+                                    const T* __restrict__ v, const T* __restrict__ dout,
+                                    const float* __restrict__ lse, const float* __restrict__ dsum,
+                                    const float* __restrict__ bias, float* __restrict__ dq_acc,
+                                    T* __restrict__ dk, T* __restrict__ dv, float* __restrict__ dk_acc,
+                                    float* __restrict__ dv_acc, int hq, int hkv, int s, int t,
+                                    float scale, int causal, int window, long long bias_bs,
+                                    long long bias_hs, long long bias_rs) {
+  using C = BwdCfg<D>;
+  constexpr int BN = C::BN, BM = C::BM, NT = 32 * C::WARPS, LD = Pad<D>::LD, LDS = C::LDS;
+  extern __shared__ __align__(16) unsigned char smem[];
+  if (dynamic_smem_size() < (uint32_t)C::SMEM) __trap();
+  T* sK = reinterpret_cast<T*>(smem);
+  T* sV = sK + BN * LD;
+  T* sQ = sV + BN * LD;     // [2][BM * LD]
+  T* sdO = sQ + 2 * BM * LD;  // [2][BM * LD]
+  T* sdS = sdO + 2 * BM * LD;  // [BN][LDS]: dSᵀ, keys by queries
+  float* sL = reinterpret_cast<float*>(sdS + BN * LDS);  // [2][BM]: lse in log2 units
+  float* sDs = sL + 2 * BM;                               // [2][BM]: dsum
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
+  const int n0 = blockIdx.x * BN;  // low key tiles (most work under a causal mask) first
+  const int h = blockIdx.y, bi = blockIdx.z, rep = hq / hkv, hk = h / rep;
+  const size_t bh = (size_t)bi * hq + h;
+  const size_t bhk = (size_t)bi * hkv + hk;
+  const T* qb = q + bh * s * D;
+  const T* dob = dout + bh * s * D;
+  const float* lseb = lse + bh * s;
+  const float* dsb = dsum + bh * s;
+  float* dqb = dq_acc + bh * s * D;
+  const float* biasb = HAS_BIAS ? bias + bi * bias_bs + h * bias_hs : nullptr;
+  const int off = t - s;
+
+  // Query rows that can see any key of this tile.
+  int m_lo = 0, m_hi = s;
+  if (causal) m_lo = max(0, n0 - off);
+  if (window > 0) m_hi = min(s, n0 + BN - 1 + window - off);
+  const int m_begin = (m_lo / BM) * BM;
+
+  auto load_q = [&](int m, int st) {
+    load_tile<T, BM, D, NT>(sQ + st * BM * LD, qb + (size_t)m * D, s - m, tid);
+    load_tile<T, BM, D, NT>(sdO + st * BM * LD, dob + (size_t)m * D, s - m, tid);
+    for (int i = tid; i < BM; i += NT) {
+      const int row = m + i;
+      // Rows past the end get lse = +inf, so their probabilities are 0.
+      sL[st * BM + i] = row < s ? lseb[row] * LOG2E : INFINITY;
+      sDs[st * BM + i] = row < s ? dsb[row] : 0.f;
+    }
+  };
+
+  load_tile<T, BN, D, NT>(sK, k + (bhk * t + n0) * D, t - n0, tid);
+  load_tile<T, BN, D, NT>(sV, v + (bhk * t + n0) * D, t - n0, tid);
+  if (m_begin < m_hi) load_q(m_begin, 0);
+  cp_async_commit();
+
+  const float scale_log2 = scale * LOG2E;
+  float dkacc[D / 8][4], dvacc[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dkacc[i][e] = dvacc[i][e] = 0.f;
+  uint32_t kf[C::KV_REGS ? D / 16 : 1][4], vf[C::KV_REGS ? D / 16 : 1][4];
+
+  // dQ tiling: BM/16 row groups, the warps of a row group split d.
+  constexpr int RG = BM / 16, DSPLIT = C::WARPS / RG, DW = D / DSPLIT;
+  const int rg = warp % RG, dc = (warp / RG) * DW;
+
+  int st = 0;
+  for (int m0 = m_begin; m0 < m_hi; m0 += BM, st ^= 1) {
+    cp_async_wait<0>();
+    __syncthreads();
+    if (C::KV_REGS && m0 == m_begin) {
+#pragma unroll
+      for (int kk = 0; kk < (C::KV_REGS ? D / 16 : 0); ++kk) {
+        ldsm_x4(kf[kk], sK + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
+        ldsm_x4(vf[kk], sV + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
+      }
+    }
+    // Prefetch the next query tile into the other buffer (last read before
+    // the barrier above).
+    if (m0 + BM < m_hi) load_q(m0 + BM, st ^ 1);
+    cp_async_commit();
+    const T* cQ = sQ + st * BM * LD;
+    const T* cdO = sdO + st * BM * LD;
+    const float* cL = sL + st * BM;
+    const float* cD = sDs + st * BM;
+
+    // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ: this warp's 16 keys by BM queries.
+    float sacc[BM / 8][4], dpacc[BM / 8][4];
+#pragma unroll
+    for (int i = 0; i < BM / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sacc[i][e] = dpacc[i][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t ka[4], va[4];
+      if constexpr (C::KV_REGS) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          ka[e] = kf[kk][e];
+          va[e] = vf[kk][e];
+        }
+      } else {
+        ldsm_x4(ka, sK + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
+        ldsm_x4(va, sV + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
+      }
+#pragma unroll
+      for (int nn = 0; nn < BM / 16; ++nn) {
+        const int boff = (nn * 16 + (lane & 7) + (lane >> 4) * 8) * LD + kk * 16 + ((lane >> 3) & 1) * 8;
+        uint32_t b[4];
+        ldsm_x4(b, cQ + boff);
+        mma<T>(sacc[2 * nn], ka, b[0], b[1]);
+        mma<T>(sacc[2 * nn + 1], ka, b[2], b[3]);
+        ldsm_x4(b, cdO + boff);
+        mma<T>(dpacc[2 * nn], va, b[0], b[1]);
+        mma<T>(dpacc[2 * nn + 1], va, b[2], b[3]);
+      }
+    }
+    // Pᵀ = exp(Sᵀ·scale + bias − lse), dSᵀ = Pᵀ∘(dPᵀ − dsum).
+    const bool need_mask = n0 + BN > t || (causal && n0 + BN - 1 > m0 + off) ||
+                           (window > 0 && n0 < m0 + BM - 1 + off - window + 1);
+#pragma unroll
+    for (int nt = 0; nt < BM / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = n0 + warp * 16 + g + (e >> 1) * 8;
+        const int ql = nt * 8 + 2 * tq + (e & 1);
+        const int qi = m0 + ql;
+        float x = sacc[nt][e] * scale_log2;
+        if (HAS_BIAS && qi < s && key < t)
+          x = fmaxf(x + biasb[(long long)qi * bias_rs + key] * LOG2E, SCORE_FLOOR);
+        float p = exp2f(x - cL[ql]);
+        if (need_mask && !visible(key, qi + off, t, causal, window)) p = 0.f;
+        sacc[nt][e] = p;
+        dpacc[nt][e] = p * (dpacc[nt][e] - cD[ql]);
+      }
+    }
+    // dV += Pᵀ dO, dK += dSᵀ Q (A operands straight from the accumulators).
+#pragma unroll
+    for (int kq = 0; kq < BM / 16; ++kq) {
+      const uint32_t pa[4] = {pack2<T>(sacc[2 * kq][0], sacc[2 * kq][1]),
+                              pack2<T>(sacc[2 * kq][2], sacc[2 * kq][3]),
+                              pack2<T>(sacc[2 * kq + 1][0], sacc[2 * kq + 1][1]),
+                              pack2<T>(sacc[2 * kq + 1][2], sacc[2 * kq + 1][3])};
+      const uint32_t da[4] = {pack2<T>(dpacc[2 * kq][0], dpacc[2 * kq][1]),
+                              pack2<T>(dpacc[2 * kq][2], dpacc[2 * kq][3]),
+                              pack2<T>(dpacc[2 * kq + 1][0], dpacc[2 * kq + 1][1]),
+                              pack2<T>(dpacc[2 * kq + 1][2], dpacc[2 * kq + 1][3])};
+#pragma unroll
+      for (int nn = 0; nn < D / 16; ++nn) {
+        const int boff = (kq * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + nn * 16 + (lane >> 4) * 8;
+        uint32_t b[4];
+        ldsm_x4_t(b, cdO + boff);
+        mma<T>(dvacc[2 * nn], pa, b[0], b[1]);
+        mma<T>(dvacc[2 * nn + 1], pa, b[2], b[3]);
+        ldsm_x4_t(b, cQ + boff);
+        mma<T>(dkacc[2 * nn], da, b[0], b[1]);
+        mma<T>(dkacc[2 * nn + 1], da, b[2], b[3]);
+      }
+    }
+    // dSᵀ to shared memory: dQ needs dS with queries as rows, across warps.
+#pragma unroll
+    for (int nt = 0; nt < BM / 8; ++nt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        *reinterpret_cast<uint32_t*>(sdS + (warp * 16 + g + 8 * r) * LDS + nt * 8 + 2 * tq) =
+            pack2<T>(dpacc[nt][2 * r], dpacc[nt][2 * r + 1]);
+    __syncthreads();
+    // dQ[rg rows, dc..dc+DW) += dS K, summed into dq_acc with f32 atomics
+    // (other key tiles add to the same rows).
+    float dqacc[DW / 8][4];
+#pragma unroll
+    for (int i = 0; i < DW / 8; ++i) dqacc[i][0] = dqacc[i][1] = dqacc[i][2] = dqacc[i][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      uint32_t a[4];
+      ldsm_x4_t(a, sdS + (kk * 16 + (lane & 7) + (lane >> 4) * 8) * LDS + rg * 16 + ((lane >> 3) & 1) * 8);
+#pragma unroll
+      for (int nn = 0; nn < DW / 16; ++nn) {
+        uint32_t b[4];
+        ldsm_x4_t(b, sK + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dc + nn * 16 + (lane >> 4) * 8);
+        mma<T>(dqacc[2 * nn], a, b[0], b[1]);
+        mma<T>(dqacc[2 * nn + 1], a, b[2], b[3]);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = m0 + rg * 16 + g + 8 * r;
+      if (row < s) {
+#pragma unroll
+        for (int nt = 0; nt < DW / 8; ++nt) {
+          float* dst = dqb + (size_t)row * D + dc + nt * 8 + 2 * tq;
+#if __CUDA_ARCH__ >= 900
+          atomicAdd(reinterpret_cast<float2*>(dst), make_float2(dqacc[nt][2 * r], dqacc[nt][2 * r + 1]));
+#else
+          atomicAdd(dst, dqacc[nt][2 * r]);
+          atomicAdd(dst + 1, dqacc[nt][2 * r + 1]);
+#endif
+        }
+      }
+    }
+    // No barrier here: the next iteration's loads go to the other buffer and
+    // its sdS writes come after its own barrier.
+  }
+  cp_async_wait<0>();  // nothing may be in flight when the block exits
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = n0 + warp * 16 + g + 8 * r;
+    if (key >= t) continue;
+#pragma unroll
+    for (int nn = 0; nn < D / 8; ++nn) {
+      const size_t idx = (bhk * t + key) * D + nn * 8 + 2 * tq;
+      const float k0 = dkacc[nn][2 * r] * scale, k1 = dkacc[nn][2 * r + 1] * scale;
+      const float v0 = dvacc[nn][2 * r], v1 = dvacc[nn][2 * r + 1];
+      if (rep == 1) {
+        *reinterpret_cast<uint32_t*>(dk + idx) = pack2<T>(k0, k1);
+        *reinterpret_cast<uint32_t*>(dv + idx) = pack2<T>(v0, v1);
+      } else {
+#if __CUDA_ARCH__ >= 900
+        atomicAdd(reinterpret_cast<float2*>(dk_acc + idx), make_float2(k0, k1));
+        atomicAdd(reinterpret_cast<float2*>(dv_acc + idx), make_float2(v0, v1));
+#else
+        atomicAdd(dk_acc + idx, k0);
+        atomicAdd(dk_acc + idx + 1, k1);
+        atomicAdd(dv_acc + idx, v0);
+        atomicAdd(dv_acc + idx + 1, v1);
+#endif
+      }
+    }
+  }
+}
+
+}  // namespace flash
+
+// Entry points, `{name}_d{32|64|128}_{bf16|f16}`; the bias flag picks a
+// specialisation so unbiased attention carries no bias code. Launch:
+//   fwd:  grid (ceil(s / 64), hq, b), 128 threads, FwdCfg<D>::SMEM bytes
+//   bwd:  grid (ceil(t / 64), hq, b), 128 threads, BwdCfg<D>::SMEM bytes;
+//         dq_acc zeroed; dk_acc/dv_acc zeroed when hq != hkv
+//   dot:  rows * D / 8 threads, any block size that is a multiple of 32
+#define FLASH_ATTN_OPS(T, SUFFIX, D)                                                               \
+  extern "C" __global__ void __launch_bounds__(128) flash_attn_fwd_d##D##_##SUFFIX(              \
+      const T* q, const T* k, const T* v, const float* bias, T* o, float* lse, int hq, int hkv,   \
+      int s, int t, float scale, int causal, int window, long long bias_bs, long long bias_hs,    \
+      long long bias_rs) {                                                                        \
+    if (bias)                                                                                     \
+      flash::fwd<T, D, true>(q, k, v, bias, o, lse, hq, hkv, s, t, scale, causal, window,        \
+                             bias_bs, bias_hs, bias_rs);                                          \
+    else                                                                                          \
+      flash::fwd<T, D, false>(q, k, v, bias, o, lse, hq, hkv, s, t, scale, causal, window,       \
+                              bias_bs, bias_hs, bias_rs);                                         \
+  }                                                                                               \
+  extern "C" __global__ void __launch_bounds__(128) flash_attn_bwd_d##D##_##SUFFIX(              \
+      const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* dsum,    \
+      const float* bias, float* dq_acc, T* dk, T* dv, float* dk_acc, float* dv_acc, int hq,      \
+      int hkv, int s, int t, float scale, int causal, int window, long long bias_bs,             \
+      long long bias_hs, long long bias_rs) {                                                     \
+    if (bias)                                                                                     \
+      flash::bwd<T, D, true>(q, k, v, dout, lse, dsum, bias, dq_acc, dk, dv, dk_acc, dv_acc, hq, \
+                             hkv, s, t, scale, causal, window, bias_bs, bias_hs, bias_rs);        \
+    else                                                                                          \
+      flash::bwd<T, D, false>(q, k, v, dout, lse, dsum, bias, dq_acc, dk, dv, dk_acc, dv_acc,    \
+                              hq, hkv, s, t, scale, causal, window, bias_bs, bias_hs, bias_rs);   \
+  }                                                                                               \
+  extern "C" __global__ void flash_attn_bwd_dot_d##D##_##SUFFIX(const T* o, const T* dout,       \
+                                                                 float* dsum, size_t rows) {      \
+    flash::bwd_dot<T, D>(o, dout, dsum, rows);                                                    \
+  }
+
+#define FLASH_ATTN_DTYPE(T, SUFFIX) \
+  FLASH_ATTN_OPS(T, SUFFIX, 32)     \
+  FLASH_ATTN_OPS(T, SUFFIX, 64)     \
+  FLASH_ATTN_OPS(T, SUFFIX, 128)    \
+  extern "C" __global__ void flash_attn_convert_##SUFFIX(const float* src, T* dst, size_t n,      \
+                                                         float scale) {                          \
+    FOR_EACH_ELEMENT(i, n) dst[i] = from_f<T>(src[i] * scale);                                    \
+  }
+
+// Only the half-precision dtypes: f32 attention takes the composed path.
+FLASH_ATTN_DTYPE(__nv_bfloat16, bf16)
+FLASH_ATTN_DTYPE(__half, f16)

@@ -1,0 +1,877 @@
+//! Fused attention, FlashAttention-2 style: `softmax(q kᵀ·scale + bias) v`
+//! with causal and sliding-window masks decided in the kernel, with a fused
+//! backward.
+//!
+//! The composed attention (`layers::attention`) materialises the
+//! `[b, heads, s, t]` scores in f32, a mask of the same size, and for
+//! training the probabilities and their gradient: memory and time grow with
+//! `s·t`. The CUDA kernel (`flash_attn.cu`) keeps one tile of scores in
+//! registers with an online softmax, so it reads q, k, v once and writes the
+//! output and one log-sum-exp per row; the backward recomputes the
+//! probabilities from that log-sum-exp. The CPU path is the same math written
+//! plainly in f32 (the reference, and what runs without a GPU).
+//!
+//! Masked keys: causal and window masks are flags (keys outside are skipped);
+//! padding and position biases come as an additive f32 `bias`. With a bias,
+//! scores are floored at [`SCORE_FLOOR`], so a padding mask of `f32::MIN`
+//! gives a row whose keys are all padding the uniform weights the composed
+//! path gives it (finite, never NaN). A row that sees no key at all through
+//! the flags gives zeros.
+
+use std::sync::{Mutex, PoisonError};
+
+use candle_core::{CpuStorage, DType, Layout, Shape, Storage, Tensor};
+
+use super::cpu::{cpu_map, CpuOp, Float};
+
+/// Head dims the CUDA kernel is instantiated for.
+const HEAD_DIMS: [usize; 3] = [32, 64, 128];
+
+/// Lowest score (natural-log units, after scale and bias) when there is a
+/// bias: the kernel's `SCORE_FLOOR` (-16384 in log2 units). Far below any
+/// real score, so masked keys weigh `exp(floor - max) = 0`, yet small
+/// enough that an all-padding row's log-sum-exp keeps its `log(n)`.
+const SCORE_FLOOR: f32 = -16384.0 * std::f32::consts::LN_2;
+
+/// Whether [`flash_attention`] runs its CUDA kernel for these inputs: a CUDA
+/// device (and the `cuda` feature), bf16 or f16 for all three, rank 4 with
+/// head dim 32, 64 or 128. Other inputs work on the CPU path, or should take
+/// the composed attention.
+#[must_use]
+pub fn flash_attention_supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    cfg!(feature = "cuda")
+        && q.device().is_cuda()
+        && matches!(q.dtype(), DType::BF16 | DType::F16)
+        && k.dtype() == q.dtype()
+        && v.dtype() == q.dtype()
+        && [q, k, v].iter().all(|x| x.rank() == 4)
+        && HEAD_DIMS.contains(&q.dims()[3])
+}
+
+/// `softmax(q kᵀ · scale + bias + masks) v`, fused.
+///
+/// - `q`: `[b, heads, s, d]`; `k`, `v`: `[b, kv_heads, t, d]`, `heads` a
+///   multiple of `kv_heads` (query head `h` uses key/value head
+///   `h / (heads / kv_heads)`). Any layout (made contiguous here).
+/// - `bias`: optional, any float dtype (used as f32), broadcastable to
+///   `[b, heads, s, t]`, e.g. a padding mask `[b, 1, s, t]` (0 or a large
+///   negative such as `f32::MIN`) or a relative position bias
+///   `[1 or b, heads, s, t]`. Not differentiated.
+/// - `causal`: query `i` sits at position `i + t - s` (the last `s` of `t`
+///   positions, as after a KV cache) and sees keys `j <= i + t - s`.
+/// - `window`: `Some(w)` also hides keys with `(i + t - s) - j >= w`
+///   (transformers' sliding window, counted in key slots).
+///
+/// Returns `[b, heads, s, d]` in the input dtype; scores and softmax are f32.
+/// Differentiable with respect to `q`, `k` and `v` (for grouped-query
+/// attention the key/value gradients are summed over each group).
+///
+/// Runs the CUDA kernel where [`flash_attention_supported`] holds and the
+/// f32 reference on the CPU.
+///
+/// # Errors
+/// Mismatched shapes or dtypes, a bias that does not broadcast, `window` of
+/// `Some(0)`, or a CUDA input the kernel does not take (f32, other head
+/// dims: use the composed attention there).
+pub fn flash_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+    scale: f64,
+    causal: bool,
+    window: Option<usize>,
+) -> candle_core::Result<Tensor> {
+    let dims = Dims::new(q, k, v)?;
+    if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
+        candle_core::bail!(
+            "flash_attention: q, k, v are {:?}, {:?}, {:?}",
+            q.dtype(),
+            k.dtype(),
+            v.dtype()
+        );
+    }
+    let on_cuda = q.device().is_cuda();
+    if on_cuda && !flash_attention_supported(q, k, v) {
+        candle_core::bail!(
+            "flash_attention: the CUDA kernel takes bf16/f16 with head dim 32, 64 or 128, \
+             not {:?} with {} (use layers::attention)",
+            q.dtype(),
+            dims.d
+        );
+    }
+    let window = match window {
+        Some(0) => candle_core::bail!("flash_attention: a window of 0 keys hides everything"),
+        // A query is at most t - 1 positions after key 0, so a window of t
+        // or more hides nothing: no window (which also keeps the kernel's
+        // int arithmetic on window edges far from overflow).
+        Some(w) if w < dims.t => w,
+        _ => 0,
+    };
+    let bias = bias
+        .map(|b| dims.bias(&b.to_device(q.device())?))
+        .transpose()?;
+    let op = FlashAttn {
+        p: Params {
+            dims,
+            bias,
+            scale: scale as f32,
+            causal,
+            window,
+        },
+        lse: Mutex::new(None),
+    };
+    input(q, on_cuda)?.apply_op3(&input(k, on_cuda)?, &input(v, on_cuda)?, op)
+}
+
+/// Contiguous, and on CUDA starting on a 16-byte boundary (the kernel loads
+/// rows with 16-byte copies); a view at another offset is copied.
+fn input(x: &Tensor, on_cuda: bool) -> candle_core::Result<Tensor> {
+    let x = x.contiguous()?;
+    let aligned = x.layout().start_offset() * x.dtype().size_in_bytes() % 16 == 0;
+    if on_cuda && !aligned {
+        x.force_contiguous()
+    } else {
+        Ok(x)
+    }
+}
+
+/// The problem's sizes, checked once.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    b: usize,
+    hq: usize,
+    hkv: usize,
+    s: usize,
+    t: usize,
+    d: usize,
+}
+
+impl Dims {
+    fn new(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Self> {
+        let (b, hq, s, d) = q.dims4()?;
+        let (bk, hkv, t, dk) = k.dims4()?;
+        if v.dims() != k.dims() || bk != b || dk != d {
+            candle_core::bail!(
+                "flash_attention: q {:?}, k {:?}, v {:?} are not [b, heads, s, d], \
+                 [b, kv_heads, t, d], [b, kv_heads, t, d]",
+                q.dims(),
+                k.dims(),
+                v.dims()
+            );
+        }
+        if hkv == 0 || hq % hkv != 0 {
+            candle_core::bail!("flash_attention: {hq} query heads for {hkv} key/value heads");
+        }
+        Ok(Self {
+            b,
+            hq,
+            hkv,
+            s,
+            t,
+            d,
+        })
+    }
+
+    fn q_elems(&self) -> usize {
+        self.b * self.hq * self.s * self.d
+    }
+
+    fn kv_elems(&self) -> usize {
+        self.b * self.hkv * self.t * self.d
+    }
+
+    /// `bias` as f32 broadcast to `[b, hq, s, t]`, last dim contiguous (the
+    /// kernel's layout: strides per batch, head and row, 0 where broadcast).
+    fn bias(&self, bias: &Tensor) -> candle_core::Result<Tensor> {
+        let full = (self.b, self.hq, self.s, self.t);
+        let bias = bias.detach().to_dtype(DType::F32)?.broadcast_as(full)?;
+        if self.t > 1 && bias.stride()[3] != 1 {
+            // A broadcast or transposed last dim: materialise it.
+            bias.contiguous()
+        } else {
+            Ok(bias)
+        }
+    }
+}
+
+/// What forward and backward share: sizes, bias and masks.
+#[derive(Debug, Clone)]
+struct Params {
+    dims: Dims,
+    /// f32 `[b, hq, s, t]` view (see [`Dims::bias`]).
+    bias: Option<Tensor>,
+    scale: f32,
+    causal: bool,
+    /// Keys per window, 0 for none.
+    window: usize,
+}
+
+impl Params {
+    /// Whether key `j` is visible from query row `i`.
+    fn visible(&self, i: usize, j: usize) -> bool {
+        // Absolute position of query i: i + t - s (may be negative when s > t).
+        let qpos = i as i64 + self.dims.t as i64 - self.dims.s as i64;
+        let j = j as i64;
+        (!self.causal || j <= qpos) && (self.window == 0 || qpos - j < self.window as i64)
+    }
+
+    /// Runs `f` with the bias values (CPU), if any.
+    fn with_cpu_bias<R>(
+        &self,
+        f: impl FnOnce(Option<CpuBias<'_>>) -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
+        let Some(bias) = &self.bias else {
+            return f(None);
+        };
+        let (storage, layout) = bias.storage_and_layout();
+        let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
+            candle_core::bail!("flash_attention: the bias is not an f32 CPU tensor");
+        };
+        let st = layout.stride();
+        f(Some(CpuBias {
+            data: &data[layout.start_offset()..],
+            strides: [st[0], st[1], st[2], st[3]],
+        }))
+    }
+
+    /// Softmax weights of query row `i` of head `h`, batch `bi` (f32, length
+    /// t; all zero when no key is visible). `q` and `k` are the whole inputs.
+    fn probs<T: Float>(
+        &self,
+        q: &[T],
+        k: &[T],
+        bias: Option<&CpuBias<'_>>,
+        (bi, h, i): (usize, usize, usize),
+    ) -> Vec<f32> {
+        let Dims {
+            hq, hkv, s, t, d, ..
+        } = self.dims;
+        let hk = h / (hq / hkv);
+        let qi = &q[((bi * hq + h) * s + i) * d..][..d];
+        let kb = &k[(bi * hkv + hk) * t * d..][..t * d];
+        let mut x = vec![f32::NEG_INFINITY; t];
+        for (j, (xj, kj)) in x.iter_mut().zip(kb.chunks(d)).enumerate() {
+            if !self.visible(i, j) {
+                continue;
+            }
+            let dot: f32 = qi
+                .iter()
+                .zip(kj)
+                .map(|(a, b)| a.to_f32() * b.to_f32())
+                .sum();
+            *xj = dot * self.scale;
+            if let Some(bias) = bias {
+                *xj = (*xj + bias.at(bi, h, i, j)).max(SCORE_FLOOR);
+            }
+        }
+        let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if max == f32::NEG_INFINITY {
+            return vec![0.0; t];
+        }
+        let mut p: Vec<f32> = x.iter().map(|&xj| (xj - max).exp()).collect();
+        let sum: f32 = p.iter().sum();
+        p.iter_mut().for_each(|pj| *pj /= sum);
+        p
+    }
+}
+
+/// A CPU bias with its element strides over `[b, hq, s, t]`.
+struct CpuBias<'a> {
+    data: &'a [f32],
+    strides: [usize; 4],
+}
+
+impl CpuBias<'_> {
+    fn at(&self, b: usize, h: usize, i: usize, j: usize) -> f32 {
+        let [sb, sh, si, sj] = self.strides;
+        self.data[b * sb + h * sh + i * si + j * sj]
+    }
+}
+
+/// The forward op. The CUDA forward leaves the log-sum-exp of each row here
+/// for the backward (a custom op returns one tensor); the CPU backward
+/// recomputes what it needs instead.
+struct FlashAttn {
+    p: Params,
+    lse: Mutex<Option<Tensor>>,
+}
+
+impl CpuOp for FlashAttn {
+    const NAME: &'static str = "flash_attention";
+
+    /// Inputs `[q, k, v]`; output `[b, hq, s, d]`.
+    fn run<T: Float>(&self, inputs: &[&[T]], _: &Layout) -> candle_core::Result<Vec<T>> {
+        let &[q, k, v] = inputs else {
+            candle_core::bail!("flash_attention: expected q, k and v");
+        };
+        let Dims {
+            b,
+            hq,
+            hkv,
+            s,
+            t,
+            d,
+        } = self.p.dims;
+        self.p.with_cpu_bias(|bias| {
+            let mut out = Vec::with_capacity(q.len());
+            let mut row = vec![0f32; d];
+            for bi in 0..b {
+                for h in 0..hq {
+                    let vb = &v[(bi * hkv + h / (hq / hkv)) * t * d..][..t * d];
+                    for i in 0..s {
+                        let p = self.p.probs(q, k, bias.as_ref(), (bi, h, i));
+                        row.fill(0.0);
+                        for (pj, vj) in p.iter().zip(vb.chunks(d)) {
+                            if *pj != 0.0 {
+                                row.iter_mut()
+                                    .zip(vj)
+                                    .for_each(|(o, x)| *o += pj * x.to_f32());
+                            }
+                        }
+                        out.extend(row.iter().map(|&o| T::from_f32(o)));
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+}
+
+impl candle_core::CustomOp3 for FlashAttn {
+    fn name(&self) -> &'static str {
+        "metal-candle-flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = cpu_map(self, &[(s1, l1), (s2, l2), (s3, l3)])?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (out, lse) = cuda::forward(&self.p, (s1, l1), (s2, l2), (s3, l3))?;
+        *self.lse.lock().unwrap_or_else(PoisonError::into_inner) = Some(lse);
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        d_o: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let lse = self
+            .lse
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if q.device().is_cuda() && lse.is_none() {
+            candle_core::bail!("flash_attention backward: the forward left no log-sum-exp");
+        }
+        let op = FlashAttnBackward {
+            p: self.p.clone(),
+            o: o.contiguous()?,
+            d_o: input(d_o, q.device().is_cuda())?,
+            lse,
+        };
+        let grads = q.apply_op3_no_bwd(k, v, &op)?;
+        let (nq, nk) = (self.p.dims.q_elems(), self.p.dims.kv_elems());
+        Ok((
+            Some(grads.narrow(0, 0, nq)?.reshape(q.shape())?),
+            Some(grads.narrow(0, nq, nk)?.reshape(k.shape())?),
+            Some(grads.narrow(0, nq + nk, nk)?.reshape(v.shape())?),
+        ))
+    }
+}
+
+/// The backward op: inputs q, k, v; output dq, dk, dv flattened and stacked
+/// in one `[nq + 2·nk]` tensor (a custom op returns one tensor).
+struct FlashAttnBackward {
+    p: Params,
+    /// The forward's output (CUDA only: the kernel's rowsum(dO∘O)).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    o: Tensor,
+    d_o: Tensor,
+    /// The forward's log-sum-exp (CUDA only).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    lse: Option<Tensor>,
+}
+
+impl CpuOp for FlashAttnBackward {
+    const NAME: &'static str = "flash_attention backward";
+
+    /// The reference gradients: probabilities recomputed per row in f32,
+    /// `dP = dO·vᵀ`, `dS = P∘(dP − rowsum(P∘dP))`, `dq = dS·k·scale`,
+    /// `dk = dSᵀ·q·scale`, `dv = Pᵀ·dO`.
+    fn run<T: Float>(&self, inputs: &[&[T]], _: &Layout) -> candle_core::Result<Vec<T>> {
+        let &[q, k, v] = inputs else {
+            candle_core::bail!("flash_attention backward: expected q, k and v");
+        };
+        let Dims {
+            b,
+            hq,
+            hkv,
+            s,
+            t,
+            d,
+        } = self.p.dims;
+        let (storage, layout) = self.d_o.storage_and_layout();
+        let Storage::Cpu(storage) = &*storage else {
+            candle_core::bail!("flash_attention backward: dO is not on the CPU");
+        };
+        let d_o = &T::cpu_storage_as_slice(storage)?[layout.start_offset()..][..q.len()];
+        let scale = self.p.scale;
+        let mut dq = vec![0f32; q.len()];
+        let mut dk = vec![0f32; k.len()];
+        let mut dv = vec![0f32; v.len()];
+        self.p.with_cpu_bias(|bias| {
+            for bi in 0..b {
+                for h in 0..hq {
+                    let kv0 = (bi * hkv + h / (hq / hkv)) * t * d;
+                    for i in 0..s {
+                        let p = self.p.probs(q, k, bias.as_ref(), (bi, h, i));
+                        let row = ((bi * hq + h) * s + i) * d;
+                        let doi = &d_o[row..row + d];
+                        let dp: Vec<f32> =
+                            (0..t).map(|j| dot(doi, &v[kv0 + j * d..][..d])).collect();
+                        let dsum: f32 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
+                        for j in (0..t).filter(|&j| p[j] != 0.0) {
+                            let ds = p[j] * (dp[j] - dsum) * scale;
+                            let kj = kv0 + j * d;
+                            for c in 0..d {
+                                dq[row + c] += ds * k[kj + c].to_f32();
+                                dk[kj + c] += ds * q[row + c].to_f32();
+                                dv[kj + c] += p[j] * doi[c].to_f32();
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        Ok(dq
+            .into_iter()
+            .chain(dk)
+            .chain(dv)
+            .map(T::from_f32)
+            .collect())
+    }
+}
+
+fn dot<T: Float>(a: &[T], b: &[T]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x.to_f32() * y.to_f32()).sum()
+}
+
+impl candle_core::CustomOp3 for FlashAttnBackward {
+    fn name(&self) -> &'static str {
+        "metal-candle-flash-attention-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let grads = cpu_map(self, &[(s1, l1), (s2, l2), (s3, l3)])?;
+        Ok((grads, self.stacked()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let Some(lse) = &self.lse else {
+            candle_core::bail!("flash_attention backward: no log-sum-exp");
+        };
+        let grads = cuda::backward(
+            &self.p,
+            [(s1, l1), (s2, l2), (s3, l3)],
+            &self.o,
+            &self.d_o,
+            lse,
+        )?;
+        Ok((grads, self.stacked()))
+    }
+}
+
+impl FlashAttnBackward {
+    fn stacked(&self) -> Shape {
+        Shape::from(self.p.dims.q_elems() + 2 * self.p.dims.kv_elems())
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    //! Launches of `flash_attn.cu` (see its header for the kernels' contract).
+
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaFunction, CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    };
+    use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
+    use candle_core::op::BackpropOp;
+    use candle_core::{CudaStorage, DType, Layout, Storage, Tensor};
+
+    use super::super::cpu::Float;
+    use super::super::launch::{elementwise_config, ptx};
+    use super::{Dims, Params};
+
+    type Input<'a> = (&'a CudaStorage, &'a Layout);
+
+    /// Threads per block of the attention kernels (4 warps).
+    const THREADS: u32 = 128;
+    /// Query rows per forward block and keys per backward block.
+    const TILE: usize = 64;
+
+    /// Dynamic shared memory of the forward: `FwdCfg<D>::SMEM` in
+    /// flash_attn.cu (Q tile and one K and one V tile of 64 rows, rows padded
+    /// by 8 elements). The kernel traps if it gets less than it needs.
+    fn fwd_smem(d: usize) -> usize {
+        (TILE + 2 * TILE) * (d + 8) * 2
+    }
+
+    /// `BwdCfg<D>::SMEM`: K and V tiles, double-buffered Q and dO tiles of
+    /// `bm` rows, the dSᵀ tile and two f32 rows per query, twice.
+    fn bwd_smem(d: usize) -> usize {
+        let bm = if d <= 64 { 64 } else { 32 };
+        (2 * TILE + 4 * bm) * (d + 8) * 2 + TILE * (bm + 8) * 2 + 4 * bm * 4
+    }
+
+    fn int(v: usize, what: &str) -> candle_core::Result<i32> {
+        i32::try_from(v)
+            .map_err(|_| candle_core::Error::Msg(format!("flash_attention: {what} {v} too large")))
+    }
+
+    /// The kernel's int arguments and grid limits.
+    struct Sizes {
+        hq: i32,
+        hkv: i32,
+        s: i32,
+        t: i32,
+        window: i32,
+    }
+
+    fn sizes(p: &Params) -> candle_core::Result<Sizes> {
+        let Dims {
+            b, hq, hkv, s, t, ..
+        } = p.dims;
+        // gridDim.y and .z are at most 65535.
+        if b > 65535 || hq > 65535 {
+            candle_core::bail!("flash_attention: batch {b} or {hq} heads exceed a CUDA grid");
+        }
+        Ok(Sizes {
+            hq: int(hq, "heads")?,
+            hkv: int(hkv, "kv heads")?,
+            s: int(s, "query length")?,
+            t: int(t, "key length")?,
+            // A window wider than i32 hides nothing.
+            window: i32::try_from(p.window).unwrap_or(i32::MAX),
+        })
+    }
+
+    /// A contiguous input's elements.
+    fn view<'a, T: CudaDType>(
+        s: &'a CudaStorage,
+        l: &Layout,
+        what: &str,
+    ) -> candle_core::Result<CudaView<'a, T>> {
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("flash_attention: {what} must be contiguous");
+        };
+        let Some(v) = s.as_cuda_slice::<T>()?.try_slice(a..b) else {
+            candle_core::bail!("flash_attention: {what} layout {a}..{b} is outside its storage");
+        };
+        Ok(v)
+    }
+
+    fn storage_of<'a>(s: &'a Storage, what: &str) -> candle_core::Result<&'a CudaStorage> {
+        match s {
+            Storage::Cuda(s) => Ok(s),
+            _ => candle_core::bail!("flash_attention: {what} is not on the CUDA device"),
+        }
+    }
+
+    /// The kernel `name`, for the device stream's launch builder.
+    fn func(dev: &CudaDevice, name: &str, smem: usize) -> candle_core::Result<CudaFunction> {
+        let f = dev.get_or_load_custom_func(name, ptx::FLASH_ATTN.name, ptx::FLASH_ATTN.ptx)?;
+        if smem > 48 * 1024 {
+            // Above 48 KiB a kernel must opt in to dynamic shared memory.
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                int(smem, "shared memory")?,
+            )
+            .w()?;
+        }
+        // Candle's wrapper type is private; the function itself is what the
+        // stream's launch builder takes.
+        Ok((*f).clone())
+    }
+
+    fn grid(tiles: usize, p: &Params, smem: usize) -> candle_core::Result<LaunchConfig> {
+        Ok(LaunchConfig {
+            grid_dim: (
+                int(tiles, "tiles")? as u32,
+                p.dims.hq as u32,
+                p.dims.b as u32,
+            ),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        })
+    }
+
+    /// The bias argument: its element view (offset applied) and strides per
+    /// batch, head and row; `None` without a bias (the kernel gets null).
+    struct BiasArg<'a> {
+        view: CudaView<'a, f32>,
+        strides: [i64; 3],
+    }
+
+    fn bias_arg<'a>(s: &'a Storage, l: &Layout) -> candle_core::Result<BiasArg<'a>> {
+        let s = storage_of(s, "the bias")?;
+        let Some(view) = s.as_cuda_slice::<f32>()?.try_slice(l.start_offset()..) else {
+            candle_core::bail!("flash_attention: bias offset outside its storage");
+        };
+        let st = l.stride();
+        Ok(BiasArg {
+            view,
+            strides: [st[0] as i64, st[1] as i64, st[2] as i64],
+        })
+    }
+
+    /// Forward: the output storage and the log-sum-exp tensor `[b, hq, s]`.
+    pub(super) fn forward(
+        p: &Params,
+        q: Input<'_>,
+        k: Input<'_>,
+        v: Input<'_>,
+    ) -> candle_core::Result<(CudaStorage, Tensor)> {
+        match q.0.dtype() {
+            DType::BF16 => forward_t::<half::bf16>(p, q, k, v),
+            DType::F16 => forward_t::<half::f16>(p, q, k, v),
+            other => candle_core::bail!("flash_attention: no CUDA kernel for {other:?}"),
+        }
+    }
+
+    fn forward_t<T: Float + CudaDType + DeviceRepr>(
+        p: &Params,
+        q: Input<'_>,
+        k: Input<'_>,
+        v: Input<'_>,
+    ) -> candle_core::Result<(CudaStorage, Tensor)> {
+        let Dims { b, hq, s, d, .. } = p.dims;
+        let n = sizes(p)?;
+        let dev = &q.0.device;
+        let (qv, kv, vv) = (
+            view::<T>(q.0, q.1, "q")?,
+            view::<T>(k.0, k.1, "k")?,
+            view::<T>(v.0, v.1, "v")?,
+        );
+        let rows = b * hq * s;
+        // SAFETY: the kernel writes every row of O and lse before anything
+        // reads them. At least one element: CUDA refuses empty allocations.
+        let out = unsafe { dev.alloc::<T>(p.dims.q_elems().max(1))? };
+        let lse = unsafe { dev.alloc::<f32>(rows.max(1))? };
+        if rows > 0 {
+            let smem = fwd_smem(d);
+            let f = func(dev, &format!("flash_attn_fwd_d{d}_{}", T::SUFFIX), smem)?;
+            let guard = p.bias.as_ref().map(Tensor::storage_and_layout);
+            let bias = match &guard {
+                Some((s, l)) => Some(bias_arg(s, l)?),
+                None => None,
+            };
+            let null = 0u64;
+            let zeros = [0i64; 3];
+            let strides = bias.as_ref().map_or(&zeros, |b| &b.strides);
+            let (scale, causal) = (p.scale, i32::from(p.causal));
+            let stream = dev.cuda_stream();
+            let mut l = stream.launch_builder(&f);
+            l.arg(&qv).arg(&kv).arg(&vv);
+            match &bias {
+                Some(b) => l.arg(&b.view),
+                None => l.arg(&null),
+            };
+            l.arg(&out).arg(&lse);
+            l.arg(&n.hq).arg(&n.hkv).arg(&n.s).arg(&n.t).arg(&scale);
+            l.arg(&causal).arg(&n.window);
+            l.arg(&strides[0]).arg(&strides[1]).arg(&strides[2]);
+            let cfg = grid(s.div_ceil(TILE), p, smem)?;
+            // SAFETY: arguments in the order and C types of
+            // flash_attn_fwd_d{D}_{dtype}; sizes checked against the views.
+            unsafe { l.launch(cfg) }.w()?;
+        }
+        let lse = CudaStorage::wrap_cuda_slice(lse, dev.clone());
+        let lse = Tensor::from_storage(Storage::Cuda(lse), (b, hq, s), BackpropOp::none(), false);
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), lse))
+    }
+
+    /// Backward: dq, dk, dv stacked in one flat storage.
+    pub(super) fn backward(
+        p: &Params,
+        qkv: [Input<'_>; 3],
+        o: &Tensor,
+        d_o: &Tensor,
+        lse: &Tensor,
+    ) -> candle_core::Result<CudaStorage> {
+        match qkv[0].0.dtype() {
+            DType::BF16 => backward_t::<half::bf16>(p, qkv, o, d_o, lse),
+            DType::F16 => backward_t::<half::f16>(p, qkv, o, d_o, lse),
+            other => candle_core::bail!("flash_attention: no CUDA kernel for {other:?}"),
+        }
+    }
+
+    fn backward_t<T: Float + CudaDType + DeviceRepr>(
+        p: &Params,
+        [q, k, v]: [Input<'_>; 3],
+        o: &Tensor,
+        d_o: &Tensor,
+        lse: &Tensor,
+    ) -> candle_core::Result<CudaStorage> {
+        let Dims {
+            b,
+            hq,
+            hkv,
+            s,
+            t,
+            d,
+        } = p.dims;
+        let n = sizes(p)?;
+        let dev = &q.0.device;
+        let (nq, nk) = (p.dims.q_elems(), p.dims.kv_elems());
+        let rows = b * hq * s;
+        let (qv, kv, vv) = (
+            view::<T>(q.0, q.1, "q")?,
+            view::<T>(k.0, k.1, "k")?,
+            view::<T>(v.0, v.1, "v")?,
+        );
+        let (o_s, o_l) = o.storage_and_layout();
+        let ov = view::<T>(storage_of(&o_s, "o")?, o_l, "o")?;
+        let (do_s, do_l) = d_o.storage_and_layout();
+        let dov = view::<T>(storage_of(&do_s, "dO")?, do_l, "dO")?;
+        let (lse_s, lse_l) = lse.storage_and_layout();
+        let lsev = view::<f32>(storage_of(&lse_s, "lse")?, lse_l, "lse")?;
+
+        // SAFETY: every element is written below: dq by the conversion of
+        // dq_acc, dk/dv by the main kernel (every key row, zeros for keys no
+        // query sees) or by the conversions of their f32 sums.
+        let mut out = unsafe { dev.alloc::<T>((nq + 2 * nk).max(1))? };
+        if nq + nk == 0 {
+            return Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()));
+        }
+        let gqa = hq != hkv;
+        // SAFETY: dsum is written by the dot kernel before the main kernel.
+        let dsum = unsafe { dev.alloc::<f32>(rows.max(1))? };
+        let dq_acc = dev.alloc_zeros::<f32>(nq.max(1))?;
+        // Grouped-query attention sums dK/dV over a group in f32; otherwise
+        // the kernel writes them directly and these stay unused.
+        let kv_acc_len = if gqa { nk } else { 1 };
+        let dk_acc = dev.alloc_zeros::<f32>(kv_acc_len)?;
+        let dv_acc = dev.alloc_zeros::<f32>(kv_acc_len)?;
+
+        if rows > 0 {
+            // dsum = rowsum(dO ∘ O), d/8 threads per row.
+            let threads = rows * (d / 8);
+            let f = func(dev, &format!("flash_attn_bwd_dot_d{d}_{}", T::SUFFIX), 0)?;
+            let rows64 = rows as u64;
+            let stream = dev.cuda_stream();
+            let mut l = stream.launch_builder(&f);
+            l.arg(&ov).arg(&dov).arg(&dsum).arg(&rows64);
+            let cfg = LaunchConfig {
+                grid_dim: (int(threads.div_ceil(256), "rows")? as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: (const T* o, const T* dout, float* dsum, size_t rows).
+            unsafe { l.launch(cfg) }.w()?;
+        }
+        {
+            let (mut dq, mut rest) = out.split_at_mut(nq);
+            let (mut dk, mut dv) = rest.split_at_mut(nk);
+            if t > 0 {
+                let smem = bwd_smem(d);
+                let f = func(dev, &format!("flash_attn_bwd_d{d}_{}", T::SUFFIX), smem)?;
+                let guard = p.bias.as_ref().map(Tensor::storage_and_layout);
+                let bias = match &guard {
+                    Some((s, l)) => Some(bias_arg(s, l)?),
+                    None => None,
+                };
+                let null = 0u64;
+                let zeros = [0i64; 3];
+                let strides = bias.as_ref().map_or(&zeros, |b| &b.strides);
+                let (scale, causal) = (p.scale, i32::from(p.causal));
+                let stream = dev.cuda_stream();
+                let mut l = stream.launch_builder(&f);
+                l.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lsev).arg(&dsum);
+                match &bias {
+                    Some(b) => l.arg(&b.view),
+                    None => l.arg(&null),
+                };
+                l.arg(&dq_acc)
+                    .arg(&mut dk)
+                    .arg(&mut dv)
+                    .arg(&dk_acc)
+                    .arg(&dv_acc);
+                l.arg(&n.hq).arg(&n.hkv).arg(&n.s).arg(&n.t).arg(&scale);
+                l.arg(&causal).arg(&n.window);
+                l.arg(&strides[0]).arg(&strides[1]).arg(&strides[2]);
+                let cfg = grid(t.div_ceil(TILE), p, smem)?;
+                // SAFETY: arguments in the order and C types of
+                // flash_attn_bwd_d{D}_{dtype}; accumulators zeroed above.
+                unsafe { l.launch(cfg) }.w()?;
+            }
+            // f32 sums to the output dtype: dq takes its scale here.
+            let convert = func(dev, &format!("flash_attn_convert_{}", T::SUFFIX), 0)?;
+            let run = |src: &CudaSlice<f32>,
+                       dst: &mut CudaViewMut<'_, T>,
+                       n: usize,
+                       scale: f32|
+             -> candle_core::Result<()> {
+                if n == 0 {
+                    return Ok(());
+                }
+                let n64 = n as u64;
+                let stream = dev.cuda_stream();
+                let mut l = stream.launch_builder(&convert);
+                l.arg(src).arg(dst).arg(&n64).arg(&scale);
+                // SAFETY: (const float* src, T* dst, size_t n, float scale).
+                unsafe { l.launch(elementwise_config(n)) }.w()?;
+                Ok(())
+            };
+            run(&dq_acc, &mut dq, nq, p.scale)?;
+            if gqa {
+                run(&dk_acc, &mut dk, nk, 1.0)?;
+                run(&dv_acc, &mut dv, nk, 1.0)?;
+            }
+        }
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+}
