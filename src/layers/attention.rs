@@ -14,16 +14,77 @@ use candle_core::{DType, Device, Tensor, D};
 
 use super::norm::needs_grad;
 use crate::backend::autograd::with_backward;
+use crate::backend::kernels::{flash_attention, flash_attention_supported};
 use crate::error::{Error, Result};
 
-/// `softmax(q kᵀ · scale + bias) v`.
+/// Which keys each query sees in one [`attention`] call.
+///
+/// `kind` and `bias` describe it for the fused kernel (causal and window
+/// masks as flags it skips tiles with; `bias` only for padding or position
+/// bias, broadcastable to `[b, heads, s, t]`); `dense` is the same mask as
+/// one additive tensor for the composed path (kind and padding together,
+/// built once per forward by the caller).
+#[derive(Debug, Clone, Copy)]
+pub struct Mask<'a> {
+    /// Causal, sliding window or bidirectional.
+    pub kind: MaskKind,
+    /// Additive f32 padding / position bias, without the `kind` part.
+    pub bias: Option<&'a Tensor>,
+    /// `kind` and `bias` as one additive f32 tensor (`None`: nothing hidden).
+    pub dense: Option<&'a Tensor>,
+}
+
+impl<'a> Mask<'a> {
+    /// Bidirectional attention with an optional additive bias (encoders).
+    #[must_use]
+    pub fn bidirectional(bias: Option<&'a Tensor>) -> Self {
+        Self {
+            kind: MaskKind::Bidirectional,
+            bias,
+            dense: bias,
+        }
+    }
+}
+
+/// `softmax(q kᵀ · scale + mask) v`: the one attention entry point.
 ///
 /// `q` is `[b, heads, s, d]`; `k` and `v` are `[b, kv_heads, t, d]` with
-/// `heads` a multiple of `kv_heads` (grouped-query attention); `bias` is an
-/// additive f32 mask or position bias broadcastable to `[b, heads, s, t]`.
-/// Scores and softmax are computed in f32 whatever the input dtype, like
-/// transformers' eager attention; the result is `[b, heads, s, d]` in `q`'s
-/// dtype.
+/// `heads` a multiple of `kv_heads` (grouped-query attention). The result
+/// is `[b, heads, s, d]` in `q`'s dtype. Picks the implementation:
+///
+/// - on CUDA in bf16/f16 with head dim 32, 64 or 128, our FlashAttention-2
+///   style kernel (`backend::kernels::flash_attention`, forward and
+///   backward; the causal/window part as flags, `mask.bias` as bias);
+/// - elsewhere [`composed_attention`] with `mask.dense`.
+///
+/// A query row whose keys are all padding gets weights that differ
+/// between the two (no real token reads it).
+///
+/// # Errors
+/// Shape or dtype mismatches.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Mask<'_>,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    if flash_attention_supported(q, k, v) {
+        let (causal, window) = match mask.kind {
+            MaskKind::Bidirectional => (false, None),
+            MaskKind::Causal => (true, None),
+            MaskKind::SlidingWindow(w) => (true, Some(w)),
+        };
+        return flash_attention(q, k, v, mask.bias, scale, causal, window);
+    }
+    composed_attention(q, k, v, mask.dense, scale)
+}
+
+/// `softmax(q kᵀ · scale + bias) v` from matmuls and Candle's fused softmax
+/// (the path [`attention`] takes off CUDA, and the reference for the fused
+/// kernel). `bias` is an additive f32 mask or position bias broadcastable
+/// to `[b, heads, s, t]`; scores and softmax are f32, like transformers'
+/// eager attention.
 ///
 /// When an input tracks gradients the op is one graph node with a written
 /// backward that recomputes the probabilities (as FlashAttention does)
@@ -33,7 +94,7 @@ use crate::error::{Error, Result};
 ///
 /// # Errors
 /// Shape or dtype mismatches.
-pub fn attention(
+pub fn composed_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -233,6 +294,28 @@ pub(crate) fn attention_mask(
         }
     }
     Ok(Some(Tensor::from_vec(mask, (b, 1, q_len, kv_len), device)?))
+}
+
+/// The additive padding bias `[b, 1, 1, n]` (0 for a token, `f32::MIN`
+/// for padding) of `padding` rows (`[b, n]`, 1 = token), for the fused
+/// kernel; `None` when nothing is padded.
+///
+/// # Errors
+/// Tensor errors.
+pub(crate) fn padding_bias(
+    padding: Option<&[Vec<u32>]>,
+    device: &Device,
+) -> Result<Option<Tensor>> {
+    let Some(rows) = padding.filter(|p| p.iter().flatten().any(|&m| m == 0)) else {
+        return Ok(None);
+    };
+    let (b, n) = (rows.len(), rows.first().map_or(0, Vec::len));
+    let bias: Vec<f32> = rows
+        .iter()
+        .flatten()
+        .map(|&m| if m == 0 { f32::MIN } else { 0.0 })
+        .collect();
+    Ok(Some(Tensor::from_vec(bias, (b, 1, 1, n), device)?))
 }
 
 /// Reads a `[b, n]` 0/1 mask tensor into rows of u32.

@@ -7,7 +7,7 @@ use candle_core::Tensor;
 
 use crate::error::{Error, Result};
 use crate::io::Weights;
-use crate::layers::{attention, attention_mask, LayerNorm, Linear, MaskKind};
+use crate::layers::{attention, attention_mask, LayerNorm, Linear, Mask, MaskKind};
 
 /// The activation of the MLP, from `hidden_act` in `config.json`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,7 +118,7 @@ impl EncoderLayer {
         let k = split(self.k.forward(x)?)?;
         let v = split(self.v.forward(x)?)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let ctx = attention(&q, &k, &v, bias, scale)?
+        let ctx = attention(&q, &k, &v, &Mask::bidirectional(bias), scale)?
             .transpose(1, 2)?
             .reshape((b, s, hidden))?;
         let attn = self.attn_norm.forward(&(self.o.forward(&ctx)? + x)?)?;

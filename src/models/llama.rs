@@ -21,7 +21,8 @@ use crate::error::{Error, Result};
 use crate::io::Weights;
 use crate::layers::needs_grad;
 use crate::layers::{
-    attention, attention_mask as build_mask, mask_rows, Linear, MaskKind, RmsNorm, RotaryEmbedding,
+    attention, attention_mask as build_mask, mask_rows, padding_bias, Linear, Mask, MaskKind,
+    RmsNorm, RotaryEmbedding,
 };
 
 #[derive(Debug, Clone)]
@@ -85,12 +86,16 @@ impl Attention {
             Some(cache) => cache.append(layer, &k, &v)?,
             None => (k, v),
         };
-        let mask = match self.mask {
-            MaskKind::SlidingWindow(_) => ctx.window_mask,
-            _ => ctx.mask,
+        let mask = Mask {
+            kind: self.mask,
+            bias: ctx.padding,
+            dense: match self.mask {
+                MaskKind::SlidingWindow(_) => ctx.window_mask,
+                _ => ctx.mask,
+            },
         };
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let out = attention(&q, &k, &v, mask, scale)?
+        let out = attention(&q, &k, &v, &mask, scale)?
             .transpose(1, 2)?
             .reshape((b, s, self.num_heads * self.head_dim))?;
         Ok(self.o_proj.forward(&out)?)
@@ -209,6 +214,8 @@ struct LayerCtx<'a> {
     sin: &'a Tensor,
     mask: Option<&'a Tensor>,
     window_mask: Option<&'a Tensor>,
+    /// Padding alone (for the fused kernel, which takes causality as a flag).
+    padding: Option<&'a Tensor>,
     cache: Option<&'a mut KvCache>,
 }
 
@@ -410,6 +417,7 @@ impl CausalLm for Llama {
         let positions = Self::positions(rows.as_deref(), (b, s), past);
         let (cos, sin) = self.rotary.tables(&positions, (b, s), self.dtype())?;
         let mask = build_mask(b, s, past, rows.as_deref(), MaskKind::Causal, device)?;
+        let padding = padding_bias(rows.as_deref(), device)?;
         // One window mask serves every windowed layer (`validate` allows
         // one window size per model).
         let window_mask = match self.config.sliding_windows.iter().flatten().next() {
@@ -443,12 +451,14 @@ impl CausalLm for Llama {
                 let params = layer.parameters();
                 let (layer, cos, sin) = (layer.clone(), cos.clone(), sin.clone());
                 let (mask, window_mask) = (mask.clone(), window_mask.clone());
+                let padding = padding.clone();
                 let f = move |x: &Tensor| {
                     let mut ctx = LayerCtx {
                         cos: &cos,
                         sin: &sin,
                         mask: mask.as_ref(),
                         window_mask: window_mask.as_ref(),
+                        padding: padding.as_ref(),
                         cache: None,
                     };
                     layer.forward(x, &mut ctx, i)
@@ -461,6 +471,7 @@ impl CausalLm for Llama {
                 sin: &sin,
                 mask: mask.as_ref(),
                 window_mask: window_mask.as_ref(),
+                padding: padding.as_ref(),
                 cache: cache.as_deref_mut(),
             };
             x = layer.forward(&x, &mut ctx, i)?;

@@ -8,7 +8,7 @@
 use crate::common::{device, rel_diff};
 use candle_core::{DType, Device, Tensor, Var, D};
 use metal_candle::backend::kernels::{flash_attention, rms_norm, swiglu};
-use metal_candle::layers::attention;
+use metal_candle::layers::composed_attention;
 
 type Op = fn(&[Tensor]) -> candle_core::Result<Tensor>;
 
@@ -268,7 +268,7 @@ fn attention_composed(
     };
     let hidden = Tensor::full(f32::MIN, (b, h, s, tk), dev)?;
     let bias = visible.where_cond(&bias, &hidden)?;
-    attention(&t[0], &t[1], &t[2], Some(&bias), scale(&t[0]))
+    composed_attention(&t[0], &t[1], &t[2], Some(&bias), scale(&t[0]))
 }
 
 /// transformers' Qwen2RMSNorm, op by op (statistics in f32, the normalised

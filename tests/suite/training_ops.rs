@@ -4,7 +4,7 @@
 //! Candle's differentiable ops: values and gradients.
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use metal_candle::layers::{attention, Linear, RopeScaling, RotaryEmbedding};
+use metal_candle::layers::{composed_attention, Linear, RopeScaling, RotaryEmbedding};
 use metal_candle::models::{load_decoder, CausalLm};
 use metal_candle::training::TargetModule;
 use metal_candle::training::{
@@ -18,7 +18,7 @@ fn randn(shape: &[usize], dev: &Device) -> Tensor {
 }
 
 /// Composed attention, every op differentiable (the reference).
-fn composed_attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Tensor {
+fn reference_attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Tensor {
     let rep = q.dim(1).unwrap() / k.dim(1).unwrap();
     let repeat = |x: &Tensor| {
         let (b, h, t, d) = x.dims4().unwrap();
@@ -61,8 +61,8 @@ fn attention_backward_matches_composed_ops() {
     let bias = Tensor::from_vec(mask, (b, 1, s, s), &dev).unwrap();
     let w = randn(&[b, hq, s, d], &dev);
     let scale = 0.25;
-    let ours = attention(&q, &k, &v, Some(&bias), scale).unwrap();
-    let want = composed_attention(&q, &k, &v, &bias, scale);
+    let ours = composed_attention(&q, &k, &v, Some(&bias), scale).unwrap();
+    let want = reference_attention(&q, &k, &v, &bias, scale);
     assert!(rel_diff(&ours, &want) < 1e-5);
     let g_ours = (ours * &w).unwrap().sum_all().unwrap().backward().unwrap();
     let g_want = (want * &w).unwrap().sum_all().unwrap().backward().unwrap();
