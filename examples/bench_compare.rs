@@ -49,6 +49,9 @@ struct Args {
     /// (both sides load the same files).
     #[arg(long, default_value = ".dev/bench-models")]
     embed_models: String,
+    /// Only the first N rows of the LoRA suite (e.g. 1 with many repeats).
+    #[arg(long)]
+    lora_rows: Option<usize>,
 }
 
 const EMBED_MODELS: [&str; 2] = ["all-MiniLM-L6-v2", "all-mpnet-base-v2"];
@@ -472,6 +475,8 @@ fn bench_kernels(args: &Args, device: &Device) -> Result<()> {
 /// measure scripts/peers.py takes with torch.cuda.mem_get_info) every 2 ms
 /// while `f` runs; returns `f`'s result and the peak in bytes.
 fn with_peak_memory<T>(device: &Device, f: impl FnOnce() -> Result<T>) -> Result<(T, usize)> {
+    // Memory the pool kept from an earlier row would count as in use.
+    metal_candle::backend::release_freed_memory(device)?;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Arc;
     let stop = Arc::new(AtomicBool::new(false));
@@ -558,7 +563,9 @@ fn bench_lora(args: &Args, device: &Device) -> Result<()> {
         Some(d) => parse_dtype(d)?,
         None => metal_candle::backend::default_dtype(device),
     };
-    for row in lora_rows(args.quick) {
+    let mut rows = lora_rows(args.quick);
+    rows.truncate(args.lora_rows.unwrap_or(usize::MAX));
+    for row in rows {
         let cfg = match row.model {
             "1.5B" => qwen15b_config(args.quick),
             _ => qwen05b_config(args.quick),
@@ -700,7 +707,8 @@ fn profile_lora_step(args: &Args, device: &Device) -> Result<()> {
 
 /// Device memory in use (bytes), or 0 on the CPU.
 fn used_memory(device: &Device) -> Result<usize> {
-    synchronize(device)?;
+    // Only what is held, not what the pool keeps for reuse.
+    metal_candle::backend::release_freed_memory(device)?;
     Ok(metal_candle::backend::device_memory(device)?.map_or(0, |(free, total)| total - free))
 }
 

@@ -249,7 +249,8 @@ def bench_lora(args):
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2ForCausalLM
     dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "f32")
-    for (name, b, s, r, all7, ckpt, attn) in (LORA_ROWS_QUICK if args.quick else LORA_ROWS):
+    rows = LORA_ROWS_QUICK if args.quick else LORA_ROWS
+    for (name, b, s, r, all7, ckpt, attn) in rows[: args.lora_rows]:
         cfg = qwen15b(args.quick) if name == "1.5B" else qwen05b(args.quick)
 
         def run():
@@ -295,6 +296,7 @@ def main():
     ap.add_argument("--embed-models", default=".dev/bench-models",
                     help="where the random-weight embedding models are written (shared with ours)")
     ap.add_argument("--prepare-only", action="store_true", help="only write the embedding models")
+    ap.add_argument("--lora-rows", type=int, default=None, help="only the first N LoRA rows")
     args = ap.parse_args()
     if args.prepare_only:
         prepare_embedding_models(args.embed_models)
