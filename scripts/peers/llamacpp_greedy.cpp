@@ -12,7 +12,10 @@
 //   {"prompt_ids":[...],"ids":[...],"margins":[...],"top":[[[id,logit],...],...]}
 // where margins[i] is the logit gap between the chosen token and the
 // runner-up at step i (how close a near-tie was) and top[i] the 5 largest
-// logits at step i (to compare logits, not only argmaxes). Flash attention is off;
+// logits at step i (to compare logits, not only argmaxes), and
+// top_other_kv[i] the logits of the same 5 ids from a second run with the
+// other KV cache type fed this run's tokens (teacher forcing): how far
+// llama.cpp's own logits move when only the KV cache precision changes. Flash attention is off;
 // the KV cache is f32 by default (--kv f16 is llama.cpp's default).
 
 #include "llama.h"
@@ -94,15 +97,8 @@ int main(int argc, char ** argv) {
     const llama_vocab * vocab = llama_model_get_vocab(model);
     const int n_vocab = llama_vocab_n_tokens(vocab);
 
-    for (const std::string & prompt : prompts) {
-        const int n_prompt = -llama_tokenize(vocab, prompt.c_str(), prompt.size(), nullptr, 0, false, true);
-        std::vector<llama_token> prompt_ids(n_prompt);
-        if (llama_tokenize(vocab, prompt.c_str(), prompt.size(), prompt_ids.data(), n_prompt, false, true) < 0) {
-            fprintf(stderr, "tokenization failed\n");
-            return 1;
-        }
-
-        // A fresh context per prompt: an empty KV cache, nothing carried over.
+    // A fresh context per run: an empty KV cache, nothing carried over.
+    auto new_context = [&](ggml_type kv) -> llama_context * {
         llama_context_params cparams = llama_context_default_params();
         cparams.n_ctx = 512;
         cparams.n_batch = 512;
@@ -111,12 +107,26 @@ int main(int argc, char ** argv) {
         cparams.n_threads = threads;
         cparams.n_threads_batch = threads;
         cparams.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
-        cparams.type_k = kv_type;
-        cparams.type_v = kv_type;
+        cparams.type_k = kv;
+        cparams.type_v = kv;
         cparams.no_perf = true;
         llama_context * ctx = llama_init_from_model(model, cparams);
         if (ctx == nullptr) {
             fprintf(stderr, "cannot create a context\n");
+        }
+        return ctx;
+    };
+
+    for (const std::string & prompt : prompts) {
+        const int n_prompt = -llama_tokenize(vocab, prompt.c_str(), prompt.size(), nullptr, 0, false, true);
+        std::vector<llama_token> prompt_ids(n_prompt);
+        if (llama_tokenize(vocab, prompt.c_str(), prompt.size(), prompt_ids.data(), n_prompt, false, true) < 0) {
+            fprintf(stderr, "tokenization failed\n");
+            return 1;
+        }
+
+        llama_context * ctx = new_context(kv_type);
+        if (ctx == nullptr) {
             return 1;
         }
 
@@ -153,6 +163,32 @@ int main(int argc, char ** argv) {
         }
         llama_free(ctx);
 
+        // Yardstick: the other KV cache type fed this run's tokens (teacher
+        // forcing), its logits of this run's top-5 ids at every step.
+        std::vector<std::vector<float>> other;
+        {
+            llama_context * octx = new_context(kv_type == GGML_TYPE_F32 ? GGML_TYPE_F16 : GGML_TYPE_F32);
+            if (octx == nullptr) {
+                return 1;
+            }
+            input = prompt_ids;
+            for (int step = 0; step < n_new; ++step) {
+                llama_batch batch = llama_batch_get_one(input.data(), (int32_t) input.size());
+                if (llama_decode(octx, batch) != 0) {
+                    fprintf(stderr, "llama_decode failed at step %d\n", step);
+                    return 1;
+                }
+                const float * logits = llama_get_logits_ith(octx, -1);
+                std::vector<float> row;
+                for (const auto & t : tops[step]) {
+                    row.push_back(logits[t.first]);
+                }
+                other.push_back(row);
+                input.assign(1, ids[step]);
+            }
+            llama_free(octx);
+        }
+
         printf("{");
         print_ids("prompt_ids", prompt_ids);
         printf(",");
@@ -166,6 +202,14 @@ int main(int argc, char ** argv) {
             printf(i ? ",[" : "[");
             for (size_t k = 0; k < tops[i].size(); ++k) {
                 printf(k ? ",[%d,%.5f]" : "[%d,%.5f]", tops[i][k].first, tops[i][k].second);
+            }
+            printf("]");
+        }
+        printf("],\"top_other_kv\":[");
+        for (size_t i = 0; i < other.size(); ++i) {
+            printf(i ? ",[" : "[");
+            for (size_t k = 0; k < other[i].size(); ++k) {
+                printf(k ? ",%.5f" : "%.5f", other[i][k]);
             }
             printf("]");
         }

@@ -10,7 +10,8 @@
 # prompt with llama.cpp's tokenizer (special tokens parsed, nothing added)
 # and records the prompt ids, 32 argmax tokens (KV cache f32, flash
 # attention off, no early stop) with each step's top-1/top-2 logit margin
-# and 5 largest logits,
+# and 5 largest logits (and those 5 ids' logits with an f16 KV cache fed
+# the same tokens: llama.cpp's own sensitivity to a small perturbation),
 # and the 32 tokens again with llama.cpp's default f16 KV cache.
 set -euo pipefail
 
@@ -88,6 +89,7 @@ out = {
             "ids": a["ids"],
             "margins": a["margins"],
             "top5": a["top"],
+            "top5_logits_kv_f16_forced": a["top_other_kv"],
             "ids_kv_f16": b["ids"],
         }
         for p, a, b in zip(prompts, f32, f16)
