@@ -1,6 +1,7 @@
 //! Real-model tier: the real GGUF files run quantized (as stored) and stay
 //! close to the same file dequantized to f32, teacher-forced over real text
-//! (Shakespeare): next-token agreement and perplexity.
+//! (Shakespeare): next-token agreement and perplexity; and their greedy
+//! continuations equal llama.cpp's on the same files (tests/fixtures/llamacpp).
 //!
 //! The quantized-models issue measures 2,000 tokens
 //! (`METAL_CANDLE_QUANT_TOKENS=2000`; a quarter hour on 2 cores); CI runs
@@ -10,7 +11,7 @@
 //! are what these measurements support: the issue's 99% agreement is not
 //! met on this text (perplexities ~195 and ~100: near-ties are common).
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use metal_candle::inference::LanguageModel;
 use metal_candle::models::{CausalLm, LoadOptions, Quantization};
 
@@ -112,7 +113,7 @@ fn decode(model: &dyn CausalLm, prompt: &[u32], n: usize, force: Option<&[u32]>)
     let mut input = prompt.to_vec();
     let mut steps = Vec::with_capacity(n);
     for step in 0..n {
-        let x = Tensor::new(input.as_slice(), &device())
+        let x = Tensor::new(input.as_slice(), &Device::Cpu)
             .unwrap()
             .unsqueeze(0)
             .unwrap();
@@ -260,7 +261,9 @@ fn greedy_continuations_match_llama_cpp_on_the_same_file() {
             dtype: Some(DType::F32),
             quantization: Quantization::AsStored,
         };
-        let lm = LanguageModel::from_pretrained_with(&source, &device(), &options).unwrap();
+        // On the CPU whatever the test device: the fixtures are llama.cpp's
+        // CPU results, and the floors are measured on the CPU.
+        let lm = LanguageModel::from_pretrained_with(&source, &Device::Cpu, &options).unwrap();
         let (mut total_equal, mut total) = (0, 0);
         let mut worst_tie = 0.0f64;
         let (mut all_ours, mut all_its) = (Vec::new(), Vec::new());
