@@ -7,6 +7,12 @@
 //! per row on stdout.
 //!
 //!     cargo run --release --example bench_compare -- --device cpu --suite generation --quick
+//!
+//! `--gguf FILE` (repeatable) times a real GGUF file instead, loaded as
+//! stored (quantized): prefill of `--prompts` tokens and greedy decoding of
+//! `--new-tokens` tokens at batch 1, the shapes of llama-bench's ppN / tgN
+//! (scripts/peers/bench-llama-cpp.sh runs both back to back). CPU threads:
+//! `RAYON_NUM_THREADS` (Candle's CPU kernels run on rayon's pool).
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -52,6 +58,11 @@ struct Args {
     /// Only the first N rows of the LoRA suite (e.g. 1 with many repeats).
     #[arg(long)]
     lora_rows: Option<usize>,
+    /// Time these GGUF files (quantized as stored) instead of a suite:
+    /// prefill of `--prompts` (default 128) and decode of `--new-tokens`
+    /// (default 128) from an empty cache, batch 1.
+    #[arg(long)]
+    gguf: Vec<String>,
 }
 
 const EMBED_MODELS: [&str; 2] = ["all-MiniLM-L6-v2", "all-mpnet-base-v2"];
@@ -831,9 +842,76 @@ fn bench_quantized(args: &Args, device: &Device) -> Result<()> {
     Ok(())
 }
 
+/// A real GGUF file as stored (quantized linear weights, dense parts in
+/// `--dtype`): llama-bench's ppN (one forward over N tokens, empty cache)
+/// and tgN (N single-token greedy steps from an empty cache, argmax fed
+/// back), in tokens/s. Rows are labelled by the file name.
+fn bench_gguf(args: &Args, device: &Device) -> Result<()> {
+    use metal_candle::models::{load_decoder_with, LoadOptions, Quantization};
+    let dtype = match &args.dtype {
+        Some(d) => parse_dtype(d)?,
+        None => metal_candle::backend::default_dtype(device),
+    };
+    let prompts = args.prompts.clone().unwrap_or_else(|| vec![128]);
+    let new_tokens = args.new_tokens.unwrap_or(128);
+    for path in &args.gguf {
+        let file = std::path::Path::new(path)
+            .file_name()
+            .map_or_else(|| path.clone(), |f| f.to_string_lossy().into_owned());
+        let model = load_decoder_with(
+            path,
+            device,
+            &LoadOptions {
+                dtype: Some(dtype),
+                quantization: Quantization::AsStored,
+            },
+        )?;
+        let vocab = model.config().vocab_size;
+        for &p in &prompts {
+            let ids = random_ids(1, p, vocab, device)?;
+            let secs = time(device, args.repeats, || {
+                let mut cache = model.new_cache();
+                model.forward_last(&ids, None, Some(&mut cache))?;
+                Ok(())
+            })?;
+            emit(
+                "gguf",
+                "prefill",
+                &format!("pp{p} {file}"),
+                dtype,
+                p as f64 / secs,
+                "tok/s",
+            );
+        }
+        let first = random_ids(1, 1, vocab, device)?;
+        let secs = time(device, args.repeats, || {
+            let mut cache = model.new_cache();
+            let mut next = first.clone();
+            for _ in 0..new_tokens {
+                next = model
+                    .forward_last(&next, None, Some(&mut cache))?
+                    .argmax_keepdim(1)?;
+            }
+            Ok(())
+        })?;
+        emit(
+            "gguf",
+            "decode",
+            &format!("tg{new_tokens} {file}"),
+            dtype,
+            new_tokens as f64 / secs,
+            "tok/s",
+        );
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let device = parse_device(&args.device)?;
+    if !args.gguf.is_empty() {
+        return bench_gguf(&args, &device);
+    }
     let all = args.suite == "all";
     if all || args.suite == "kernels" {
         bench_kernels(&args, &device)?;
