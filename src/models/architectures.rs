@@ -284,7 +284,7 @@ impl std::str::FromStr for Quantization {
     /// `none`/`as-stored`, `dense`, or a GGUF format (`q4_0`, `q4_1`,
     /// `q5_0`, `q5_1`, `q8_0`, `q2k` … `q6k`, also written `q4_k`).
     fn from_str(s: &str) -> Result<Self> {
-        let f = match s.to_ascii_lowercase().replace('_', "").as_str() {
+        let f = match s.to_ascii_lowercase().replace(['_', '-'], "").as_str() {
             "none" | "asstored" => return Ok(Self::AsStored),
             "dense" => return Ok(Self::Dense),
             "q40" => GgmlDType::Q4_0,

@@ -167,6 +167,10 @@ fn safetensors_models_quantize_in_situ() {
         "dense".parse::<Quantization>().unwrap(),
         Quantization::Dense
     );
+    // The spelling the error message and `train_lora --quantize` use.
+    for s in ["as-stored", "as_stored", "none"] {
+        assert_eq!(s.parse::<Quantization>().unwrap(), Quantization::AsStored);
+    }
     assert!("q3_0".parse::<Quantization>().is_err());
 }
 
