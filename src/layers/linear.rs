@@ -313,8 +313,8 @@ fn dense_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 pub(crate) const DEQUANTIZE_ROWS: usize = 32;
 
 /// `x Wᵀ` for a quantized `W`: dequantized and dense for
-/// [`DEQUANTIZE_ROWS`] rows or more, else Candle's quantized kernels (f32
-/// activations) returned in `x`'s dtype. Differentiable with respect to `x`
+/// [`DEQUANTIZE_ROWS`] rows or more, else Candle's quantized kernels (the
+/// input's dtype on CUDA, f32 on the CPU) returned in `x`'s dtype. Differentiable with respect to `x`
 /// either way, so adapters below a quantized layer still get gradients
 /// (Candle's own op has no backward).
 fn quantized_matmul(x: &Tensor, q: &Arc<QTensor>) -> candle_core::Result<Tensor> {
@@ -341,10 +341,14 @@ fn quantized_matmul(x: &Tensor, q: &Arc<QTensor>) -> candle_core::Result<Tensor>
         w: q.clone(),
         dense: false,
     };
-    x.to_dtype(DType::F32)?
-        .contiguous()?
-        .apply_op1(op)?
-        .to_dtype(dtype)
+    // Candle's CUDA quantized kernels take bf16/f16 activations directly;
+    // its CPU kernels take f32 only.
+    let x = if x.device().is_cuda() {
+        x.contiguous()?
+    } else {
+        x.to_dtype(DType::F32)?.contiguous()?
+    };
+    x.apply_op1(op)?.to_dtype(dtype)
 }
 
 /// A quantized matmul with a backward pass (`dx = dy · W`, `W` dequantized
