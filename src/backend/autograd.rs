@@ -248,17 +248,6 @@ pub(crate) fn frozen_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tenso
 /// with respect to `x` only.
 struct FrozenMatMul;
 
-impl FrozenMatMul {
-    fn run<S: BackendStorage>(
-        x: &S,
-        xl: &Layout,
-        w: &S,
-        wl: &Layout,
-    ) -> candle_core::Result<(S, Shape)> {
-        matmul_t(x, xl, w, wl)
-    }
-}
-
 /// `x Wᵀ` at the storage level (inside a custom op's forward): `x` `[m, k]`,
 /// `w` `[n, k]`, through the backend's own matmul.
 ///
@@ -290,7 +279,7 @@ impl candle_core::CustomOp2 for FrozenMatMul {
         w: &CpuStorage,
         wl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Self::run(x, xl, w, wl)
+        matmul_t(x, xl, w, wl)
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -300,7 +289,7 @@ impl candle_core::CustomOp2 for FrozenMatMul {
         w: &candle_core::CudaStorage,
         wl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        Self::run(x, xl, w, wl)
+        matmul_t(x, xl, w, wl)
     }
     #[cfg(feature = "metal")]
     fn metal_fwd(
@@ -310,7 +299,7 @@ impl candle_core::CustomOp2 for FrozenMatMul {
         w: &candle_core::MetalStorage,
         wl: &Layout,
     ) -> candle_core::Result<(candle_core::MetalStorage, Shape)> {
-        Self::run(x, xl, w, wl)
+        matmul_t(x, xl, w, wl)
     }
     fn bwd(
         &self,

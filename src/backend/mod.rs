@@ -48,31 +48,44 @@ pub fn cuda(ordinal: usize) -> Result<Device> {
 /// [`cuda`] and by the model loaders; idempotent; does nothing off CUDA.
 pub fn keep_freed_memory(device: &Device) {
     #[cfg(feature = "cuda")]
-    if let Device::Cuda(d) = device {
+    if let Some(pool) = default_pool(device) {
         use candle_core::cuda_backend::cudarc::driver::sys;
-        let stream = d.cuda_stream();
-        let ctx = stream.context();
-        if !ctx.has_async_alloc() || ctx.bind_to_thread().is_err() {
-            return;
-        }
-        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
         let mut threshold: u64 = u64::MAX;
-        // SAFETY: plain driver calls on the device's own default pool, with
-        // pointers to live locals of the types the driver API expects.
+        // SAFETY: the device's own default pool, and a pointer to a live
+        // u64 as the release-threshold attribute expects.
         unsafe {
-            if sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
-                == sys::CUresult::CUDA_SUCCESS
-            {
-                let _ = sys::cuMemPoolSetAttribute(
-                    pool,
-                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                    (&mut threshold as *mut u64).cast(),
-                );
-            }
+            let _ = sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            );
         }
     }
     #[cfg(not(feature = "cuda"))]
     let _ = device;
+}
+
+/// The default memory pool of a CUDA device that allocates from one
+/// (`None` off CUDA, without pool support, or on a driver error), with the
+/// device's context bound to this thread.
+#[cfg(feature = "cuda")]
+fn default_pool(
+    device: &Device,
+) -> Option<candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let Device::Cuda(d) = device else {
+        return None;
+    };
+    let stream = d.cuda_stream();
+    let ctx = stream.context();
+    if !ctx.has_async_alloc() || ctx.bind_to_thread().is_err() {
+        return None;
+    }
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: a driver query on the context's own device, writing to a live
+    // local of the type it expects.
+    let status = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) };
+    (status == sys::CUresult::CUDA_SUCCESS).then_some(pool)
 }
 
 /// Hands the memory the CUDA pool keeps ([`keep_freed_memory`]) back to
@@ -86,22 +99,10 @@ pub fn keep_freed_memory(device: &Device) {
 pub fn release_freed_memory(device: &Device) -> Result<()> {
     device.synchronize()?;
     #[cfg(feature = "cuda")]
-    if let Device::Cuda(d) = device {
-        use candle_core::cuda_backend::cudarc::driver::sys;
-        let stream = d.cuda_stream();
-        let ctx = stream.context();
-        if !ctx.has_async_alloc() || ctx.bind_to_thread().is_err() {
-            return Ok(());
-        }
-        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-        // SAFETY: driver calls on the device's own default pool after a
-        // synchronisation; a pointer to a live local.
+    if let Some(pool) = default_pool(device) {
+        // SAFETY: the device's own default pool, after a synchronisation.
         unsafe {
-            if sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
-                == sys::CUresult::CUDA_SUCCESS
-            {
-                let _ = sys::cuMemPoolTrimTo(pool, 0);
-            }
+            let _ = candle_core::cuda_backend::cudarc::driver::sys::cuMemPoolTrimTo(pool, 0);
         }
     }
     Ok(())

@@ -193,23 +193,6 @@ fn sum_groups(x: &Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
     x.reshape((b, h / n_rep, n_rep, t, d))?.sum(2)
 }
 
-/// Softmax over the last dimension: Candle's fused kernel, or a composition
-/// of differentiable ops when `x` tracks gradients (the fused kernel has no
-/// backward).
-///
-/// # Errors
-/// Tensor errors.
-pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
-    if !needs_grad(&[x]) {
-        return candle_nn::ops::softmax_last_dim(x);
-    }
-    // The max only stabilises; softmax is shift-invariant, so it needs no
-    // gradient.
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
-}
-
 /// Repeats key/value heads `n_rep` times for grouped-query attention:
 /// `[b, kv_heads, s, d]` → `[b, kv_heads * n_rep, s, d]`.
 fn repeat_kv(x: &Tensor, n_rep: usize) -> candle_core::Result<Tensor> {

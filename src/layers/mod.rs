@@ -13,7 +13,7 @@ mod linear;
 mod norm;
 mod rotary;
 
-pub use attention::{attention, composed_attention, softmax_last_dim, Mask, MaskKind};
+pub use attention::{attention, composed_attention, Mask, MaskKind};
 pub(crate) use attention::{attention_mask, mask_rows, padding_bias};
 pub use linear::{Linear, LinearAdapter};
 pub(crate) use norm::needs_grad;

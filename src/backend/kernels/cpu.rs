@@ -93,8 +93,12 @@ fn run<T: Float, O: CpuOp>(
     Ok(T::to_cpu_storage_owned(op.run(&slices, layout)?))
 }
 
-/// The elements a contiguous layout covers.
-fn contiguous<'a, T: Float>(
+/// The elements a contiguous layout covers (`name` for errors).
+///
+/// # Errors
+/// A layout that is not contiguous or lies outside the storage, or a
+/// storage of another dtype.
+pub(crate) fn contiguous<'a, T: WithDType>(
     s: &'a CpuStorage,
     l: &Layout,
     name: &str,

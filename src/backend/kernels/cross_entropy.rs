@@ -10,7 +10,7 @@
 
 use candle_core::{CpuStorage, Layout, Shape, Tensor};
 
-use super::cpu::Float;
+use super::cpu::{contiguous, Float};
 use candle_core::backend::BackendStorage;
 
 /// Per row of `logits` (`[n, v]`, f32/bf16/f16): its log-sum-exp and the
@@ -70,17 +70,6 @@ fn check(logits: &Tensor, targets: &Tensor) -> candle_core::Result<()> {
 struct Stats;
 struct Grad;
 
-/// The contiguous elements of a CPU storage as `T`.
-fn cpu_slice<'a, T: candle_core::WithDType>(
-    s: &'a CpuStorage,
-    l: &Layout,
-) -> candle_core::Result<&'a [T]> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("cross_entropy: input must be contiguous");
-    };
-    Ok(&s.as_slice::<T>()?[a..b])
-}
-
 fn stats_cpu<T: Float>(x: &[T], t: &[u32], v: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(2 * t.len());
     for (row, &target) in x.chunks(v).zip(t) {
@@ -123,11 +112,15 @@ impl candle_core::CustomOp2 for Stats {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, v) = l1.shape().dims2()?;
-        let t = cpu_slice::<u32>(s2, l2)?;
+        let t = contiguous::<u32>(s2, l2, "cross_entropy")?;
         let out = match s1 {
-            CpuStorage::F32(_) => stats_cpu(cpu_slice::<f32>(s1, l1)?, t, v),
-            CpuStorage::BF16(_) => stats_cpu(cpu_slice::<half::bf16>(s1, l1)?, t, v),
-            CpuStorage::F16(_) => stats_cpu(cpu_slice::<half::f16>(s1, l1)?, t, v),
+            CpuStorage::F32(_) => stats_cpu(contiguous::<f32>(s1, l1, "cross_entropy")?, t, v),
+            CpuStorage::BF16(_) => {
+                stats_cpu(contiguous::<half::bf16>(s1, l1, "cross_entropy")?, t, v)
+            }
+            CpuStorage::F16(_) => {
+                stats_cpu(contiguous::<half::f16>(s1, l1, "cross_entropy")?, t, v)
+            }
             _ => candle_core::bail!("cross_entropy: unsupported dtype {:?}", s1.dtype()),
         };
         Ok((CpuStorage::F32(out), Shape::from((n, 2))))
@@ -161,12 +154,18 @@ impl candle_core::CustomOp3 for Grad {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (_, v) = l1.shape().dims2()?;
-        let t = cpu_slice::<u32>(s2, l2)?;
-        let lse_g = cpu_slice::<f32>(s3, l3)?;
+        let t = contiguous::<u32>(s2, l2, "cross_entropy")?;
+        let lse_g = contiguous::<f32>(s3, l3, "cross_entropy")?;
         let out = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(grad_cpu(cpu_slice(s1, l1)?, t, lse_g, v)),
-            CpuStorage::BF16(_) => CpuStorage::BF16(grad_cpu(cpu_slice(s1, l1)?, t, lse_g, v)),
-            CpuStorage::F16(_) => CpuStorage::F16(grad_cpu(cpu_slice(s1, l1)?, t, lse_g, v)),
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(grad_cpu(contiguous(s1, l1, "cross_entropy")?, t, lse_g, v))
+            }
+            CpuStorage::BF16(_) => {
+                CpuStorage::BF16(grad_cpu(contiguous(s1, l1, "cross_entropy")?, t, lse_g, v))
+            }
+            CpuStorage::F16(_) => {
+                CpuStorage::F16(grad_cpu(contiguous(s1, l1, "cross_entropy")?, t, lse_g, v))
+            }
             _ => candle_core::bail!("cross_entropy: unsupported dtype {:?}", s1.dtype()),
         };
         Ok((out, l1.shape().clone()))
@@ -189,24 +188,12 @@ impl candle_core::CustomOp3 for Grad {
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::{CudaStorage, DType, Layout};
 
     use super::super::cpu::Float;
-    use super::super::launch::{ptx, rows_config};
-
-    fn view<'a, T: CudaDType>(
-        s: &'a CudaStorage,
-        l: &Layout,
-    ) -> candle_core::Result<CudaView<'a, T>> {
-        let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("cross_entropy: input must be contiguous");
-        };
-        s.as_cuda_slice::<T>()?
-            .try_slice(a..b)
-            .ok_or_else(|| candle_core::Error::Msg("cross_entropy: layout outside storage".into()))
-    }
+    use super::super::launch::{ptx, rows_config, view};
 
     pub(super) fn stats(
         x: &CudaStorage,
@@ -230,7 +217,10 @@ mod cuda {
     ) -> candle_core::Result<CudaStorage> {
         let dev = &x.device;
         let (n, v) = xl.shape().dims2()?;
-        let (xs, ts) = (view::<T>(x, xl)?, view::<u32>(t, tl)?);
+        let (xs, ts) = (
+            view::<T>(x, xl, "cross_entropy: input")?,
+            view::<u32>(t, tl, "cross_entropy: input")?,
+        );
         // SAFETY: the kernel writes both statistics of every row.
         let out = unsafe { dev.alloc::<f32>(2 * n.max(1))? };
         if n > 0 {
@@ -276,7 +266,11 @@ mod cuda {
     ) -> candle_core::Result<CudaStorage> {
         let dev = &x.device;
         let (n, v) = xl.shape().dims2()?;
-        let (xs, ts, gs) = (view::<T>(x, xl)?, view::<u32>(t, tl)?, view::<f32>(g, gl)?);
+        let (xs, ts, gs) = (
+            view::<T>(x, xl, "cross_entropy: input")?,
+            view::<u32>(t, tl, "cross_entropy: input")?,
+            view::<f32>(g, gl, "cross_entropy: input")?,
+        );
         // SAFETY: the kernel writes every element.
         let out = unsafe { dev.alloc::<T>((n * v).max(1))? };
         if n > 0 {

@@ -605,13 +605,7 @@ mod cuda {
         l: &Layout,
         what: &str,
     ) -> candle_core::Result<CudaView<'a, T>> {
-        let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("flash_attention: {what} must be contiguous");
-        };
-        let Some(v) = s.as_cuda_slice::<T>()?.try_slice(a..b) else {
-            candle_core::bail!("flash_attention: {what} layout {a}..{b} is outside its storage");
-        };
-        Ok(v)
+        super::super::launch::view(s, l, &format!("flash_attention: {what}"))
     }
 
     fn storage_of<'a>(s: &'a Storage, what: &str) -> candle_core::Result<&'a CudaStorage> {

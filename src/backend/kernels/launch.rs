@@ -8,7 +8,9 @@
 //! `(const T* input..., T* out, scalars...)` in that order.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, DType, Layout};
 
@@ -127,14 +129,8 @@ impl Kernel<'_> {
         let Kernel { module, base, dev } = *self;
         let mut views = Vec::with_capacity(inputs.len());
         for &(s, l) in inputs {
-            let Some((a, b)) = l.contiguous_offsets() else {
-                candle_core::bail!("{base}: input must be contiguous");
-            };
             // Errors (rather than mixing dtypes) when an input is not T.
-            let Some(view) = s.as_cuda_slice::<T>()?.try_slice(a..b) else {
-                candle_core::bail!("{base}: layout {a}..{b} is outside its storage");
-            };
-            views.push(view);
+            views.push(view::<T>(s, l, &format!("{base}: input"))?);
         }
         // At least one element: CUDA refuses empty allocations. The kernel
         // writes every element of a non-empty output (each op's contract), so it
@@ -165,4 +161,24 @@ impl Kernel<'_> {
         }
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
+}
+
+/// The elements of a contiguous layout of `s` as `T`, for a kernel
+/// argument; `what` names the input in errors (not contiguous, not `T`,
+/// outside its storage).
+///
+/// # Errors
+/// See above.
+pub(crate) fn view<'a, T: CudaDType>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<CudaView<'a, T>> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{what} must be contiguous");
+    };
+    let Some(v) = s.as_cuda_slice::<T>()?.try_slice(a..b) else {
+        candle_core::bail!("{what}: layout {a}..{b} is outside its storage");
+    };
+    Ok(v)
 }
