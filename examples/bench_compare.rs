@@ -33,7 +33,8 @@ struct Args {
     /// cpu, cuda, cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Which rows: generation, kernels, lora, embeddings, quantized, all.
+    /// Which rows: generation, kernels, lora, embeddings, quantized, all; or a
+    /// profile: lora-profile, decode-profile, embeddings-profile.
     #[arg(long, default_value = "all")]
     suite: String,
     /// Timed repeats per row (median reported).
@@ -92,6 +93,7 @@ fn bench_embeddings(args: &Args, device: &Device) -> Result<()> {
     } else {
         &[(1, 128), (32, 128), (512, 128), (128, 512)]
     };
+    let peer = stock_device(device)?;
     for name in EMBED_MODELS {
         let dir = std::path::Path::new(&args.embed_models).join(name);
         if !dir.join("model.safetensors").exists() {
@@ -111,7 +113,7 @@ fn bench_embeddings(args: &Args, device: &Device) -> Result<()> {
                     candle_nn::VarBuilder::from_mmaped_safetensors(
                         &[dir.join("model.safetensors")],
                         dtype,
-                        device,
+                        &peer,
                     )?
                 };
                 Some(candle_transformers::models::bert::BertModel::load(
@@ -149,8 +151,9 @@ fn bench_embeddings(args: &Args, device: &Device) -> Result<()> {
                     "docs/s",
                 );
                 if let Some(bert) = &stock_bert {
+                    let (ids, mask) = (ids.to_device(&peer)?, mask.to_device(&peer)?);
                     let types = ids.zeros_like()?;
-                    let secs = time(device, args.repeats, || {
+                    let secs = time(&peer, args.repeats, || {
                         let h = bert.forward(&ids, &types, Some(&mask))?;
                         let m = mask.to_dtype(h.dtype())?.unsqueeze(2)?;
                         let e = (h.broadcast_mul(&m)?.sum(1)?.broadcast_div(&m.sum(1)?))?
@@ -282,6 +285,17 @@ fn candle_transformers_qwen2(
     Ok(ModelForCausalLM::new(&c, vb)?)
 }
 
+/// The device the stock-Candle peers run on: the same GPU opened again, as
+/// a Candle user opens it, so our [`metal_candle::backend::prepare_device`]
+/// settings on `device` (no per-tensor CUDA events) do not speed the peer
+/// up. (The memory pool setting is the driver's, per GPU: shared.)
+fn stock_device(device: &Device) -> Result<Device> {
+    Ok(match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => Device::new_cuda(gpu_id)?,
+        _ => device.clone(),
+    })
+}
+
 fn random_ids(b: usize, s: usize, vocab: usize, device: &Device) -> Result<Tensor> {
     let ids: Vec<u32> = (0..b * s)
         .map(|k| ((k as u64 * 2_654_435_761) % vocab as u64) as u32)
@@ -300,7 +314,8 @@ fn bench_generation(args: &Args, device: &Device) -> Result<()> {
         &cfg,
         &Weights::from_tensors(tensors.clone(), dtype, device, "random"),
     )?;
-    let mut stock = candle_transformers_qwen2(&cfg, tensors, dtype, device)?;
+    let peer = stock_device(device)?;
+    let mut stock = candle_transformers_qwen2(&cfg, tensors, dtype, &peer)?;
     let prompts = args.prompts.clone().unwrap_or_else(|| {
         if args.quick {
             vec![32]
@@ -324,7 +339,8 @@ fn bench_generation(args: &Args, device: &Device) -> Result<()> {
             p as f64 / secs,
             "tok/s",
         );
-        let secs = time(device, args.repeats, || {
+        let ids = ids.to_device(&peer)?;
+        let secs = time(&peer, args.repeats, || {
             stock.clear_kv_cache();
             stock.forward(&ids, 0)?;
             Ok(())
@@ -364,7 +380,8 @@ fn bench_generation(args: &Args, device: &Device) -> Result<()> {
             (b * new_tokens) as f64 / secs,
             "tok/s",
         );
-        let secs = time(device, args.repeats.min(3), || {
+        let prompt = prompt.to_device(&peer)?;
+        let secs = time(&peer, args.repeats.min(3), || {
             stock.clear_kv_cache();
             let mut next = stock.forward(&prompt, 0)?.squeeze(1)?.argmax_keepdim(1)?;
             for t in 1..new_tokens {
@@ -716,6 +733,89 @@ fn profile_lora_step(args: &Args, device: &Device) -> Result<()> {
     Ok(())
 }
 
+/// Kernel census of greedy decoding (scripts/profile/ncu-kernels.sh): a
+/// one-token prompt then `--new-tokens` - 1 steps (default 16 in all) at
+/// batch 1, so the census divided by that is the launches per decoded token. Without `PROFILE_ONCE` it also times 128
+/// steps (host clock, synchronised) and prints ms per token.
+fn profile_decode(args: &Args, device: &Device) -> Result<()> {
+    let dtype = metal_candle::backend::default_dtype(device);
+    let cfg = qwen05b_config(args.quick);
+    let tensors = random_qwen2_tensors(&cfg, dtype, device)?;
+    let model = build_decoder(
+        &cfg,
+        &Weights::from_tensors(tensors, dtype, device, "random"),
+    )?;
+    let first = random_ids(1, 1, cfg.vocab_size, device)?;
+    let run = |steps: usize| -> Result<()> {
+        let mut cache = model.new_cache();
+        let mut next = first.clone();
+        for _ in 0..steps {
+            next = model
+                .forward_last(&next, None, Some(&mut cache))?
+                .argmax_keepdim(1)?;
+        }
+        Ok(())
+    };
+    run(args.new_tokens.unwrap_or(16))?;
+    synchronize(device)?;
+    if std::env::var_os("PROFILE_ONCE").is_some() {
+        return Ok(());
+    }
+    let secs = time(device, args.repeats, || run(128))?;
+    eprintln!("decode b1: {:.3} ms/token", secs * 1e3 / 128.0);
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        // A/B of prepare_device's event setting: Candle's default back on.
+        // SAFETY: one stream; enabling only adds events to new tensors.
+        unsafe { d.cuda_stream().context().enable_event_tracking() };
+        let secs = time(device, args.repeats, || run(128))?;
+        eprintln!(
+            "decode b1 with per-tensor events (Candle's default): {:.3} ms/token",
+            secs * 1e3 / 128.0
+        );
+        unsafe { d.disable_event_tracking() };
+    }
+    Ok(())
+}
+
+/// Kernel census of one MiniLM forward + pool at b512 x 128 in bf16 (the
+/// embeddings row furthest behind); without `PROFILE_ONCE` it also times
+/// the forward alone and with pooling.
+fn profile_embeddings(args: &Args, device: &Device) -> Result<()> {
+    use metal_candle::embeddings::{normalize, EmbeddingModel};
+    use metal_candle::io::ModelRepo;
+    let dir = std::path::Path::new(&args.embed_models).join(EMBED_MODELS[0]);
+    let model = EmbeddingModel::load(&ModelRepo::from_dir(&dir), Some(DType::BF16), device)?;
+    let (b, s) = (512, 128);
+    let v: Vec<u32> = (0..b * s)
+        .map(|k| ((k as u64 * 2_654_435_761) % 2600) as u32)
+        .collect();
+    let ids = Tensor::from_vec(v, (b, s), device)?;
+    let mask = Tensor::ones((b, s), DType::U32, device)?;
+    let rows = vec![vec![1u32; s]; b];
+    let full = || -> Result<()> {
+        let tokens = model.forward_tokens(&ids, &mask)?;
+        normalize(&model.pooling().pool(&tokens, &rows)?)?;
+        Ok(())
+    };
+    full()?;
+    synchronize(device)?;
+    if std::env::var_os("PROFILE_ONCE").is_some() {
+        return Ok(());
+    }
+    let fwd = time(device, args.repeats, || {
+        model.forward_tokens(&ids, &mask)?;
+        Ok(())
+    })?;
+    let all = time(device, args.repeats, full)?;
+    eprintln!(
+        "MiniLM b512 s128 bf16: forward {:.2} ms, forward+pool {:.2} ms",
+        fwd * 1e3,
+        all * 1e3
+    );
+    Ok(())
+}
+
 /// Device memory in use (bytes), or 0 on the CPU.
 fn used_memory(device: &Device) -> Result<usize> {
     // Only what is held, not what the pool keeps for reuse.
@@ -811,12 +911,14 @@ fn bench_quantized(args: &Args, device: &Device) -> Result<()> {
         let before = used_memory(device)?;
         let mut file = std::fs::File::open(&path)?;
         let content = candle_core::quantized::gguf_file::Content::read(&mut file)?;
+        let peer = stock_device(device)?;
         let mut stock = candle_transformers::models::quantized_qwen2::ModelWeights::from_gguf(
-            content, &mut file, device,
+            content, &mut file, &peer,
         )?;
         let resident = used_memory(device)?.saturating_sub(before);
-        let secs = time(device, args.repeats.min(3), || {
-            stock_quantized_decode(&mut stock, &prompt, new_tokens)
+        let stock_prompt = prompt.to_device(&peer)?;
+        let secs = time(&peer, args.repeats.min(3), || {
+            stock_quantized_decode(&mut stock, &stock_prompt, new_tokens)
         })?;
         emit_as(
             STOCK,
@@ -921,6 +1023,12 @@ fn main() -> Result<()> {
     }
     if args.suite == "lora-profile" {
         profile_lora_step(&args, &device)?;
+    }
+    if args.suite == "decode-profile" {
+        profile_decode(&args, &device)?;
+    }
+    if args.suite == "embeddings-profile" {
+        profile_embeddings(&args, &device)?;
     }
     if all || args.suite == "lora" {
         bench_lora(&args, &device)?;

@@ -30,23 +30,41 @@ pub fn cuda(ordinal: usize) -> Result<Device> {
         ));
     }
     let device = Device::new_cuda(ordinal)?;
-    keep_freed_memory(&device);
+    prepare_device(&device);
     Ok(device)
 }
 
-/// Lets the CUDA driver's memory pool keep memory that is freed, instead of
-/// handing it back to the system at every synchronisation (the pool's
-/// default release threshold is 0).
+/// Sets a CUDA device up the way this library runs it; called by [`cuda`]
+/// and by the model loaders, idempotent, nothing off CUDA. Two settings:
 ///
-/// Candle allocates every tensor with `cuMemAllocAsync` from the device's
-/// default pool. With the default threshold, the memory a training step
-/// frees is unmapped at the next host sync and mapped again by the next
-/// step: at the LoRA benchmark's shape that made a step without activation
-/// recomputation slower than one with it (25,105 vs 34,207 tokens/s on an
-/// H200). PyTorch's caching allocator keeps freed blocks the same way. Idle
-/// memory then shows as used in `nvidia-smi`, as with PyTorch. Called by
-/// [`cuda`] and by the model loaders; idempotent; does nothing off CUDA.
-pub fn keep_freed_memory(device: &Device) {
+/// - **The pool keeps freed memory.** Candle allocates every tensor with
+///   `cuMemAllocAsync` from the device's default pool, whose release
+///   threshold is 0: the memory a training step frees was unmapped at the
+///   next host sync and mapped again by the next step (at the LoRA
+///   benchmark's shape a step without activation recomputation ran slower
+///   than one with it, 25,105 vs 34,207 tokens/s on an H200). PyTorch's
+///   caching allocator keeps freed blocks the same way; idle memory then
+///   shows as used in `nvidia-smi`. [`release_freed_memory`] hands it back.
+/// - **No per-tensor CUDA events.** Candle runs each device on one stream
+///   of its own, which puts cudarc in multi-stream mode: every allocation
+///   creates two events and every kernel argument records one and waits on
+///   another, host work that decoding a token pays hundreds of times.
+///   Everything Candle and this library launch on a device goes to that
+///   one stream, in order, so the events order nothing. A program that
+///   launches on other streams of the same context itself must synchronise
+///   them itself.
+pub fn prepare_device(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        // SAFETY: see above: one stream per Candle device, nothing for the
+        // events to order. cudarc 0.19 checks the flag at every use, so
+        // tensors made before this call are fine too.
+        unsafe { d.disable_event_tracking() };
+    }
+    keep_freed_memory(device);
+}
+
+fn keep_freed_memory(device: &Device) {
     #[cfg(feature = "cuda")]
     if let Some(pool) = default_pool(device) {
         use candle_core::cuda_backend::cudarc::driver::sys;
@@ -88,7 +106,7 @@ fn default_pool(
     (status == sys::CUresult::CUDA_SUCCESS).then_some(pool)
 }
 
-/// Hands the memory the CUDA pool keeps ([`keep_freed_memory`]) back to
+/// Hands the memory the CUDA pool keeps ([`prepare_device`]) back to
 /// the system, like `torch.cuda.empty_cache()`: for a program that is done
 /// with a large model and wants the memory seen as free (other processes,
 /// `nvidia-smi`, measurements). Synchronises the device first. Does nothing

@@ -321,7 +321,7 @@ impl EmbeddingModel {
     /// # Errors
     /// Missing or invalid files, an unsupported architecture or module.
     pub fn load(repo: &ModelRepo, dtype: Option<DType>, device: &Device) -> Result<Self> {
-        crate::backend::keep_freed_memory(device);
+        crate::backend::prepare_device(device);
         let dtype = dtype.unwrap_or_else(|| crate::backend::default_dtype(device));
         let config_path = repo.get("config.json")?;
 

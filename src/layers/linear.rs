@@ -162,6 +162,85 @@ impl Linear {
         )
     }
 
+    /// One dense layer computing the outputs of `parts` side by side (their
+    /// weights stacked along the output dimension), without biases (see
+    /// [`Linear::stacked_bias`]): the fused q/k/v projection. `None` when a
+    /// part is quantized or carries an adapter (those stay separate).
+    ///
+    /// # Errors
+    /// Weights of different widths, dtypes or devices.
+    pub(crate) fn stack(parts: &[&Linear]) -> Result<Option<Linear>> {
+        let mut weights = Vec::with_capacity(parts.len());
+        for p in parts {
+            match (&p.weight, &p.adapter) {
+                (BaseWeight::Dense(w), None) => weights.push(w),
+                _ => return Ok(None),
+            }
+        }
+        Ok(Some(Linear::new(Tensor::cat(&weights, 0)?, None)))
+    }
+
+    /// [`Linear::stack`] without a second copy of the weights: each part's
+    /// weight becomes a view into the stacked one, so the parts still work
+    /// alone (adapters, training) and the fused layer costs no memory.
+    /// `None` (parts unchanged) when a part is quantized or has an adapter.
+    ///
+    /// # Errors
+    /// Weights of different widths, dtypes or devices.
+    pub(crate) fn stack_shared(parts: &mut [&mut Linear]) -> Result<Option<Linear>> {
+        let refs: Vec<&Linear> = parts.iter().map(|p| &**p).collect();
+        let Some(fused) = Self::stack(&refs)? else {
+            return Ok(None);
+        };
+        let BaseWeight::Dense(all) = &fused.weight else {
+            return Ok(None);
+        };
+        let mut start = 0;
+        for p in parts.iter_mut() {
+            let rows = p.dims().0;
+            p.weight = BaseWeight::Dense(all.narrow(0, start, rows)?);
+            start += rows;
+        }
+        Ok(Some(fused))
+    }
+
+    /// The biases of `parts` concatenated (zeros for a part without one),
+    /// in `dtype` on `device`.
+    ///
+    /// # Errors
+    /// Tensor errors.
+    pub(crate) fn stacked_bias(
+        parts: &[&Linear],
+        dtype: DType,
+        device: &candle_core::Device,
+    ) -> Result<Tensor> {
+        let mut biases = Vec::with_capacity(parts.len());
+        for p in parts {
+            biases.push(match &p.bias {
+                Some(b) => b.to_dtype(dtype)?.to_device(device)?,
+                None => Tensor::zeros(p.dims().0, dtype, device)?,
+            });
+        }
+        Ok(Tensor::cat(&biases, 0)?)
+    }
+
+    /// The identity of the dense base weight (`None` when quantized): a
+    /// layer built over views of it (see [`Linear::stack_shared`]) checks it
+    /// to notice that the weight was replaced, e.g. by an adapter merge.
+    pub(crate) fn weight_id(&self) -> Option<candle_core::TensorId> {
+        match &self.weight {
+            BaseWeight::Dense(w) => Some(w.id()),
+            BaseWeight::Quantized(_) => None,
+        }
+    }
+
+    /// This layer without its bias (for a caller that adds the bias in a
+    /// fused op of its own).
+    #[must_use]
+    pub(crate) fn without_bias(self) -> Self {
+        Self { bias: None, ..self }
+    }
+
     /// Whether the base weight is quantized.
     #[must_use]
     pub fn is_quantized(&self) -> bool {
@@ -252,7 +331,9 @@ impl Linear {
             BaseWeight::Quantized(q) => quantized_matmul(x, q)?,
         };
         let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
+            Some(b) => {
+                crate::backend::kernels::bias_act(&y, b, crate::backend::kernels::Activation::None)?
+            }
             None => y,
         };
         match &self.adapter {

@@ -325,7 +325,7 @@ pub struct LoadOptions {
 /// # Errors
 /// Unsupported architecture, invalid config, missing or misshapen tensors.
 pub fn build_decoder(config: &DecoderConfig, weights: &Weights) -> Result<Box<dyn CausalLm>> {
-    crate::backend::keep_freed_memory(weights.device());
+    crate::backend::prepare_device(weights.device());
     (by_model_type(&config.model_type)?.build)(config, weights)
 }
 

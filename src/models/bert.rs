@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use super::encoder::{
-    check_config, check_inputs, padding_bias, Activation, EncoderLayer, LayerDims, LayerNames,
+    check_config, check_inputs, padding_bias, parse_activation, EncoderLayer, LayerDims, LayerNames,
 };
 use crate::error::{Error, Result};
 use crate::io::Weights;
@@ -147,7 +147,7 @@ impl BertModel {
             heads: config.num_attention_heads,
             intermediate: config.intermediate_size,
             eps: config.layer_norm_eps,
-            act: Activation::parse(&config.hidden_act)
+            act: parse_activation(&config.hidden_act)
                 .map_err(|m| Error::config("BERT config", m))?,
         };
         let layers = (0..config.num_hidden_layers)

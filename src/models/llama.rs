@@ -17,6 +17,7 @@ use super::config::DecoderConfig;
 use super::decoder::CausalLm;
 use super::kv_cache::KvCache;
 use crate::backend::autograd::{checkpoint, with_backward};
+use crate::backend::kernels::{split_heads, Heads};
 use crate::error::{Error, Result};
 use crate::io::Weights;
 use crate::layers::needs_grad;
@@ -24,6 +25,17 @@ use crate::layers::{
     attention, attention_mask as build_mask, mask_rows, padding_bias, Linear, Mask, MaskKind,
     RmsNorm, RotaryEmbedding,
 };
+
+/// The stacked q/k/v projection of an [`Attention`].
+#[derive(Debug, Clone)]
+struct FusedQkv {
+    proj: Linear,
+    bias: Tensor,
+    /// The parts' weights when it was built: a part whose weight has been
+    /// replaced since (an adapter merged into it) no longer matches the
+    /// stacked copy, and the layer goes back to the three projections.
+    parts: [Option<candle_core::TensorId>; 3],
+}
 
 #[derive(Debug, Clone)]
 struct Attention {
@@ -38,6 +50,11 @@ struct Attention {
     head_dim: usize,
     /// Which mask this layer uses (full causal or a sliding window).
     mask: MaskKind,
+    /// q, k and v as one projection whose weight the three share (views),
+    /// and their stacked bias: inference runs one matmul and one
+    /// [`split_heads`] instead of three matmuls, bias adds and transposes.
+    /// `None` for quantized weights.
+    qkv: Option<FusedQkv>,
 }
 
 impl Attention {
@@ -54,10 +71,22 @@ impl Attention {
         } else {
             None
         };
+        let mut q_proj = Linear::load(w, &format!("{p}.q_proj"), h, nh * d, bias)?;
+        let mut k_proj = Linear::load(w, &format!("{p}.k_proj"), h, nkv * d, bias)?;
+        let mut v_proj = Linear::load(w, &format!("{p}.v_proj"), h, nkv * d, bias)?;
+        let qkv = match Linear::stack_shared(&mut [&mut q_proj, &mut k_proj, &mut v_proj])? {
+            Some(proj) => Some(FusedQkv {
+                proj,
+                bias: Linear::stacked_bias(&[&q_proj, &k_proj, &v_proj], w.dtype(), w.device())?,
+                parts: [q_proj.weight_id(), k_proj.weight_id(), v_proj.weight_id()],
+            }),
+            None => None,
+        };
         Ok(Self {
-            q_proj: Linear::load(w, &format!("{p}.q_proj"), h, nh * d, bias)?,
-            k_proj: Linear::load(w, &format!("{p}.k_proj"), h, nkv * d, bias)?,
-            v_proj: Linear::load(w, &format!("{p}.v_proj"), h, nkv * d, bias)?,
+            q_proj,
+            k_proj,
+            v_proj,
+            qkv,
             o_proj: Linear::load(w, &format!("{p}.o_proj"), nh * d, h, false)?,
             qk_norm,
             num_heads: nh,
@@ -70,18 +99,41 @@ impl Attention {
         })
     }
 
+    /// q, k, v as `[b, heads, s, head_dim]`, before the q/k norms and RoPE.
+    fn project(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, s, _) = x.dims3()?;
+        let parts = [&self.q_proj, &self.k_proj, &self.v_proj];
+        let fused = self.qkv.as_ref().filter(|f| {
+            parts
+                .iter()
+                .zip(&f.parts)
+                .all(|(l, id)| l.adapter().is_none() && l.weight_id() == *id)
+        });
+        if let (Some(f), false) = (fused, needs_grad(&[x])) {
+            let heads = Heads {
+                q: self.num_heads,
+                kv: self.num_kv_heads,
+                dim: self.head_dim,
+            };
+            return Ok(split_heads(&f.proj.forward(x)?, &f.bias, heads)?);
+        }
+        let heads = |t: Tensor, n: usize| t.reshape((b, s, n, self.head_dim))?.transpose(1, 2);
+        Ok((
+            heads(self.q_proj.forward(x)?, self.num_heads)?,
+            heads(self.k_proj.forward(x)?, self.num_kv_heads)?,
+            heads(self.v_proj.forward(x)?, self.num_kv_heads)?,
+        ))
+    }
+
     fn forward(&self, x: &Tensor, ctx: &mut LayerCtx<'_>, layer: usize) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
-        let heads = |t: Tensor, n: usize| t.reshape((b, s, n, self.head_dim));
-        let mut q = heads(self.q_proj.forward(x)?, self.num_heads)?;
-        let mut k = heads(self.k_proj.forward(x)?, self.num_kv_heads)?;
-        let v = heads(self.v_proj.forward(x)?, self.num_kv_heads)?.transpose(1, 2)?;
+        let (mut q, mut k, v) = self.project(x)?;
         if let Some((q_norm, k_norm)) = &self.qk_norm {
             q = q_norm.forward(&q)?;
             k = k_norm.forward(&k)?;
         }
-        let q = RotaryEmbedding::apply(&q.transpose(1, 2)?, ctx.cos, ctx.sin)?;
-        let k = RotaryEmbedding::apply(&k.transpose(1, 2)?, ctx.cos, ctx.sin)?;
+        let q = RotaryEmbedding::apply(&q, ctx.cos, ctx.sin)?;
+        let k = RotaryEmbedding::apply(&k, ctx.cos, ctx.sin)?;
         let (k, v) = match ctx.cache.as_deref_mut() {
             Some(cache) => cache.append(layer, &k, &v)?,
             None => (k, v),

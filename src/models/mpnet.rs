@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use super::bert::{check_vocab, weight_prefix};
 use super::encoder::{
-    check_config, check_inputs, padding_bias, Activation, EncoderLayer, LayerDims, LayerNames,
+    check_config, check_inputs, padding_bias, parse_activation, EncoderLayer, LayerDims, LayerNames,
 };
 use crate::error::{Error, Result};
 use crate::io::Weights;
@@ -179,7 +179,7 @@ impl MpnetModel {
             heads: config.num_attention_heads,
             intermediate: config.intermediate_size,
             eps: config.layer_norm_eps,
-            act: Activation::parse(&config.hidden_act)
+            act: parse_activation(&config.hidden_act)
                 .map_err(|m| Error::config("MPNet config", m))?,
         };
         let layers = (0..config.num_hidden_layers)

@@ -7,7 +7,9 @@
 
 use crate::common::{device, rel_diff};
 use candle_core::{DType, Device, Tensor, Var, D};
-use metal_candle::backend::kernels::{flash_attention, rms_norm, swiglu};
+use metal_candle::backend::kernels::{
+    add_layer_norm, bias_act, flash_attention, rms_norm, split_heads, swiglu, Activation, Heads,
+};
 use metal_candle::layers::composed_attention;
 
 type Op = fn(&[Tensor]) -> candle_core::Result<Tensor>;
@@ -74,6 +76,64 @@ const KERNELS: &[Row] = &[
         // blocks of 256), so the grid-stride loop runs.
         shapes: &[&[7], &[3, 100], &[4, 2, 896], &[64, 4864]],
         grads: 2,
+        runs_on: everywhere,
+        tolerances: TOLERANCES,
+    },
+    Row {
+        name: "bias_act (bias add)",
+        fused: |t| bias_act(&t[0], &t[1], Activation::None),
+        composed: |t| t[0].broadcast_add(&t[1]),
+        inputs: bias_inputs,
+        shapes: &[&[7], &[3, 100], &[4, 2, 896], &[300, 1536]],
+        grads: 2,
+        runs_on: everywhere,
+        tolerances: TOLERANCES,
+    },
+    // Inference-only ops (encoders): forward values only (grads: 0). With
+    // gradient-tracking inputs they take the composed path themselves.
+    Row {
+        name: "bias_act (gelu erf)",
+        fused: |t| bias_act(&t[0], &t[1], Activation::GeluErf),
+        composed: |t| t[0].broadcast_add(&t[1])?.gelu_erf(),
+        inputs: bias_inputs,
+        shapes: &[&[7], &[3, 100], &[300, 1536]],
+        grads: 0,
+        runs_on: everywhere,
+        tolerances: TOLERANCES,
+    },
+    Row {
+        name: "bias_act (gelu tanh)",
+        fused: |t| bias_act(&t[0], &t[1], Activation::GeluTanh),
+        composed: |t| t[0].broadcast_add(&t[1])?.gelu(),
+        inputs: bias_inputs,
+        shapes: &[&[3, 100], &[64, 384]],
+        grads: 0,
+        runs_on: everywhere,
+        tolerances: TOLERANCES,
+    },
+    Row {
+        name: "add_layer_norm",
+        fused: |t| add_layer_norm(&t[0], &t[1], &t[2], EPS),
+        composed: |t| add_layer_norm_composed(&t[0], &t[1], &t[2], f64::from(EPS)),
+        inputs: add_layer_norm_inputs,
+        // Rows narrower than a warp, MiniLM's 384, MPNet's 768, and above
+        // one 1024-thread block.
+        shapes: &[&[5, 7], &[3, 4, 384], &[2, 768], &[2, 1500]],
+        grads: 0,
+        runs_on: everywhere,
+        tolerances: TOLERANCES,
+    },
+    // [b, s, q heads, kv heads, head dim]
+    Row {
+        name: "split_heads",
+        fused: |t| {
+            let (q, k, v) = split_heads(&t[0], &t[1], heads_of(&t[0], t[2].dims()))?;
+            flat(&[q, k, v])
+        },
+        composed: split_heads_composed,
+        inputs: split_heads_inputs,
+        shapes: &[&[2, 3, 4, 4, 8], &[1, 5, 4, 2, 16], &[3, 70, 12, 12, 32]],
+        grads: 0,
         runs_on: everywhere,
         tolerances: TOLERANCES,
     },
@@ -279,6 +339,98 @@ fn rms_norm_composed(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Te
     let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = xf.broadcast_mul(&(var + eps)?.sqrt()?.recip()?)?;
     normed.to_dtype(dtype)?.broadcast_mul(w)
+}
+
+/// x `[.., n]` and a bias `[n]`.
+fn bias_inputs(shape: &[usize], dtype: DType, dev: &Device) -> Vec<Tensor> {
+    let n = *shape.last().unwrap();
+    vec![
+        randn(0.0, 1.5, shape, dtype, dev),
+        randn(0.0, 0.5, &[n], dtype, dev),
+    ]
+}
+
+/// x, residual `[.., n]` and params `[3, n]` (projection bias, weight, bias).
+fn add_layer_norm_inputs(shape: &[usize], dtype: DType, dev: &Device) -> Vec<Tensor> {
+    let n = *shape.last().unwrap();
+    let params = Tensor::stack(
+        &[
+            randn(0.0, 0.5, &[n], dtype, dev),
+            randn(1.0, 0.2, &[n], dtype, dev),
+            randn(0.0, 0.2, &[n], dtype, dev),
+        ],
+        0,
+    )
+    .unwrap();
+    vec![
+        randn(0.3, 1.5, shape, dtype, dev),
+        randn(0.0, 1.0, shape, dtype, dev),
+        params,
+    ]
+}
+
+/// transformers' LayerNorm after the bias and residual adds (each rounded
+/// to the dtype): statistics in f32, centred variance.
+fn add_layer_norm_composed(
+    x: &Tensor,
+    r: &Tensor,
+    p: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    let dtype = x.dtype();
+    let v = (x.broadcast_add(&p.get(0)?)? + r)?.to_dtype(DType::F32)?;
+    let centred = v.broadcast_sub(&v.mean_keepdim(D::Minus1)?)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    let pf = p.to_dtype(DType::F32)?;
+    centred
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .broadcast_mul(&pf.get(1)?)?
+        .broadcast_add(&pf.get(2)?)?
+        .to_dtype(dtype)
+}
+
+/// qkv `[b, s, (q + 2 kv) d]`, its bias, and a `[q, kv, d]`-shaped marker
+/// carrying the head counts.
+fn split_heads_inputs(shape: &[usize], dtype: DType, dev: &Device) -> Vec<Tensor> {
+    let &[b, s, q, kv, d] = shape else {
+        panic!("split_heads shape is [b, s, q, kv, d], got {shape:?}")
+    };
+    let w = (q + 2 * kv) * d;
+    vec![
+        randn(0.0, 1.0, &[b, s, w], dtype, dev),
+        randn(0.0, 0.5, &[w], dtype, dev),
+        Tensor::zeros((q, kv, d), dtype, dev).unwrap(),
+    ]
+}
+
+fn heads_of(_qkv: &Tensor, marker: &[usize]) -> Heads {
+    Heads {
+        q: marker[0],
+        kv: marker[1],
+        dim: marker[2],
+    }
+}
+
+/// The tensors flattened and concatenated (to compare several outputs).
+fn flat(ts: &[Tensor]) -> candle_core::Result<Tensor> {
+    let parts = ts
+        .iter()
+        .map(|t| t.flatten_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Tensor::cat(&parts, 0)
+}
+
+fn split_heads_composed(t: &[Tensor]) -> candle_core::Result<Tensor> {
+    let (b, s, _) = t[0].dims3()?;
+    let h = heads_of(&t[0], t[2].dims());
+    let y = t[0].broadcast_add(&t[1])?;
+    let part = |start: usize, n: usize| {
+        y.narrow(2, start * h.dim, n * h.dim)?
+            .reshape((b, s, n, h.dim))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    flat(&[part(0, h.q)?, part(h.q, h.kv)?, part(h.q + h.kv, h.kv)?])
 }
 
 fn randn(mean: f32, std: f32, shape: &[usize], dtype: DType, dev: &Device) -> Tensor {

@@ -15,13 +15,19 @@ pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod launch;
 
+mod add_layer_norm;
+mod bias_act;
 mod cross_entropy;
 mod flash_attn;
 mod rms_norm;
+mod split_heads;
 mod swiglu;
 
+pub use add_layer_norm::add_layer_norm;
+pub use bias_act::{bias_act, Activation};
 pub(crate) use cross_entropy::{cross_entropy_grad, cross_entropy_stats};
 pub use flash_attn::{flash_attention, flash_attention_supported};
 pub use rms_norm::rms_norm;
+pub use split_heads::{split_heads, Heads};
 pub use swiglu::swiglu;
 pub(crate) use swiglu::swiglu_backward;

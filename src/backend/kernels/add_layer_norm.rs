@@ -1,0 +1,151 @@
+//! `LayerNorm(x + lin_bias + residual)` in one pass: what closes each half
+//! of a post-norm encoder layer (BERT, MPNet), the projection's bias, the
+//! residual add and the normalisation.
+//!
+//! Composed in Candle that is a broadcast add (the slowest kernel of an
+//! encoder forward on an H200), an add and its `layer_norm` kernel, with two
+//! full-size intermediates. Encoders are inference-only here and this op has
+//! no backward: [`add_layer_norm`] takes Candle's differentiable ops when an
+//! input tracks gradients, so no gradient is lost.
+
+use candle_core::{CpuStorage, DType, Layout, Shape, Tensor, D};
+
+use super::cpu::{cpu_map, CpuOp, Float};
+
+/// `LayerNorm(x + lin_bias + residual)` over the last dimension, with
+/// `params` = `[3, n]`: the projection bias, the norm's weight and its bias
+/// (stacked once at load: a custom op takes at most three inputs).
+///
+/// # Errors
+/// Shape or dtype mismatch (f32, bf16 and f16 are supported).
+pub fn add_layer_norm(
+    x: &Tensor,
+    residual: &Tensor,
+    params: &Tensor,
+    eps: f32,
+) -> candle_core::Result<Tensor> {
+    let n = x.dim(D::Minus1)?;
+    if residual.dims() != x.dims() || params.dims() != [3, n] {
+        candle_core::bail!(
+            "add_layer_norm: x {:?}, residual {:?} and params {:?} (want [3, {n}]) disagree",
+            x.dims(),
+            residual.dims(),
+            params.dims()
+        );
+    }
+    if residual.dtype() != x.dtype() || params.dtype() != x.dtype() {
+        candle_core::bail!("add_layer_norm: x, residual and params must share a dtype");
+    }
+    if crate::layers::needs_grad(&[x, residual, params]) {
+        return composed(x, residual, params, eps);
+    }
+    x.contiguous()?.apply_op3_no_bwd(
+        &residual.contiguous()?,
+        &params.contiguous()?,
+        &AddLayerNorm { eps },
+    )
+}
+
+/// The same with Candle's differentiable ops (transformers' LayerNorm:
+/// statistics in f32, centred variance).
+fn composed(
+    x: &Tensor,
+    residual: &Tensor,
+    params: &Tensor,
+    eps: f32,
+) -> candle_core::Result<Tensor> {
+    let dtype = x.dtype();
+    let v = (x.broadcast_add(&params.get(0)?)? + residual)?.to_dtype(DType::F32)?;
+    let centred = v.broadcast_sub(&v.mean_keepdim(D::Minus1)?)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centred.broadcast_div(&(var + f64::from(eps))?.sqrt()?)?;
+    let p = params.to_dtype(DType::F32)?;
+    normed
+        .broadcast_mul(&p.get(1)?)?
+        .broadcast_add(&p.get(2)?)?
+        .to_dtype(dtype)
+}
+
+struct AddLayerNorm {
+    eps: f32,
+}
+
+impl CpuOp for AddLayerNorm {
+    const NAME: &'static str = "add_layer_norm";
+
+    fn run<T: Float>(&self, inputs: &[&[T]], layout: &Layout) -> candle_core::Result<Vec<T>> {
+        let &[x, r, p] = inputs else {
+            candle_core::bail!("add_layer_norm: expected x, residual and params");
+        };
+        let n = layout.dims().last().copied().unwrap_or(1).max(1);
+        let (lb, rest) = p.split_at(n);
+        let (w, b) = rest.split_at(n);
+        let mut out = Vec::with_capacity(x.len());
+        let mut v = vec![0f32; n];
+        for (xr, rr) in x.chunks(n).zip(r.chunks(n)) {
+            for (i, vi) in v.iter_mut().enumerate() {
+                let s = T::from_f32(xr[i].to_f32() + lb[i].to_f32()).to_f32();
+                *vi = T::from_f32(s + rr[i].to_f32()).to_f32();
+            }
+            let mean = v.iter().sum::<f32>() / n as f32;
+            let var = v.iter().map(|a| (a - mean) * (a - mean)).sum::<f32>() / n as f32;
+            let rstd = 1.0 / (var + self.eps).sqrt();
+            out.extend(
+                v.iter()
+                    .enumerate()
+                    .map(|(i, a)| T::from_f32((a - mean) * rstd * w[i].to_f32() + b[i].to_f32())),
+            );
+        }
+        Ok(out)
+    }
+}
+
+impl candle_core::CustomOp3 for AddLayerNorm {
+    fn name(&self) -> &'static str {
+        "metal-candle-add-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = cpu_map(self, &[(s1, l1), (s2, l2), (s3, l3)])?;
+        Ok((y, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use super::launch::{launch, ptx, rows_config, Arg};
+        let shape = l1.shape().clone();
+        let n = l1.dims().last().copied().unwrap_or(1).max(1);
+        let rows = shape.elem_count() / n;
+        let Ok(n_arg) = i32::try_from(n) else {
+            candle_core::bail!("add_layer_norm: rows of {n} elements are too long");
+        };
+        let args = [Arg::I32(n_arg), Arg::F32(self.eps)];
+        let inputs = [(s1, l1), (s2, l2), (s3, l3)];
+        let cfg = rows_config(rows, n)?;
+        let out = launch(
+            &ptx::ADD_LAYER_NORM,
+            "add_layer_norm",
+            &inputs,
+            shape.elem_count(),
+            cfg,
+            &args,
+        )?;
+        Ok((out, shape))
+    }
+}
