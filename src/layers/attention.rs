@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use super::norm::needs_grad;
 use crate::backend::autograd::with_backward;
-use crate::backend::kernels::{flash_attention, flash_attention_supported};
+use crate::backend::kernels::{flash_attention, flash_attention_merged, flash_attention_supported};
 use crate::error::{Error, Result};
 
 /// Which keys each query sees in one [`attention`] call.
@@ -50,11 +50,14 @@ impl<'a> Mask<'a> {
 ///
 /// `q` is `[b, heads, s, d]`; `k` and `v` are `[b, kv_heads, t, d]` with
 /// `heads` a multiple of `kv_heads` (grouped-query attention). The result
-/// is `[b, heads, s, d]` in `q`'s dtype. Picks the implementation:
+/// is `[b, s, heads · d]` (heads merged, ready for the output projection)
+/// in `q`'s dtype. Picks the implementation:
 ///
 /// - on CUDA in bf16/f16 with head dim 32, 64 or 128, our FlashAttention-2
 ///   style kernel (`backend::kernels::flash_attention`, forward and
-///   backward; the causal/window part as flags, `mask.bias` as bias);
+///   backward; the causal/window part as flags, `mask.bias` as bias); for
+///   inference it writes the merged layout itself
+///   (`flash_attention_merged`), saving a transposing copy;
 /// - elsewhere [`composed_attention`] with `mask.dense`.
 ///
 /// A query row whose keys are all padding gets weights that differ
@@ -69,15 +72,20 @@ pub fn attention(
     mask: &Mask<'_>,
     scale: f64,
 ) -> candle_core::Result<Tensor> {
+    let (b, heads, s, d) = q.dims4()?;
+    let merge = |o: Tensor| o.transpose(1, 2)?.reshape((b, s, heads * d));
     if flash_attention_supported(q, k, v) {
         let (causal, window) = match mask.kind {
             MaskKind::Bidirectional => (false, None),
             MaskKind::Causal => (true, None),
             MaskKind::SlidingWindow(w) => (true, Some(w)),
         };
-        return flash_attention(q, k, v, mask.bias, scale, causal, window);
+        if !needs_grad(&[q, k, v]) {
+            return flash_attention_merged(q, k, v, mask.bias, scale, causal, window);
+        }
+        return merge(flash_attention(q, k, v, mask.bias, scale, causal, window)?);
     }
-    composed_attention(q, k, v, mask.dense, scale)
+    merge(composed_attention(q, k, v, mask.dense, scale)?)
 }
 
 /// `softmax(q kᵀ · scale + bias) v` from matmuls and Candle's fused softmax

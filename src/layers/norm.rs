@@ -50,6 +50,21 @@ impl RmsNorm {
     }
 }
 
+impl RmsNorm {
+    /// `(x + delta, self(x + delta))`: a residual add and this norm after
+    /// it, fused for inference ([`crate::backend::kernels::add_rms_norm`]).
+    ///
+    /// # Errors
+    /// Tensor errors.
+    pub(crate) fn add_forward(
+        &self,
+        x: &Tensor,
+        delta: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        crate::backend::kernels::add_rms_norm(x, delta, &self.weight, self.eps as f32)
+    }
+}
+
 /// Layer normalisation with a weight and a bias (BERT, MPNet).
 ///
 /// Encoders are inference-only here, so this is Candle's fused kernel

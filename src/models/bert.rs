@@ -10,6 +10,7 @@ use serde::Deserialize;
 use super::encoder::{
     check_config, check_inputs, padding_bias, parse_activation, EncoderLayer, LayerDims, LayerNames,
 };
+use crate::backend::kernels::{bias_act, Activation};
 use crate::error::{Error, Result};
 use crate::io::Weights;
 use crate::layers::LayerNorm;
@@ -217,11 +218,14 @@ impl BertModel {
         let words = self
             .word
             .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, s, h))?;
-        let mut x = words.broadcast_add(&self.position.narrow(0, 0, s)?.unsqueeze(0)?)?;
+            .reshape((b, s * h))?;
+        // Position and token-type rows summed once ([s, h], small), then
+        // added to every sequence in one pass.
+        let mut extra = self.position.narrow(0, 0, s)?;
         if let Some(tt) = &self.token_type {
-            x = x.broadcast_add(tt)?;
+            extra = extra.broadcast_add(tt)?;
         }
+        let x = bias_act(&words, &extra.flatten_all()?, Activation::None)?.reshape((b, s, h))?;
         let mut x = self.norm.forward(&x)?;
         let bias = padding_bias(mask, self.device())?;
         for layer in &self.layers {

@@ -122,7 +122,6 @@ impl EncoderLayer {
     /// `x`: `[b, s, hidden]`; `bias`: additive f32 attention bias
     /// broadcastable to `[b, heads, s, s]`.
     pub(crate) fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let (b, s, hidden) = x.dims3()?;
         let qkv = match self.qkv.as_slice() {
             [fused] => fused.forward(x)?,
             parts => {
@@ -140,9 +139,7 @@ impl EncoderLayer {
         };
         let (q, k, v) = split_heads(&qkv, &self.qkv_bias, heads)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let ctx = attention(&q, &k, &v, &Mask::bidirectional(bias), scale)?
-            .transpose(1, 2)?
-            .reshape((b, s, hidden))?;
+        let ctx = attention(&q, &k, &v, &Mask::bidirectional(bias), scale)?;
         let attn = add_layer_norm(&self.o.forward(&ctx)?, x, &self.attn_norm, self.eps)?;
         let up = bias_act(&self.up.forward(&attn)?, &self.up_bias, self.act)?;
         add_layer_norm(&self.down.forward(&up)?, &attn, &self.out_norm, self.eps)

@@ -126,7 +126,6 @@ impl Attention {
     }
 
     fn forward(&self, x: &Tensor, ctx: &mut LayerCtx<'_>, layer: usize) -> Result<Tensor> {
-        let (b, s, _) = x.dims3()?;
         let (mut q, mut k, v) = self.project(x)?;
         if let Some((q_norm, k_norm)) = &self.qk_norm {
             q = q_norm.forward(&q)?;
@@ -147,9 +146,7 @@ impl Attention {
             },
         };
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let out = attention(&q, &k, &v, &mask, scale)?
-            .transpose(1, 2)?
-            .reshape((b, s, self.num_heads * self.head_dim))?;
+        let out = attention(&q, &k, &v, &mask, scale)?;
         Ok(self.o_proj.forward(&out)?)
     }
 }
@@ -234,6 +231,27 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
+    /// The layer with its residual adds fused into the norms after them:
+    /// `x + pending` (the previous layer's MLP output, if any) is normed by
+    /// this layer's input norm in one pass, the attention output likewise
+    /// by the post-attention norm. Returns the residual stream before this
+    /// layer's MLP output and that output, for the next norm to add.
+    fn forward_fused(
+        &self,
+        x: &Tensor,
+        pending: Option<Tensor>,
+        ctx: &mut LayerCtx<'_>,
+        i: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let (x, h) = match pending {
+            Some(delta) => self.input_layernorm.add_forward(x, &delta)?,
+            None => (x.clone(), self.input_layernorm.forward(x)?),
+        };
+        let attn = self.self_attn.forward(&h, ctx, i)?;
+        let (x, h) = self.post_attention_layernorm.add_forward(&x, &attn)?;
+        Ok((x, self.mlp.forward(&h)?))
+    }
+
     fn forward(&self, x: &Tensor, ctx: &mut LayerCtx<'_>, i: usize) -> Result<Tensor> {
         let h = self.input_layernorm.forward(x)?;
         let x = (x + self.self_attn.forward(&h, ctx, i)?)?;
@@ -498,8 +516,12 @@ impl CausalLm for Llama {
             .embed_tokens
             .index_select(&input_ids.flatten_all()?, 0)?
             .reshape((b, s, self.config.hidden_size))?;
+        let mut pending: Option<Tensor> = None;
         for (i, layer) in self.layers.iter().enumerate() {
             if self.checkpointing && cache.is_none() {
+                if let Some(mlp) = pending.take() {
+                    x = (x + mlp)?;
+                }
                 let params = layer.parameters();
                 let (layer, cos, sin) = (layer.clone(), cos.clone(), sin.clone());
                 let (mask, window_mask) = (mask.clone(), window_mask.clone());
@@ -526,12 +548,19 @@ impl CausalLm for Llama {
                 padding: padding.as_ref(),
                 cache: cache.as_deref_mut(),
             };
-            x = layer.forward(&x, &mut ctx, i)?;
+            // The layer's MLP output is added to the residual stream by the
+            // next norm (one fused add + RMSNorm, `pending`).
+            let (sum, mlp) = layer.forward_fused(&x, pending.take(), &mut ctx, i)?;
+            x = sum;
+            pending = Some(mlp);
         }
         if let Some(c) = cache {
             c.advance(s);
         }
-        Ok(self.norm.forward(&x)?)
+        Ok(match pending {
+            Some(mlp) => self.norm.add_forward(&x, &mlp)?.1,
+            None => self.norm.forward(&x)?,
+        })
     }
 
     fn lm_head(&self) -> &Linear {

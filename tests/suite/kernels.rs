@@ -8,7 +8,8 @@
 use crate::common::{device, rel_diff};
 use candle_core::{DType, Device, Tensor, Var, D};
 use metal_candle::backend::kernels::{
-    add_layer_norm, bias_act, flash_attention, rms_norm, split_heads, swiglu, Activation, Heads,
+    add_layer_norm, add_rms_norm, bias_act, flash_attention, flash_attention_merged, rms_norm,
+    split_heads, swiglu, Activation, Heads,
 };
 use metal_candle::layers::composed_attention;
 
@@ -63,6 +64,25 @@ const KERNELS: &[Row] = &[
             &[2, 4096],
         ],
         grads: 2,
+        runs_on: everywhere,
+        tolerances: TOLERANCES,
+    },
+    // Inference-only (grads: 0; with gradient-tracking inputs it takes the
+    // composed add and rms_norm): the sum, then the normalised sum.
+    Row {
+        name: "add_rms_norm",
+        fused: |t| {
+            let (sum, normed) = add_rms_norm(&t[0], &t[2], &t[1], EPS)?;
+            flat(&[sum, normed])
+        },
+        composed: |t| {
+            let sum = (&t[0] + &t[2])?;
+            let normed = rms_norm_composed(&sum, &t[1], f64::from(EPS))?;
+            flat(&[sum, normed])
+        },
+        inputs: add_rms_norm_inputs,
+        shapes: &[&[12, 7], &[1, 896], &[3, 896], &[2000, 64], &[2, 1500]],
+        grads: 0,
         runs_on: everywhere,
         tolerances: TOLERANCES,
     },
@@ -171,6 +191,22 @@ const KERNELS: &[Row] = &[
         runs_on: flash_runs_on,
         tolerances: ATTENTION_TOLERANCES,
     },
+    // Inference's merged-heads output ([b, s, heads * d], written so by the
+    // kernel on CUDA): forward only.
+    Row {
+        name: "flash_attention merged heads",
+        fused: |t| flash_attention_merged(&t[0], &t[1], &t[2], None, scale(&t[0]), true, None),
+        composed: |t| merge_heads(&attention_composed(t, None, true, None)?),
+        inputs: attention_inputs,
+        shapes: &[
+            &[2, 4, 2, 9, 9, 32],
+            &[3, 2, 1, 1, 13, 64],
+            &[2, 2, 2, 130, 130, 128],
+        ],
+        grads: 0,
+        runs_on: flash_runs_on,
+        tolerances: ATTENTION_TOLERANCES,
+    },
     Row {
         name: "flash_attention window",
         fused: |t| flash_attention(&t[0], &t[1], &t[2], None, scale(&t[0]), true, Some(WINDOW)),
@@ -255,6 +291,12 @@ const ATTENTION_TOLERANCES: &[(DType, f32, f32)] = &[
     (DType::BF16, 2e-2, 5e-2),
     (DType::F16, 4e-3, 8e-3),
 ];
+
+/// `[b, h, s, d]` to `[b, s, h * d]`.
+fn merge_heads(o: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, h, s, d) = o.dims4()?;
+    o.transpose(1, 2)?.reshape((b, s, h * d))
+}
 
 fn scale(q: &Tensor) -> f64 {
     1.0 / (q.dim(3).unwrap() as f64).sqrt()
@@ -446,6 +488,13 @@ fn rms_norm_inputs(shape: &[usize], dtype: DType, dev: &Device) -> Vec<Tensor> {
         randn(0.0, 1.5, shape, dtype, dev),
         randn(1.0, 0.2, &[hidden], dtype, dev),
     ]
+}
+
+/// x, w (as rms_norm) and a residual like x.
+fn add_rms_norm_inputs(shape: &[usize], dtype: DType, dev: &Device) -> Vec<Tensor> {
+    let mut inputs = rms_norm_inputs(shape, dtype, dev);
+    inputs.push(randn(0.0, 1.0, shape, dtype, dev));
+    inputs
 }
 
 fn swiglu_inputs(shape: &[usize], dtype: DType, dev: &Device) -> Vec<Tensor> {

@@ -128,16 +128,22 @@ impl candle_core::CustomOp3 for AddLayerNorm {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use super::launch::{launch, ptx, rows_config, Arg};
+        use super::launch::{launch, ptx, Arg};
+        use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
         let shape = l1.shape().clone();
         let n = l1.dims().last().copied().unwrap_or(1).max(1);
         let rows = shape.elem_count() / n;
-        let Ok(n_arg) = i32::try_from(n) else {
-            candle_core::bail!("add_layer_norm: rows of {n} elements are too long");
+        let (Ok(n_arg), Ok(rows_arg)) = (i32::try_from(n), i32::try_from(rows)) else {
+            candle_core::bail!("add_layer_norm: {rows} rows of {n} elements are too many");
         };
-        let args = [Arg::I32(n_arg), Arg::F32(self.eps)];
+        let args = [Arg::I32(rows_arg), Arg::I32(n_arg), Arg::F32(self.eps)];
         let inputs = [(s1, l1), (s2, l2), (s3, l3)];
-        let cfg = rows_config(rows, n)?;
+        // One warp per row, four rows a block (ROWS_PER_BLOCK in the .cu).
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(4).max(1) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let out = launch(
             &ptx::ADD_LAYER_NORM,
             "add_layer_norm",

@@ -143,19 +143,27 @@ impl candle_core::CustomOp2 for BiasAct {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use super::launch::{elementwise_config, launch, ptx, Arg};
+        use super::launch::{launch, ptx, Arg};
+        use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
         let total = l1.shape().elem_count();
-        let n = l2.shape().elem_count();
+        let n = l2.shape().elem_count().max(1);
+        let rows = total / n;
         let Ok(n_arg) = i32::try_from(n) else {
             candle_core::bail!("bias_act: rows of {n} elements are too long");
         };
         let args = [
-            Arg::U64(total as u64),
+            Arg::U64(rows as u64),
             Arg::I32(n_arg),
             Arg::I32(self.act.code()),
         ];
         let inputs = [(s1, l1), (s2, l2)];
-        let cfg = elementwise_config(total);
+        // One block per row (the kernel strides past 65,535 x 1024 rows),
+        // up to 256 threads over its columns.
+        let cfg = LaunchConfig {
+            grid_dim: (rows.clamp(1, 1 << 26) as u32, 1, 1),
+            block_dim: (n.next_multiple_of(32).min(256) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let out = launch(&ptx::BIAS_ACT, "bias_act", &inputs, total, cfg, &args)?;
         Ok((out, l1.shape().clone()))
     }

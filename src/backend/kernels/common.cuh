@@ -21,6 +21,31 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float
 }
 template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half(v); }
 
+// 16-byte vector access: VEC<T> elements move as one uint4 load or store
+// (memory-bound kernels issue an eighth of the bf16 instructions). The
+// caller checks alignment with aligned16().
+template <typename T> struct Vec16 {
+  static constexpr int N = 16 / sizeof(T);
+};
+__device__ __forceinline__ bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+}
+template <typename T>
+__device__ __forceinline__ void load16(const T* p, float* out) {
+  const uint4 u = *reinterpret_cast<const uint4*>(p);
+  const T* t = reinterpret_cast<const T*>(&u);
+#pragma unroll
+  for (int k = 0; k < Vec16<T>::N; k++) out[k] = to_f(t[k]);
+}
+template <typename T>
+__device__ __forceinline__ void store16(T* p, const float* in) {
+  uint4 u;
+  T* t = reinterpret_cast<T*>(&u);
+#pragma unroll
+  for (int k = 0; k < Vec16<T>::N; k++) t[k] = from_f<T>(in[k]);
+  *reinterpret_cast<uint4*>(p) = u;
+}
+
 // Sum over the 32 lanes of a warp; every lane gets the result.
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);

@@ -149,7 +149,8 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
                                     const T* __restrict__ v, const float* __restrict__ bias,
                                     T* __restrict__ o, float* __restrict__ lse, int hq, int hkv,
                                     int s, int t, float scale, int causal, int window,
-                                    long long bias_bs, long long bias_hs, long long bias_rs) {
+                                    long long bias_bs, long long bias_hs, long long bias_rs,
+                                    int o_bshd) {
   using C = FwdCfg<D>;
   constexpr int BM = C::BM, BN = C::BN, NT = 32 * C::WARPS, LD = Pad<D>::LD;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -302,12 +303,16 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
       *reinterpret_cast<uint32_t*>(sQ + (warp * 16 + g + 8 * r) * LD + nn * 8 + 2 * tq) =
           pack2<T>(oacc[nn][2 * r] * inv[r], oacc[nn][2 * r + 1] * inv[r]);
   __syncwarp();
-  T* ob = o + (bh * s + m0 + warp * 16) * D;
+  // O as [b, hq, s, D], or with o_bshd as [b, s, hq, D] (heads merged for
+  // the output projection without a transposing copy).
+  const size_t o_row = o_bshd ? (size_t)hq * D : D;
+  T* ob = o_bshd ? o + (((size_t)bi * s + m0 + warp * 16) * hq + h) * D
+                 : o + (bh * s + m0 + warp * 16) * D;
 #pragma unroll
   for (int c = lane; c < 16 * D / 8; c += 32) {
     const int r = c / (D / 8), col = (c % (D / 8)) * 8;
     if (m0 + warp * 16 + r < s)
-      *reinterpret_cast<uint4*>(ob + (size_t)r * D + col) =
+      *reinterpret_cast<uint4*>(ob + (size_t)r * o_row + col) =
           *reinterpret_cast<const uint4*>(sQ + (warp * 16 + r) * LD + col);
   }
   if (tq == 0) {
@@ -602,13 +607,13 @@ __device__ __forceinline__ void bwd(const T* __restrict__ q, const T* __restrict
   extern "C" __global__ void __launch_bounds__(128) flash_attn_fwd_d##D##_##SUFFIX(              \
       const T* q, const T* k, const T* v, const float* bias, T* o, float* lse, int hq, int hkv,   \
       int s, int t, float scale, int causal, int window, long long bias_bs, long long bias_hs,    \
-      long long bias_rs) {                                                                        \
+      long long bias_rs, int o_bshd) {                                                            \
     if (bias)                                                                                     \
       flash::fwd<T, D, true>(q, k, v, bias, o, lse, hq, hkv, s, t, scale, causal, window,        \
-                             bias_bs, bias_hs, bias_rs);                                          \
+                             bias_bs, bias_hs, bias_rs, o_bshd);                                  \
     else                                                                                          \
       flash::fwd<T, D, false>(q, k, v, bias, o, lse, hq, hkv, s, t, scale, causal, window,       \
-                              bias_bs, bias_hs, bias_rs);                                         \
+                              bias_bs, bias_hs, bias_rs, o_bshd);                                 \
   }                                                                                               \
   extern "C" __global__ void __launch_bounds__(128) flash_attn_bwd_d##D##_##SUFFIX(              \
       const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* dsum,    \

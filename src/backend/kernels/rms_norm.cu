@@ -43,6 +43,28 @@ __device__ void rms_norm_bwd(const T* x, const T* w, const T* dy, T* dx, int n, 
   }
 }
 
+// Residual add fused with the RMSNorm after it (inference): out[0] = x + r
+// rounded to T (the new residual stream), out[1] = rms_norm(out[0]). Each
+// thread re-reads only the sums it wrote itself.
+template <typename T>
+__device__ void add_rms_norm(const T* x, const T* r, const T* w, T* out, int n, float eps,
+                             size_t rows) {
+  const size_t off = (size_t)blockIdx.x * n;
+  T* sum = out + off;
+  T* yr = out + rows * n + off;
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const T v = from_f<T>(to_f(x[off + i]) + to_f(r[off + i]));
+    sum[i] = v;
+    ss += to_f(v) * to_f(v);
+  }
+  const float rs = rsqrtf(block_sum(ss) / n + eps);
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const float normed = to_f(from_f<T>(to_f(sum[i]) * rs));
+    yr[i] = from_f<T>(normed * to_f(w[i]));
+  }
+}
+
 #define RMS_NORM_OPS(T, SUFFIX)                                                            \
   extern "C" __global__ void rms_norm_fwd_##SUFFIX(const T* x, const T* w, T* y, int n,   \
                                                    float eps) {                           \
@@ -51,6 +73,10 @@ __device__ void rms_norm_bwd(const T* x, const T* w, const T* dy, T* dx, int n, 
   extern "C" __global__ void rms_norm_bwd_##SUFFIX(const T* x, const T* w, const T* dy,   \
                                                    T* dx, int n, float eps) {             \
     rms_norm_bwd<T>(x, w, dy, dx, n, eps);                                                \
+  }                                                                                        \
+  extern "C" __global__ void add_rms_norm_##SUFFIX(const T* x, const T* r, const T* w,    \
+                                                   T* out, int n, float eps, size_t rows) { \
+    add_rms_norm<T>(x, r, w, out, n, eps, rows);                                           \
   }
 
 FOR_EACH_FLOAT(RMS_NORM_OPS)

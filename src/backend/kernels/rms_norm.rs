@@ -30,8 +30,134 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> candle_core::Result<Tensor>
     x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps })
 }
 
+/// `(x + r, rms_norm(x + r, w))`: a residual add and the RMSNorm after it,
+/// one pass for inference (the sum rounded to the dtype, as the composed
+/// add rounds it). With gradient-tracking inputs, the composed add and
+/// [`rms_norm`] (both differentiable).
+///
+/// # Errors
+/// Shape or dtype mismatch.
+pub fn add_rms_norm(
+    x: &Tensor,
+    r: &Tensor,
+    w: &Tensor,
+    eps: f32,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    if x.dims() != r.dims() || x.dtype() != r.dtype() {
+        candle_core::bail!(
+            "add_rms_norm: x {:?} {:?} and r {:?} {:?} differ",
+            x.dims(),
+            x.dtype(),
+            r.dims(),
+            r.dtype()
+        );
+    }
+    if crate::layers::needs_grad(&[x, r, w]) {
+        let sum = (x + r)?;
+        let normed = rms_norm(&sum, w, eps)?;
+        return Ok((sum, normed));
+    }
+    let hidden = x.dim(D::Minus1)?;
+    if w.dims() != [hidden] || w.dtype() != x.dtype() {
+        candle_core::bail!("add_rms_norm: weight {:?} does not match x", w.dims());
+    }
+    let out = x.contiguous()?.apply_op3_no_bwd(
+        &r.contiguous()?,
+        &w.contiguous()?,
+        &AddRmsNorm { eps },
+    )?;
+    Ok((out.get(0)?, out.get(1)?))
+}
+
 struct RmsNorm {
     eps: f32,
+}
+
+struct AddRmsNorm {
+    eps: f32,
+}
+
+impl CpuOp for AddRmsNorm {
+    const NAME: &'static str = "add_rms_norm";
+
+    /// Inputs `[x, r, w]`; output `[sum; normed]`.
+    fn run<T: Float>(&self, inputs: &[&[T]], layout: &Layout) -> candle_core::Result<Vec<T>> {
+        let &[x, r, w] = inputs else {
+            candle_core::bail!("add_rms_norm: expected x, r and w");
+        };
+        let n = row_len(layout);
+        let sum: Vec<T> = x
+            .iter()
+            .zip(r)
+            .map(|(a, b)| T::from_f32(a.to_f32() + b.to_f32()))
+            .collect();
+        let mut out = sum.clone();
+        for row in sum.chunks(n) {
+            let rs = rstd(row, self.eps);
+            out.extend(
+                row.iter().zip(w).map(|(v, wv)| {
+                    T::from_f32(T::from_f32(v.to_f32() * rs).to_f32() * wv.to_f32())
+                }),
+            );
+        }
+        Ok(out)
+    }
+}
+
+impl candle_core::CustomOp3 for AddRmsNorm {
+    fn name(&self) -> &'static str {
+        "metal-candle-add-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = cpu_map(self, &[(s1, l1), (s2, l2), (s3, l3)])?;
+        Ok((out, stacked(l1)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use super::launch::{launch, ptx, rows_config, Arg};
+        let n = row_len(l1);
+        let rows = l1.shape().elem_count() / n;
+        let Ok(n_arg) = i32::try_from(n) else {
+            candle_core::bail!("add_rms_norm: rows of {n} elements are too long");
+        };
+        let args = [Arg::I32(n_arg), Arg::F32(self.eps), Arg::U64(rows as u64)];
+        let inputs = [(s1, l1), (s2, l2), (s3, l3)];
+        let cfg = rows_config(rows, n)?;
+        let out = launch(
+            &ptx::RMS_NORM,
+            "add_rms_norm",
+            &inputs,
+            2 * rows * n,
+            cfg,
+            &args,
+        )?;
+        Ok((out, stacked(l1)))
+    }
+}
+
+/// `[2, ..shape]`: the sum stacked over the normalised value.
+fn stacked(l: &Layout) -> Shape {
+    let mut dims = vec![2];
+    dims.extend_from_slice(l.dims());
+    Shape::from(dims)
 }
 
 struct RmsNormBackward {

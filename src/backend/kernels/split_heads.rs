@@ -123,15 +123,19 @@ impl candle_core::CustomOp2 for SplitHeads {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use super::launch::{elementwise_config, launch, ptx, Arg};
+        use super::launch::{launch, ptx, Arg};
+        use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
         let total = l1.shape().elem_count();
         let int = |v: usize| {
             i32::try_from(v)
                 .map_err(|_| candle_core::Error::Msg(format!("split_heads: {v} too large")))
         };
         let Heads { q, kv, dim } = self.heads;
+        let rows = u32::try_from(self.b * self.s)
+            .ok()
+            .filter(|&r| r <= i32::MAX as u32)
+            .ok_or_else(|| candle_core::Error::Msg("split_heads: too many rows".into()))?;
         let args = [
-            Arg::U64(total as u64),
             Arg::I32(int(self.b)?),
             Arg::I32(int(self.s)?),
             Arg::I32(int(q)?),
@@ -139,7 +143,12 @@ impl candle_core::CustomOp2 for SplitHeads {
             Arg::I32(int(dim)?),
         ];
         let inputs = [(s1, l1), (s2, l2)];
-        let cfg = elementwise_config(total);
+        // One block per row of the input, 128 threads over its columns.
+        let cfg = LaunchConfig {
+            grid_dim: (rows.max(1), 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let out = launch(&ptx::SPLIT_HEADS, "split_heads", &inputs, total, cfg, &args)?;
         Ok((out, Shape::from(total)))
     }
