@@ -62,6 +62,7 @@ const KERNELS: &[Row] = &[
             &[3, 896],
             &[6, 1500],
             &[2, 4096],
+            &[40, 1000],
         ],
         grads: 2,
         runs_on: everywhere,
@@ -138,7 +139,8 @@ const KERNELS: &[Row] = &[
         inputs: add_layer_norm_inputs,
         // Rows narrower than a warp, MiniLM's 384, MPNet's 768, and above
         // one 1024-thread block.
-        shapes: &[&[5, 7], &[3, 4, 384], &[2, 768], &[2, 1500]],
+        // (50 x 768: enough rows for the CPU path's threads.)
+        shapes: &[&[5, 7], &[3, 4, 384], &[2, 768], &[50, 768], &[2, 1500]],
         grads: 0,
         runs_on: everywhere,
         tolerances: TOLERANCES,

@@ -10,7 +10,7 @@
 
 use candle_core::{CpuStorage, DType, Layout, Shape, Tensor, D};
 
-use super::cpu::{cpu_map, CpuOp, Float};
+use super::cpu::{cpu_map, for_rows, CpuOp, Float};
 
 /// `LayerNorm(x + lin_bias + residual)` over the last dimension, with
 /// `params` = `[3, n]`: the projection bias, the norm's weight and its bias
@@ -80,22 +80,22 @@ impl CpuOp for AddLayerNorm {
         let n = layout.dims().last().copied().unwrap_or(1).max(1);
         let (lb, rest) = p.split_at(n);
         let (w, b) = rest.split_at(n);
-        let mut out = Vec::with_capacity(x.len());
-        let mut v = vec![0f32; n];
-        for (xr, rr) in x.chunks(n).zip(r.chunks(n)) {
-            for (i, vi) in v.iter_mut().enumerate() {
-                let s = T::from_f32(xr[i].to_f32() + lb[i].to_f32()).to_f32();
-                *vi = T::from_f32(s + rr[i].to_f32()).to_f32();
-            }
+        let mut out = vec![T::from_f32(0.0); x.len()];
+        for_rows(&mut out, n, |row, o| {
+            let (xr, rr) = (&x[row * n..(row + 1) * n], &r[row * n..(row + 1) * n]);
+            let v: Vec<f32> = (0..n)
+                .map(|i| {
+                    let s = T::from_f32(xr[i].to_f32() + lb[i].to_f32()).to_f32();
+                    T::from_f32(s + rr[i].to_f32()).to_f32()
+                })
+                .collect();
             let mean = v.iter().sum::<f32>() / n as f32;
             let var = v.iter().map(|a| (a - mean) * (a - mean)).sum::<f32>() / n as f32;
             let rstd = 1.0 / (var + self.eps).sqrt();
-            out.extend(
-                v.iter()
-                    .enumerate()
-                    .map(|(i, a)| T::from_f32((a - mean) * rstd * w[i].to_f32() + b[i].to_f32())),
-            );
-        }
+            for (i, (oi, a)) in o.iter_mut().zip(&v).enumerate() {
+                *oi = T::from_f32((a - mean) * rstd * w[i].to_f32() + b[i].to_f32());
+            }
+        });
         Ok(out)
     }
 }

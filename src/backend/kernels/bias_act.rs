@@ -12,7 +12,7 @@
 
 use candle_core::{CpuStorage, Layout, Shape, Tensor, D};
 
-use super::cpu::{cpu_map, CpuOp, Float};
+use super::cpu::{cpu_map, for_rows, CpuOp, Float};
 
 /// The activation applied after the bias.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,14 +109,14 @@ impl CpuOp for BiasAct {
             candle_core::bail!("bias_act: expected x and bias");
         };
         let n = b.len().max(1);
-        Ok(x.chunks(n)
-            .flat_map(|row| {
-                row.iter().zip(b).map(|(v, bv)| {
-                    let s = T::from_f32(v.to_f32() + bv.to_f32()).to_f32();
-                    T::from_f32(self.act.apply_f32(s))
-                })
-            })
-            .collect())
+        let mut y = vec![T::from_f32(0.0); x.len()];
+        for_rows(&mut y, n, |i, row| {
+            for ((o, v), bv) in row.iter_mut().zip(&x[i * n..]).zip(b) {
+                let s = T::from_f32(v.to_f32() + bv.to_f32()).to_f32();
+                *o = T::from_f32(self.act.apply_f32(s));
+            }
+        });
+        Ok(y)
     }
 }
 

@@ -47,6 +47,24 @@ impl Float for half::f16 {
     }
 }
 
+/// Minimum elements before a CPU op spreads its rows over threads (below it
+/// the hand-off costs more than it saves: a decode step's rows).
+const PARALLEL_ELEMS: usize = 1 << 15;
+
+/// Runs `f(row index, row)` over the rows of `n` elements of `out`, spread
+/// over rayon's threads (as Candle's CPU norms) when there is enough work.
+pub(crate) fn for_rows<T: Float>(out: &mut [T], n: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    use rayon::prelude::*;
+    let n = n.max(1);
+    if out.len() >= PARALLEL_ELEMS {
+        out.par_chunks_mut(n)
+            .enumerate()
+            .for_each(|(i, row)| f(i, row));
+    } else {
+        out.chunks_mut(n).enumerate().for_each(|(i, row)| f(i, row));
+    }
+}
+
 /// An op's CPU body, written once for every [`Float`]. `inputs` are the
 /// contiguous element slices of the op's inputs, in order; `layout` is the
 /// first input's (ops read their row length from it).

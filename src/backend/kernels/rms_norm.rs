@@ -9,7 +9,7 @@
 
 use candle_core::{CpuStorage, DType, Layout, Shape, Tensor, D};
 
-use super::cpu::{cpu_map, CpuOp, Float};
+use super::cpu::{cpu_map, for_rows, CpuOp, Float};
 
 /// RMSNorm over the last dimension of `x` with weight `w` (`[hidden]`).
 /// Differentiable with respect to both.
@@ -86,20 +86,25 @@ impl CpuOp for AddRmsNorm {
             candle_core::bail!("add_rms_norm: expected x, r and w");
         };
         let n = row_len(layout);
-        let sum: Vec<T> = x
-            .iter()
-            .zip(r)
-            .map(|(a, b)| T::from_f32(a.to_f32() + b.to_f32()))
-            .collect();
-        let mut out = sum.clone();
-        for row in sum.chunks(n) {
-            let rs = rstd(row, self.eps);
-            out.extend(
-                row.iter().zip(w).map(|(v, wv)| {
-                    T::from_f32(T::from_f32(v.to_f32() * rs).to_f32() * wv.to_f32())
-                }),
-            );
-        }
+        // Rows of the output: the sums, then the normalised sums.
+        let rows = x.len() / n;
+        let mut out = vec![T::from_f32(0.0); 2 * x.len()];
+        for_rows(&mut out, n, |i, o| {
+            let src = i % rows * n;
+            let sum = x[src..src + n]
+                .iter()
+                .zip(&r[src..src + n])
+                .map(|(a, b)| T::from_f32(a.to_f32() + b.to_f32()));
+            if i < rows {
+                o.iter_mut().zip(sum).for_each(|(oi, v)| *oi = v);
+            } else {
+                let row: Vec<T> = sum.collect();
+                let rs = rstd(&row, self.eps);
+                for ((oi, v), wv) in o.iter_mut().zip(&row).zip(w) {
+                    *oi = T::from_f32(T::from_f32(v.to_f32() * rs).to_f32() * wv.to_f32());
+                }
+            }
+        });
         Ok(out)
     }
 }
@@ -184,15 +189,14 @@ impl CpuOp for RmsNorm {
             candle_core::bail!("rms_norm: expected x and w");
         };
         let n = row_len(layout);
-        let mut y = Vec::with_capacity(x.len());
-        for row in x.chunks(n) {
+        let mut y = vec![T::from_f32(0.0); x.len()];
+        for_rows(&mut y, n, |i, o| {
+            let row = &x[i * n..(i + 1) * n];
             let r = rstd(row, self.eps);
-            y.extend(
-                row.iter()
-                    .zip(w)
-                    .map(|(v, w)| T::from_f32(T::from_f32(v.to_f32() * r).to_f32() * w.to_f32())),
-            );
-        }
+            for ((oi, v), wv) in o.iter_mut().zip(row).zip(w) {
+                *oi = T::from_f32(T::from_f32(v.to_f32() * r).to_f32() * wv.to_f32());
+            }
+        });
         Ok(y)
     }
 }

@@ -8,7 +8,7 @@
 
 use candle_core::{CpuStorage, Layout, Shape, Tensor};
 
-use super::cpu::{cpu_map, CpuOp, Float};
+use super::cpu::{cpu_map, for_rows, CpuOp, Float};
 
 /// Head counts and width of a [`split_heads`] call.
 #[derive(Debug, Clone, Copy)]
@@ -79,22 +79,24 @@ impl CpuOp for SplitHeads {
         let (b, s) = (self.b, self.s);
         let width = (q + 2 * kv) * dim;
         let mut out = vec![T::from_f32(0.0); qkv.len()];
-        let (nq, nkv) = (b * q * s * dim, b * kv * s * dim);
-        for (row, src) in qkv.chunks(width).enumerate() {
-            let (bi, si) = (row / s, row % s);
-            for (c, (v, bv)) in src.iter().zip(bias).enumerate() {
-                let (head, dd) = (c / dim, c % dim);
-                let (base, n, h) = if head < q {
-                    (0, q, head)
-                } else if head < q + kv {
-                    (nq, kv, head - q)
-                } else {
-                    (nq + nkv, kv, head - q - kv)
-                };
-                out[base + ((bi * n + h) * s + si) * dim + dd] =
-                    T::from_f32(v.to_f32() + bv.to_f32());
+        let (nq, nkv) = (b * q * s, b * kv * s);
+        // Output rows of `dim`: q [b, q, s], then k and v [b, kv, s]; each
+        // reads `dim` columns of one input row.
+        for_rows(&mut out, dim, |row, o| {
+            let (part_row, heads, col0) = if row < nq {
+                (row, q, 0)
+            } else if row < nq + nkv {
+                (row - nq, kv, q)
+            } else {
+                (row - nq - nkv, kv, q + kv)
+            };
+            let (bi, h, si) = (part_row / (heads * s), part_row / s % heads, part_row % s);
+            let c = (col0 + h) * dim;
+            let src = &qkv[(bi * s + si) * width + c..][..dim];
+            for ((oi, v), bv) in o.iter_mut().zip(src).zip(&bias[c..c + dim]) {
+                *oi = T::from_f32(v.to_f32() + bv.to_f32());
             }
-        }
+        });
         Ok(out)
     }
 }

@@ -11,7 +11,7 @@
 
 use candle_core::{CpuStorage, Layout, Shape, Tensor};
 
-use super::cpu::{cpu_map, CpuOp, Float};
+use super::cpu::{cpu_map, for_rows, CpuOp, Float};
 
 /// `silu(gate) * up`, elementwise, with `silu(x) = x·sigmoid(x)`.
 /// Differentiable with respect to both inputs.
@@ -74,11 +74,16 @@ impl CpuOp for Swiglu {
         let &[gate, up] = inputs else {
             candle_core::bail!("swiglu: expected gate and up");
         };
-        Ok(gate
-            .iter()
-            .zip(up)
-            .map(|(g, u)| T::from_f32(silu_sigmoid(g.to_f32()).0 * u.to_f32()))
-            .collect())
+        // Blocks of 4,096 elements spread over threads (rows do not matter).
+        const BLOCK: usize = 4096;
+        let mut y = vec![T::from_f32(0.0); gate.len()];
+        for_rows(&mut y, BLOCK, |i, o| {
+            let (g, u) = (&gate[i * BLOCK..], &up[i * BLOCK..]);
+            for ((oi, g), u) in o.iter_mut().zip(g).zip(u) {
+                *oi = T::from_f32(silu_sigmoid(g.to_f32()).0 * u.to_f32());
+            }
+        });
+        Ok(y)
     }
 }
 
