@@ -15,6 +15,12 @@
 
 use std::sync::Arc;
 
+/// Whether any of `xs` takes part in a gradient computation (depends on a
+/// trainable `Var`), so ops on them must be differentiable.
+pub(crate) fn needs_grad(xs: &[&Tensor]) -> bool {
+    xs.iter().any(|x| x.track_op())
+}
+
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Shape, Storage, Tensor};
 

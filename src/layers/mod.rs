@@ -16,6 +16,5 @@ mod rotary;
 pub use attention::{attention, composed_attention, Mask, MaskKind};
 pub(crate) use attention::{attention_mask, mask_rows, padding_bias};
 pub use linear::{Linear, LinearAdapter};
-pub(crate) use norm::needs_grad;
 pub use norm::{LayerNorm, RmsNorm};
 pub use rotary::{RopeScaling, RotaryEmbedding};

@@ -6,14 +6,9 @@
 
 use candle_core::Tensor;
 
+use crate::backend::autograd::needs_grad;
 use crate::error::Result;
 use crate::io::Weights;
-
-/// Whether any of `xs` takes part in a gradient computation (depends on a
-/// trainable `Var`), so ops on them must be differentiable.
-pub(crate) fn needs_grad(xs: &[&Tensor]) -> bool {
-    xs.iter().any(|x| x.track_op())
-}
 
 /// Root-mean-square layer norm, statistics in f32 like transformers.
 #[derive(Debug, Clone)]

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::norm::needs_grad;
+use crate::backend::autograd::needs_grad;
 use crate::backend::autograd::with_backward;
 use crate::error::Result;
 

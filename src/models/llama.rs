@@ -16,11 +16,11 @@ use candle_core::{DType, Device, Tensor};
 use super::config::DecoderConfig;
 use super::decoder::CausalLm;
 use super::kv_cache::KvCache;
+use crate::backend::autograd::needs_grad;
 use crate::backend::autograd::{checkpoint, with_backward};
 use crate::backend::kernels::{split_heads, Heads};
 use crate::error::{Error, Result};
 use crate::io::Weights;
-use crate::layers::needs_grad;
 use crate::layers::{
     attention, attention_mask as build_mask, mask_rows, padding_bias, Linear, Mask, MaskKind,
     RmsNorm, RotaryEmbedding,

@@ -36,7 +36,7 @@ pub fn add_layer_norm(
     if residual.dtype() != x.dtype() || params.dtype() != x.dtype() {
         candle_core::bail!("add_layer_norm: x, residual and params must share a dtype");
     }
-    if crate::layers::needs_grad(&[x, residual, params]) {
+    if crate::backend::autograd::needs_grad(&[x, residual, params]) {
         return composed(x, residual, params, eps);
     }
     x.contiguous()?.apply_op3_no_bwd(

@@ -90,7 +90,7 @@ pub fn bias_act(x: &Tensor, bias: &Tensor, act: Activation) -> candle_core::Resu
             bias.dtype()
         );
     }
-    if act != Activation::None && crate::layers::needs_grad(&[x, bias]) {
+    if act != Activation::None && crate::backend::autograd::needs_grad(&[x, bias]) {
         return act.apply(&x.broadcast_add(bias)?);
     }
     x.contiguous()?

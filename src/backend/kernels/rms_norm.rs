@@ -52,7 +52,7 @@ pub fn add_rms_norm(
             r.dtype()
         );
     }
-    if crate::layers::needs_grad(&[x, r, w]) {
+    if crate::backend::autograd::needs_grad(&[x, r, w]) {
         let sum = (x + r)?;
         let normed = rms_norm(&sum, w, eps)?;
         return Ok((sum, normed));

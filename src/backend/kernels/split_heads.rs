@@ -40,7 +40,7 @@ pub fn split_heads(
     if bias.dtype() != qkv.dtype() {
         candle_core::bail!("split_heads: qkv and bias must share a dtype");
     }
-    if crate::layers::needs_grad(&[qkv, bias]) {
+    if crate::backend::autograd::needs_grad(&[qkv, bias]) {
         let y = qkv.broadcast_add(bias)?;
         let part = |start: usize, n: usize| {
             y.narrow(2, start * dim, n * dim)?
