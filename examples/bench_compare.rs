@@ -33,7 +33,7 @@ struct Args {
     /// cpu, cuda, cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Which rows: generation, kernels, lora, embeddings, quantized, all; or a
+    /// Which rows: generation, latency, kernels, lora, embeddings, quantized, all; or a
     /// profile: lora-profile, decode-profile, embeddings-profile.
     #[arg(long, default_value = "all")]
     suite: String,
@@ -733,6 +733,129 @@ fn profile_lora_step(args: &Args, device: &Device) -> Result<()> {
     Ok(())
 }
 
+/// What a streaming user feels, through the library's `Sampler` with one
+/// device-to-host copy per token (the id, or the logits row when
+/// sampling): time to first token of a 1,024-token prompt; per-token
+/// latency p50/p99 over 1,024 greedy tokens; and greedy against sampling
+/// (temperature 0.8, top-p 0.9, repetition penalty 1.1) at b1 and b8.
+fn bench_latency(args: &Args, device: &Device) -> Result<()> {
+    use metal_candle::inference::{LogitsProcessor, Sampler, SamplingStrategy};
+    let dtype = metal_candle::backend::default_dtype(device);
+    let cfg = qwen05b_config(args.quick);
+    let tensors = random_qwen2_tensors(&cfg, dtype, device)?;
+    let model = build_decoder(
+        &cfg,
+        &Weights::from_tensors(tensors, dtype, device, "random"),
+    )?;
+    let (prompt_len, gen_len) = if args.quick { (64, 32) } else { (1024, 1024) };
+    let prompt = random_ids(1, prompt_len, cfg.vocab_size, device)?;
+    let mut greedy = Sampler::new(LogitsProcessor::new(SamplingStrategy::Greedy), 0);
+    // Time to first token: prefill and the first id on the host.
+    let ttft = time(device, args.repeats, || {
+        let mut cache = model.new_cache();
+        let logits = model.forward_last(&prompt, None, Some(&mut cache))?;
+        greedy.sample(&logits.get(0)?, &[], &[])?;
+        Ok(())
+    })?;
+    let shape = format!("b1 prompt{prompt_len}");
+    emit(
+        "latency",
+        "time to first token",
+        &shape,
+        dtype,
+        ttft * 1e3,
+        "ms",
+    );
+    // Per-token latency over a long generation (host clock per token; the
+    // id copy synchronises).
+    let mut cache = model.new_cache();
+    let mut next = greedy.sample(
+        &model
+            .forward_last(&prompt, None, Some(&mut cache))?
+            .get(0)?,
+        &[],
+        &[],
+    )?;
+    let mut per_token = Vec::with_capacity(gen_len);
+    for _ in 0..gen_len {
+        let start = Instant::now();
+        let input = Tensor::new(&[[next]], device)?;
+        let logits = model.forward_last(&input, None, Some(&mut cache))?;
+        next = greedy.sample(&logits.get(0)?, &[], &[])?;
+        per_token.push(start.elapsed().as_secs_f64());
+    }
+    per_token.sort_by(f64::total_cmp);
+    let pct = |q: f64| per_token[((per_token.len() - 1) as f64 * q).round() as usize] * 1e3;
+    let shape = format!("b1 prompt{prompt_len} new{gen_len}");
+    emit(
+        "latency",
+        "per-token latency p50",
+        &shape,
+        dtype,
+        pct(0.5),
+        "ms",
+    );
+    emit(
+        "latency",
+        "per-token latency p99",
+        &shape,
+        dtype,
+        pct(0.99),
+        "ms",
+    );
+    // Greedy against sampling, per-row sampling with the token history.
+    let new = args.new_tokens.unwrap_or(if args.quick { 16 } else { 128 });
+    for b in [1usize, 8] {
+        let prompt = random_ids(b, 32, cfg.vocab_size, device)?;
+        let context: Vec<Vec<u32>> = prompt.to_vec2()?;
+        for sampled in [false, true] {
+            let mut processor = LogitsProcessor::new(if sampled {
+                SamplingStrategy::TopP(0.9)
+            } else {
+                SamplingStrategy::Greedy
+            });
+            if sampled {
+                processor.temperature = 0.8;
+                processor.repetition_penalty = 1.1;
+            }
+            let mut samplers: Vec<Sampler> = (0..b)
+                .map(|i| Sampler::new(processor.clone(), i as u64))
+                .collect();
+            let secs = time(device, args.repeats.min(3), || {
+                let mut cache = model.new_cache();
+                let mut history = context.clone();
+                let mut logits = model.forward_last(&prompt, None, Some(&mut cache))?;
+                for _ in 0..new {
+                    let mut ids = Vec::with_capacity(b);
+                    for (row, sampler) in samplers.iter_mut().enumerate() {
+                        let id = sampler.sample(&logits.get(row)?, &history[row], &[])?;
+                        history[row].push(id);
+                        ids.push(vec![id]);
+                    }
+                    logits =
+                        model.forward_last(&Tensor::new(ids, device)?, None, Some(&mut cache))?;
+                }
+                Ok(())
+            })?;
+            let row = if sampled {
+                "decode sampled (T 0.8, top-p 0.9, rep 1.1)"
+            } else {
+                "decode greedy through the Sampler"
+            };
+            let shape = format!("b{b} prompt32 new{new}");
+            emit(
+                "latency",
+                row,
+                &shape,
+                dtype,
+                (b * new) as f64 / secs,
+                "tok/s",
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Kernel census of greedy decoding (scripts/profile/ncu-kernels.sh): a
 /// one-token prompt then `--new-tokens` - 1 steps (default 16 in all) at
 /// batch 1, so the census divided by that is the launches per decoded token. Without `PROFILE_ONCE` it also times 128
@@ -876,7 +999,17 @@ fn bench_quantized(args: &Args, device: &Device) -> Result<()> {
             },
         )?;
         let resident = used_memory(device)?.saturating_sub(before);
-        let secs = time(device, args.repeats.min(3), || {
+        // Stock Candle: f32 activations and embeddings (its only choice).
+        let before = used_memory(device)?;
+        let mut file = std::fs::File::open(&path)?;
+        let content = candle_core::quantized::gguf_file::Content::read(&mut file)?;
+        let peer = stock_device(device)?;
+        let mut stock = candle_transformers::models::quantized_qwen2::ModelWeights::from_gguf(
+            content, &mut file, &peer,
+        )?;
+        let stock_resident = used_memory(device)?.saturating_sub(before);
+        let stock_prompt = prompt.to_device(&peer)?;
+        let mut ours_run = || -> Result<()> {
             let mut cache = ours.new_cache();
             let mut next = ours
                 .forward_last(&prompt, None, Some(&mut cache))?
@@ -887,13 +1020,24 @@ fn bench_quantized(args: &Args, device: &Device) -> Result<()> {
                     .argmax_keepdim(1)?;
             }
             Ok(())
-        })?;
+        };
+        // Both decoders take turns, one timed decode each per round (median
+        // over rounds): decoding is host-bound and the machine's host speed
+        // drifts, so timing one side's repeats after the other's compared
+        // different moments (stock Candle moved 1.5x between runs).
+        let (mut t_ours, mut t_stock) = (Vec::new(), Vec::new());
+        for _ in 0..args.repeats.max(3) {
+            t_ours.push(time(device, 1, &mut ours_run)?);
+            t_stock.push(time(&peer, 1, || {
+                stock_quantized_decode(&mut stock, &stock_prompt, new_tokens)
+            })?);
+        }
         emit(
             "quantized",
             "decode",
             &shape,
             dtype,
-            new_tokens as f64 / secs,
+            new_tokens as f64 / median(t_ours),
             "tok/s",
         );
         if resident > 0 {
@@ -906,29 +1050,16 @@ fn bench_quantized(args: &Args, device: &Device) -> Result<()> {
                 "MiB",
             );
         }
-        drop(ours);
-        // Stock Candle: f32 activations and embeddings (its only choice).
-        let before = used_memory(device)?;
-        let mut file = std::fs::File::open(&path)?;
-        let content = candle_core::quantized::gguf_file::Content::read(&mut file)?;
-        let peer = stock_device(device)?;
-        let mut stock = candle_transformers::models::quantized_qwen2::ModelWeights::from_gguf(
-            content, &mut file, &peer,
-        )?;
-        let resident = used_memory(device)?.saturating_sub(before);
-        let stock_prompt = prompt.to_device(&peer)?;
-        let secs = time(&peer, args.repeats.min(3), || {
-            stock_quantized_decode(&mut stock, &stock_prompt, new_tokens)
-        })?;
         emit_as(
             STOCK,
             "quantized",
             "decode",
             &shape,
             DType::F32,
-            new_tokens as f64 / secs,
+            new_tokens as f64 / median(t_stock),
             "tok/s",
         );
+        let resident = stock_resident;
         if resident > 0 {
             emit_as(
                 STOCK,
@@ -1023,6 +1154,9 @@ fn main() -> Result<()> {
     }
     if args.suite == "lora-profile" {
         profile_lora_step(&args, &device)?;
+    }
+    if all || args.suite == "latency" {
+        bench_latency(&args, &device)?;
     }
     if args.suite == "decode-profile" {
         profile_decode(&args, &device)?;
