@@ -7,8 +7,8 @@
 //! one `u32` back per token. Sampling copies the processed logits to the host
 //! once per token (one `f32` per vocabulary entry) and filters them there in
 //! linear time: top-k with a partial selection, min-p with a threshold, top-p
-//! by sorting only the few most likely candidates (growing the set until it
-//! holds the nucleus). No full-vocabulary sort happens per token. Candle has no
+//! by binning the logits by value and sorting only the bin that holds the
+//! cut. No full-vocabulary sort happens per token. Candle has no
 //! top-k kernel, and its CUDA `arg_sort` sorts a row inside one block's shared
 //! memory, which a 150k-entry vocabulary does not fit; a single copy of the
 //! row is cheap next to the forward pass that produced it.
@@ -297,32 +297,80 @@ impl LogitsProcessor {
 
 /// transformers' top-p: a token is removed when the ascending cumulative
 /// probability up to and including it is `<= 1 - p`, i.e. kept when the mass
-/// of the tokens more likely than it is `< p`. Only the most likely tokens
-/// are sorted: the set grows until it contains the cut.
+/// of the tokens more likely than it is `< p`.
+///
+/// Only the tokens around the cut are sorted. The logits are binned by
+/// value (bin 0 the most likely); the bins' masses locate the bin holding
+/// the cut; every token in a bin before it is kept, and only that bin is
+/// sorted to place the cut exactly. A flat distribution (a random model, a
+/// high temperature) puts most of a 150k vocabulary in the nucleus, where
+/// sorting all of it cost about 12 ms a token (H200 host, Qwen2.5 vocab).
 fn nucleus(mut c: Vec<(u32, f32)>, p: f32) -> Vec<(u32, f32)> {
+    const BINS: usize = 4096;
     let max = c.iter().map(|x| x.1).fold(f32::NEG_INFINITY, f32::max);
-    let total: f64 = c.iter().map(|x| f64::from(x.1 - max).exp()).sum();
+    let min = c.iter().map(|x| x.1).fold(f32::INFINITY, f32::min);
+    // exp in f32 (as transformers' f32 softmax), sums in f64.
+    let total: f64 = c.iter().map(|x| f64::from((x.1 - max).exp())).sum();
     let p = f64::from(p);
     let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-    let mut n = 64.min(c.len());
-    loop {
-        if n < c.len() {
-            c.select_nth_unstable_by(n - 1, desc);
-        }
-        c[..n].sort_unstable_by(desc);
-        let mut before = 0.0f64;
-        for i in 0..n {
-            if i > 0 && before >= p {
-                c.truncate(i);
-                return c;
-            }
-            before += f64::from(c[i].1 - max).exp() / total;
-        }
-        if n == c.len() {
-            return c;
-        }
-        n = (n * 4).min(c.len());
+    let width = f64::from(max) - f64::from(min);
+    if c.len() <= BINS || width.is_nan() || width <= 0.0 {
+        c.sort_unstable_by(desc);
+        return keep_nucleus(c, 0.0, max, total, p);
     }
+    // Monotone in the logit: equal logits share a bin, a larger logit never
+    // lands in a later bin.
+    let bin = |l: f32| (((f64::from(max) - f64::from(l)) / width) * (BINS - 1) as f64) as usize;
+    let mut mass = vec![0f64; BINS];
+    for x in &c {
+        mass[bin(x.1).min(BINS - 1)] += f64::from((x.1 - max).exp()) / total;
+    }
+    // The first bin whose tokens' preceding mass can reach p.
+    // (None of them when rounding leaves the total just under p: keep all.)
+    let (mut cut, mut before) = (BINS, 0.0f64);
+    for (k, m) in mass.iter().enumerate() {
+        if before + m >= p {
+            cut = k;
+            break;
+        }
+        before += m;
+    }
+    let (mut kept, mut edge): (Vec<_>, Vec<_>) = (Vec::new(), Vec::new());
+    for x in c {
+        match bin(x.1).min(BINS - 1) {
+            k if k < cut => kept.push(x),
+            k if k == cut => edge.push(x),
+            _ => {}
+        }
+    }
+    // The kept tokens stay unordered (the draw does not need an order).
+    edge.sort_unstable_by(desc);
+    let edge = keep_nucleus(edge, before, max, total, p);
+    // Every token before the cut's bin has less than `before` < p of mass
+    // ahead of it: kept. The first token of the cut's bin always is (its
+    // preceding mass is `before`).
+    kept.extend(edge);
+    kept
+}
+
+/// The prefix of `sorted` (most likely first) that transformers' top-p
+/// keeps, given `before`, the mass of the tokens ahead of it: a token is
+/// kept while the mass ahead of it is `< p` (the first always).
+fn keep_nucleus(
+    mut sorted: Vec<(u32, f32)>,
+    mut before: f64,
+    max: f32,
+    total: f64,
+    p: f64,
+) -> Vec<(u32, f32)> {
+    for i in 0..sorted.len() {
+        if i > 0 && before >= p {
+            sorted.truncate(i);
+            return sorted;
+        }
+        before += f64::from((sorted[i].1 - max).exp()) / total;
+    }
+    sorted
 }
 
 /// Picks tokens: greedy on the device, or a seeded draw over the candidates.

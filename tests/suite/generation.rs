@@ -686,3 +686,65 @@ fn presence_and_frequency_penalties_are_applied_when_generating() {
         assert_eq!(out.tokens[0], greedy[0]);
     }
 }
+
+/// Top-p over a large vocabulary (the binned path, above 4,096 candidates)
+/// keeps exactly what transformers' full sort keeps, on flat and peaked
+/// distributions.
+#[test]
+fn top_p_on_a_large_vocabulary_matches_a_full_sort() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    for (spread, p) in [
+        (0.05f32, 0.9f32),
+        (1.0, 0.9),
+        (4.0, 0.3),
+        (8.0, 0.99),
+        (1.0, 0.5),
+    ] {
+        let logits: Vec<f32> = (0..50_000)
+            .map(|i| {
+                // A few exact ties, as bf16 logits have.
+                let v: f32 = rng.random::<f32>() * spread * 10.0;
+                if i % 7 == 0 {
+                    (v * 4.0).round() / 4.0
+                } else {
+                    v
+                }
+            })
+            .collect();
+        let proc = LogitsProcessor::new(SamplingStrategy::TopP(p));
+        let mut ours: Vec<u32> = proc
+            .candidates(&logits)
+            .tokens
+            .iter()
+            .map(|t| t.0)
+            .collect();
+        // Reference: sort everything (most likely first, ties by id) and keep
+        // a token while the mass ahead of it is < p.
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let total: f64 = logits.iter().map(|&l| f64::from((l - max).exp())).sum();
+        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+        order.sort_by(|&a, &b| {
+            logits[b as usize]
+                .total_cmp(&logits[a as usize])
+                .then(a.cmp(&b))
+        });
+        let mut before = 0.0f64;
+        let mut theirs = Vec::new();
+        for &t in &order {
+            if !theirs.is_empty() && before >= f64::from(p) {
+                break;
+            }
+            theirs.push(t);
+            before += f64::from((logits[t as usize] - max).exp()) / total;
+        }
+        ours.sort_unstable();
+        theirs.sort_unstable();
+        assert_eq!(
+            ours.len(),
+            theirs.len(),
+            "spread {spread}, p {p}: nucleus size"
+        );
+        assert_eq!(ours, theirs, "spread {spread}, p {p}");
+    }
+}
