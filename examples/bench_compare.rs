@@ -803,6 +803,48 @@ fn bench_latency(args: &Args, device: &Device) -> Result<()> {
         pct(0.99),
         "ms",
     );
+    // Where a sampled token's time goes (one row, host clock, synchronised).
+    if std::env::var_os("SAMPLING_BREAKDOWN").is_some() {
+        let mut processor = LogitsProcessor::new(SamplingStrategy::TopP(0.9));
+        processor.temperature = 0.8;
+        processor.repetition_penalty = 1.1;
+        let mut cache = model.new_cache();
+        let row = model
+            .forward_last(&prompt, None, Some(&mut cache))?
+            .get(0)?;
+        let history: Vec<u32> = prompt.flatten_all()?.to_vec1()?;
+        let mut sampler = Sampler::new(processor.clone(), 0);
+        let mut t = [0f64; 6];
+        for _ in 0..20 {
+            synchronize(device)?;
+            let s0 = Instant::now();
+            let l = row.to_dtype(DType::F32)?;
+            synchronize(device)?;
+            let s1 = Instant::now();
+            let l = processor.apply_penalties(&l, &history, &[])?;
+            synchronize(device)?;
+            let s2 = Instant::now();
+            let l = processor.apply_temperature(&l)?;
+            synchronize(device)?;
+            let s3 = Instant::now();
+            let host = l.to_vec1::<f32>()?;
+            let s4 = Instant::now();
+            let c = processor.candidates(&host);
+            let s5 = Instant::now();
+            sampler.draw(&c)?;
+            let s6 = Instant::now();
+            for (k, (a, b)) in [(s0, s1), (s1, s2), (s2, s3), (s3, s4), (s4, s5), (s5, s6)]
+                .iter()
+                .enumerate()
+            {
+                t[k] += (*b - *a).as_secs_f64() * 1e3 / 20.0;
+            }
+        }
+        eprintln!(
+            "sampling breakdown (ms): to_f32 {:.3} penalties {:.3} temperature {:.3} to_host {:.3} candidates {:.3} draw {:.3}",
+            t[0], t[1], t[2], t[3], t[4], t[5]
+        );
+    }
     // Greedy against sampling, per-row sampling with the token history.
     let new = args.new_tokens.unwrap_or(if args.quick { 16 } else { 128 });
     for b in [1usize, 8] {
