@@ -47,6 +47,14 @@ impl Float for half::f16 {
     }
 }
 
+/// `[2, ..shape of l]`: two results of an op stacked in its one output (a
+/// custom op returns one tensor), e.g. swiglu's two gradients.
+pub(crate) fn stacked(l: &Layout) -> candle_core::Shape {
+    let mut dims = vec![2];
+    dims.extend_from_slice(l.dims());
+    candle_core::Shape::from(dims)
+}
+
 /// Minimum elements before a CPU op spreads its rows over threads (below it
 /// the hand-off costs more than it saves: a decode step's rows).
 const PARALLEL_ELEMS: usize = 1 << 15;

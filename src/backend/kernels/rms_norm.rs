@@ -9,7 +9,7 @@
 
 use candle_core::{CpuStorage, DType, Layout, Shape, Tensor, D};
 
-use super::cpu::{cpu_map, for_rows, CpuOp, Float};
+use super::cpu::{cpu_map, for_rows, stacked, CpuOp, Float};
 
 /// RMSNorm over the last dimension of `x` with weight `w` (`[hidden]`).
 /// Differentiable with respect to both.
@@ -156,13 +156,6 @@ impl candle_core::CustomOp3 for AddRmsNorm {
         )?;
         Ok((out, stacked(l1)))
     }
-}
-
-/// `[2, ..shape]`: the sum stacked over the normalised value.
-fn stacked(l: &Layout) -> Shape {
-    let mut dims = vec![2];
-    dims.extend_from_slice(l.dims());
-    Shape::from(dims)
 }
 
 struct RmsNormBackward {

@@ -11,7 +11,7 @@
 
 use candle_core::{CpuStorage, Layout, Shape, Tensor};
 
-use super::cpu::{cpu_map, for_rows, CpuOp, Float};
+use super::cpu::{cpu_map, for_rows, stacked, CpuOp, Float};
 
 /// `silu(gate) * up`, elementwise, with `silu(x) = x·sigmoid(x)`.
 /// Differentiable with respect to both inputs.
@@ -180,13 +180,6 @@ impl candle_core::CustomOp3 for SwigluBackward {
         let grads = cuda::launch("swiglu_bwd", &inputs, n, 2 * n)?;
         Ok((grads, stacked(l1)))
     }
-}
-
-/// `[2, ..shape]`: the two gradients' stacked shape.
-fn stacked(l: &Layout) -> Shape {
-    let mut dims = vec![2];
-    dims.extend_from_slice(l.dims());
-    Shape::from(dims)
 }
 
 #[cfg(feature = "cuda")]
