@@ -15,14 +15,14 @@
 
 use std::sync::Arc;
 
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, Layout, Shape, Storage, Tensor};
+
 /// Whether any of `xs` takes part in a gradient computation (depends on a
 /// trainable `Var`), so ops on them must be differentiable.
 pub(crate) fn needs_grad(xs: &[&Tensor]) -> bool {
     xs.iter().any(|x| x.track_op())
 }
-
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, Layout, Shape, Storage, Tensor};
 
 /// The backward of a [`with_backward`] node: given the op's inputs (as
 /// recorded, not detached), its output and the output's gradient, the

@@ -12,8 +12,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, D};
 
-use crate::backend::autograd::needs_grad;
-use crate::backend::autograd::with_backward;
+use crate::backend::autograd::{needs_grad, with_backward};
 use crate::backend::kernels::{flash_attention, flash_attention_merged, flash_attention_supported};
 use crate::error::{Error, Result};
 

@@ -164,44 +164,30 @@ impl Linear {
 
     /// One dense layer computing the outputs of `parts` side by side (their
     /// weights stacked along the output dimension), without biases (see
-    /// [`Linear::stacked_bias`]): the fused q/k/v projection. `None` when a
-    /// part is quantized or carries an adapter (those stay separate).
-    ///
-    /// # Errors
-    /// Weights of different widths, dtypes or devices.
-    pub(crate) fn stack(parts: &[&Linear]) -> Result<Option<Linear>> {
-        let mut weights = Vec::with_capacity(parts.len());
-        for p in parts {
-            match (&p.weight, &p.adapter) {
-                (BaseWeight::Dense(w), None) => weights.push(w),
-                _ => return Ok(None),
-            }
-        }
-        Ok(Some(Linear::new(Tensor::cat(&weights, 0)?, None)))
-    }
-
-    /// [`Linear::stack`] without a second copy of the weights: each part's
+    /// [`Linear::stacked_bias`]): the fused q/k/v projection. Each part's
     /// weight becomes a view into the stacked one, so the parts still work
     /// alone (adapters, training) and the fused layer costs no memory.
-    /// `None` (parts unchanged) when a part is quantized or has an adapter.
+    /// `None` (parts unchanged) when a part is quantized or carries an
+    /// adapter (those stay separate).
     ///
     /// # Errors
     /// Weights of different widths, dtypes or devices.
     pub(crate) fn stack_shared(parts: &mut [&mut Linear]) -> Result<Option<Linear>> {
-        let refs: Vec<&Linear> = parts.iter().map(|p| &**p).collect();
-        let Some(fused) = Self::stack(&refs)? else {
-            return Ok(None);
-        };
-        let BaseWeight::Dense(all) = &fused.weight else {
-            return Ok(None);
-        };
+        let mut weights = Vec::with_capacity(parts.len());
+        for p in parts.iter() {
+            match (&p.weight, &p.adapter) {
+                (BaseWeight::Dense(w), None) => weights.push(w.clone()),
+                _ => return Ok(None),
+            }
+        }
+        let all = Tensor::cat(&weights, 0)?;
         let mut start = 0;
         for p in parts.iter_mut() {
             let rows = p.dims().0;
             p.weight = BaseWeight::Dense(all.narrow(0, start, rows)?);
             start += rows;
         }
-        Ok(Some(fused))
+        Ok(Some(Linear::new(all, None)))
     }
 
     /// The biases of `parts` concatenated (zeros for a part without one),

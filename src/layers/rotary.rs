@@ -6,8 +6,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::backend::autograd::needs_grad;
-use crate::backend::autograd::with_backward;
+use crate::backend::autograd::{needs_grad, with_backward};
 use crate::error::Result;
 
 /// How RoPE frequencies are scaled for contexts beyond the trained one

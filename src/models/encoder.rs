@@ -83,14 +83,14 @@ impl EncoderLayer {
             ));
         }
         let lin = |name: &str, i, o| Linear::load(w, &format!("{prefix}.{name}"), i, o, true);
-        let (q, k, v) = (
+        let (mut q, mut k, mut v) = (
             lin(n.q, d.hidden, d.hidden)?,
             lin(n.k, d.hidden, d.hidden)?,
             lin(n.v, d.hidden, d.hidden)?,
         );
         let (dtype, dev) = (w.dtype(), w.device());
         let qkv_bias = Linear::stacked_bias(&[&q, &k, &v], dtype, dev)?;
-        let qkv = match Linear::stack(&[&q, &k, &v])? {
+        let qkv = match Linear::stack_shared(&mut [&mut q, &mut k, &mut v])? {
             Some(fused) => vec![fused],
             None => vec![q, k, v],
         };
