@@ -303,8 +303,10 @@ impl LogitsProcessor {
 /// value (bin 0 the most likely); the bins' masses locate the bin holding
 /// the cut; every token in a bin before it is kept, and only that bin is
 /// sorted to place the cut exactly. A flat distribution (a random model, a
-/// high temperature) puts most of a 150k vocabulary in the nucleus, where
-/// sorting all of it cost about 12 ms a token (H200 host, Qwen2.5 vocab).
+/// high temperature) puts most of a 150k vocabulary in the nucleus, which
+/// the earlier grow-and-sort loop ended up sorting whole every token
+/// (sampled decoding at b8 went from 66.6 to 141 tok/s on an H200 with
+/// this, BENCHMARKS.md).
 fn nucleus(mut c: Vec<(u32, f32)>, p: f32) -> Vec<(u32, f32)> {
     const BINS: usize = 4096;
     let max = c.iter().map(|x| x.1).fold(f32::NEG_INFINITY, f32::max);
