@@ -23,6 +23,9 @@ fn main() {
     }
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
+    // Kernels that size their launch by architecture (thread block clusters
+    // from sm_90) read it back.
+    println!("cargo:rustc-env=METAL_CANDLE_CUDA_CAP={cap}");
     let nvcc = std::env::var("CUDA_HOME")
         .map(|h| PathBuf::from(h).join("bin").join("nvcc"))
         .ok()

@@ -385,13 +385,23 @@ impl<M: Deref<Target: CausalLm>> Generator<M> {
             let logits = self
                 .model
                 .forward_last(&input, Some(&mask), Some(&mut self.cache))?;
+            // Every row at once (one kernel and one copy of the ids when
+            // sampling on the GPU); finished rows draw nothing.
+            let histories: Vec<Option<(&[u32], &[u32])>> = states
+                .iter()
+                .map(|s| {
+                    s.finish_reason()
+                        .is_none()
+                        .then(|| (s.tokens(), s.generated()))
+                })
+                .collect();
+            let ids = sampler.sample_batch(&logits, &histories)?;
             let mut next = Vec::with_capacity(b);
-            for (row, state) in states.iter_mut().enumerate() {
-                if state.finish_reason().is_some() {
+            for (state, id) in states.iter_mut().zip(ids) {
+                let Some(id) = id else {
                     next.push(pad);
                     continue;
-                }
-                let id = sampler.sample(&logits.get(row)?, state.tokens(), state.generated())?;
+                };
                 state.push(id, &stop, &self.tokenizer)?;
                 if step + 1 == self.config.max_tokens {
                     state.close(FinishReason::MaxTokens, &stop, &self.tokenizer)?;

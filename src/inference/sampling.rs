@@ -4,14 +4,15 @@
 //!
 //! Where the work happens: the penalties, the temperature and the greedy
 //! argmax run on the logits tensor on its device, so greedy decoding copies
-//! one `u32` back per token. Sampling copies the processed logits to the host
-//! once per token (one `f32` per vocabulary entry) and filters them there in
-//! linear time: top-k with a partial selection, min-p with a threshold, top-p
-//! by binning the logits by value and sorting only the bin that holds the
-//! cut. No full-vocabulary sort happens per token. Candle has no
-//! top-k kernel, and its CUDA `arg_sort` sorts a row inside one block's shared
-//! memory, which a 150k-entry vocabulary does not fit; a single copy of the
-//! row is cheap next to the forward pass that produced it.
+//! one `u32` back per token. Sampling on a CUDA device runs every step
+//! (penalties, temperature, filters, the draw) in one kernel over all the
+//! batch's rows (`backend::kernels::sample`), which also copies one `u32`
+//! per row back. Elsewhere the processed logits are copied to the host once
+//! per token and filtered there in linear time: top-k with a partial
+//! selection, min-p with a threshold, top-p by binning the logits by value
+//! and sorting only the bin that holds the cut. Both paths keep the same
+//! tokens and walk them in id order for the draw, so a seed gives the same
+//! token on either (the GPU tier checks it).
 //!
 //! Sampled tokens are reproducible for a given seed (rand's `StdRng`), but are
 //! not expected to equal transformers' samples: the random number generators
@@ -140,7 +141,7 @@ impl Default for LogitsProcessor {
 /// The tokens that survive filtering, with their (processed) logits.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Candidates {
-    /// `(token id, logit)`; unordered unless top-p sorted them.
+    /// `(token id, logit)` in ascending id order.
     pub tokens: Vec<(u32, f32)>,
 }
 
@@ -215,6 +216,55 @@ impl LogitsProcessor {
         Ok(logits)
     }
 
+    /// The penalty entries of one row for the sampling kernel: each
+    /// distinct id the penalties touch, whether the repetition penalty
+    /// applies to it, and what the frequency and presence penalties
+    /// subtract (the same values [`Self::apply_penalties`] applies).
+    ///
+    /// # Errors
+    /// A token id outside the vocabulary.
+    #[cfg(feature = "cuda")]
+    fn row_penalties(
+        &self,
+        vocab: usize,
+        context: &[u32],
+        generated: &[u32],
+    ) -> Result<crate::backend::kernels::RowPenalties> {
+        use std::collections::BTreeMap;
+        let check = |ids: &[u32]| match ids.iter().find(|&&t| t as usize >= vocab) {
+            Some(t) => Err(Error::InvalidInput(format!(
+                "token id {t} is outside the vocabulary ({vocab})"
+            ))),
+            None => Ok(()),
+        };
+        let mut entries: BTreeMap<u32, (bool, f32)> = BTreeMap::new();
+        if self.repetition_penalty != 1.0 && !context.is_empty() {
+            check(context)?;
+            for &t in context {
+                entries.entry(t).or_insert((false, 0.0)).0 = true;
+            }
+        }
+        if (self.frequency_penalty != 0.0 || self.presence_penalty != 0.0) && !generated.is_empty()
+        {
+            check(generated)?;
+            let mut counts: HashMap<u32, u32> = HashMap::new();
+            for &t in generated {
+                *counts.entry(t).or_default() += 1;
+            }
+            for (t, n) in counts {
+                entries.entry(t).or_insert((false, 0.0)).1 =
+                    self.frequency_penalty * n as f32 + self.presence_penalty;
+            }
+        }
+        let mut out = crate::backend::kernels::RowPenalties::default();
+        for (id, (repeat, sub)) in entries {
+            out.ids.push(id);
+            out.repeat.push(repeat);
+            out.sub.push(sub);
+        }
+        Ok(out)
+    }
+
     /// Divides by the temperature (on the device); identity at 1.
     ///
     /// # Errors
@@ -259,12 +309,13 @@ impl LogitsProcessor {
             }
         }
         if let Some(m) = min_p {
-            // prob < min_p * max_prob  <=>  exp(l - max) < min_p.
+            // prob < min_p * max_prob  <=>  exp(l - max) < min_p (exp in
+            // f32, as transformers' f32 softmax and the sampling kernel).
             let max = c.iter().map(|x| x.1).fold(f32::NEG_INFINITY, f32::max);
             let keep: Vec<(u32, f32)> = c
                 .iter()
                 .copied()
-                .filter(|x| f64::from(x.1 - max).exp() >= f64::from(m))
+                .filter(|x| (x.1 - max).exp() >= m)
                 .collect();
             if !keep.is_empty() {
                 c = keep;
@@ -316,65 +367,66 @@ fn nucleus(mut c: Vec<(u32, f32)>, p: f32) -> Vec<(u32, f32)> {
     let p = f64::from(p);
     let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
     let width = f64::from(max) - f64::from(min);
-    if c.len() <= BINS || width.is_nan() || width <= 0.0 {
-        c.sort_unstable_by(desc);
-        return keep_nucleus(c, 0.0, max, total, p);
-    }
-    // Monotone in the logit: equal logits share a bin, a larger logit never
-    // lands in a later bin.
-    let scale = (BINS - 1) as f64 / width;
-    let bin = |l: f32| (((f64::from(max) - f64::from(l)) * scale) as usize).min(BINS - 1);
-    let mut mass = vec![0f64; BINS];
-    for x in &c {
-        mass[bin(x.1)] += f64::from((x.1 - max).exp());
-    }
-    mass.iter_mut().for_each(|m| *m /= total);
-    // The first bin whose tokens' preceding mass can reach p.
-    // (None of them when rounding leaves the total just under p: keep all.)
-    let (mut cut, mut before) = (BINS, 0.0f64);
-    for (k, m) in mass.iter().enumerate() {
-        if before + m >= p {
-            cut = k;
-            break;
+    let last = if c.len() <= BINS || width.is_nan() || width <= 0.0 {
+        let mut sorted = c.clone();
+        sorted.sort_unstable_by(desc);
+        last_kept(&sorted, 0.0, max, total, p)
+    } else {
+        // Monotone in the logit: equal logits share a bin, a larger logit
+        // never lands in a later bin.
+        let scale = (BINS - 1) as f64 / width;
+        let bin = |l: f32| (((f64::from(max) - f64::from(l)) * scale) as usize).min(BINS - 1);
+        let mut mass = vec![0f64; BINS];
+        for x in &c {
+            mass[bin(x.1)] += f64::from((x.1 - max).exp());
         }
-        before += m;
-    }
-    let (mut kept, mut edge): (Vec<_>, Vec<_>) = (Vec::new(), Vec::new());
-    for x in c {
-        match bin(x.1) {
-            k if k < cut => kept.push(x),
-            k if k == cut => edge.push(x),
-            _ => {}
+        mass.iter_mut().for_each(|m| *m /= total);
+        // The first bin whose tokens' preceding mass can reach p.
+        // (None of them when rounding leaves the total just under p: keep all.)
+        let (mut cut, mut before) = (BINS, 0.0f64);
+        for (k, m) in mass.iter().enumerate() {
+            if before + m >= p {
+                cut = k;
+                break;
+            }
+            before += m;
         }
+        if cut == BINS {
+            return c;
+        }
+        let mut edge: Vec<(u32, f32)> = c.iter().copied().filter(|x| bin(x.1) == cut).collect();
+        edge.sort_unstable_by(desc);
+        // All of the cut's bin kept (rounding): nothing after it is.
+        last_kept(&edge, before, max, total, p).or(edge.last().copied())
+    };
+    // Every token ahead of the last kept one in (logit descending, id
+    // ascending) order is kept: every token of an earlier bin has a larger
+    // logit than any of the cut's bin, every token of a later bin a smaller
+    // one. The kept tokens stay in id order, the order of the draw.
+    if let Some((id, l)) = last {
+        c.retain(|x| x.1 > l || (x.1 == l && x.0 <= id));
     }
-    // The kept tokens stay unordered (the draw does not need an order).
-    edge.sort_unstable_by(desc);
-    let edge = keep_nucleus(edge, before, max, total, p);
-    // Every token before the cut's bin has less than `before` < p of mass
-    // ahead of it: kept. The first token of the cut's bin always is (its
-    // preceding mass is `before`).
-    kept.extend(edge);
-    kept
+    c
 }
 
-/// The prefix of `sorted` (most likely first) that transformers' top-p
+/// The last token of `sorted` (most likely first) that transformers' top-p
 /// keeps, given `before`, the mass of the tokens ahead of it: a token is
-/// kept while the mass ahead of it is `< p` (the first always).
-fn keep_nucleus(
-    mut sorted: Vec<(u32, f32)>,
+/// kept while the mass ahead of it is `< p` (the first always). `None`
+/// when all of `sorted` is kept.
+fn last_kept(
+    sorted: &[(u32, f32)],
     mut before: f64,
     max: f32,
     total: f64,
     p: f64,
-) -> Vec<(u32, f32)> {
+) -> Option<(u32, f32)> {
     for i in 0..sorted.len() {
         if i > 0 && before >= p {
-            sorted.truncate(i);
-            return sorted;
+            return Some(sorted[i - 1]);
         }
         before += f64::from((sorted[i].1 - max).exp()) / total;
     }
-    sorted
+    None
 }
 
 /// Picks tokens: greedy on the device, or a seeded draw over the candidates.
@@ -408,6 +460,16 @@ impl Sampler {
     /// Tensor errors, or logits that are all `-inf`/NaN (or contain `+inf`)
     /// when sampling.
     pub fn sample(&mut self, logits: &Tensor, context: &[u32], generated: &[u32]) -> Result<u32> {
+        #[cfg(feature = "cuda")]
+        if !self.processor.strategy.is_greedy() && logits.device().is_cuda() {
+            let ids =
+                self.sample_on_device(&logits.unsqueeze(0)?, &[Some((context, generated))])?;
+            return ids
+                .first()
+                .copied()
+                .flatten()
+                .ok_or_else(|| Error::InvalidInput("no row to sample".into()));
+        }
         let l =
             self.processor
                 .apply_penalties(&logits.to_dtype(DType::F32)?, context, generated)?;
@@ -422,8 +484,102 @@ impl Sampler {
         if t != 1.0 {
             host.iter_mut().for_each(|v| *v /= t);
         }
+        if host.contains(&f32::INFINITY) {
+            return Err(positive_infinity());
+        }
         let c = self.processor.candidates(&host);
         self.draw(&c)
+    }
+
+    /// One token per row of `logits` (`[rows, vocab]`), each row with its
+    /// own `(context, generated)` history for the penalties (see
+    /// [`Self::sample`]); a `None` row (a finished sequence) is skipped,
+    /// draws nothing and gets `None`. The rows are drawn in order, so the
+    /// tokens equal [`Self::sample`] called row by row with the same seed.
+    ///
+    /// Greedy decoding without penalties takes one argmax over the batch and
+    /// sampling on a CUDA device one kernel: one copy of the ids per step.
+    ///
+    /// # Errors
+    /// As [`Self::sample`], and a `rows` length other than the logits' rows.
+    pub fn sample_batch(
+        &mut self,
+        logits: &Tensor,
+        rows: &[Option<(&[u32], &[u32])>],
+    ) -> Result<Vec<Option<u32>>> {
+        let (b, _) = logits.dims2()?;
+        if rows.len() != b {
+            return Err(Error::InvalidInput(format!(
+                "{b} rows of logits but {} histories",
+                rows.len()
+            )));
+        }
+        let p = &self.processor;
+        let penalties =
+            p.repetition_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0;
+        if p.strategy.is_greedy() && !penalties {
+            let ids: Vec<u32> = logits.argmax(1)?.to_vec1()?;
+            return Ok(rows.iter().zip(ids).map(|(r, id)| r.map(|_| id)).collect());
+        }
+        #[cfg(feature = "cuda")]
+        if !p.strategy.is_greedy() && logits.device().is_cuda() {
+            return self.sample_on_device(logits, rows);
+        }
+        let mut out = Vec::with_capacity(b);
+        for (r, row) in rows.iter().enumerate() {
+            out.push(match row {
+                Some((context, generated)) => {
+                    Some(self.sample(&logits.get(r)?, context, generated)?)
+                }
+                None => None,
+            });
+        }
+        Ok(out)
+    }
+
+    /// [`Self::sample_batch`] for sampling on a CUDA device: the kernel in
+    /// `backend::kernels::sample`, given each row's penalty entries and
+    /// uniform draw.
+    #[cfg(feature = "cuda")]
+    fn sample_on_device(
+        &mut self,
+        logits: &Tensor,
+        rows: &[Option<(&[u32], &[u32])>],
+    ) -> Result<Vec<Option<u32>>> {
+        use crate::backend::kernels::{sample_rows, SampleParams, NO_FINITE, POS_INF};
+        let vocab = logits.dim(1)?;
+        let mut u = Vec::with_capacity(rows.len());
+        let mut penalties = Vec::with_capacity(rows.len());
+        for row in rows {
+            match row {
+                Some((context, generated)) => {
+                    penalties.push(self.processor.row_penalties(vocab, context, generated)?);
+                    u.push(self.rng.random::<f64>());
+                }
+                None => {
+                    penalties.push(Default::default());
+                    u.push(0.0);
+                }
+            }
+        }
+        let (top_k, top_p, min_p) = self.processor.strategy.filters();
+        let params = SampleParams {
+            repetition_penalty: self.processor.repetition_penalty,
+            temperature: self.processor.temperature,
+            top_k: top_k.map_or(0, |k| k.max(1)),
+            top_p: top_p.unwrap_or(1.0),
+            min_p: min_p.unwrap_or(0.0),
+        };
+        let ids = sample_rows(logits, &u, &penalties, params)?;
+        rows.iter()
+            .zip(ids)
+            .map(|(row, id)| match (row, id) {
+                (None, _) => Ok(None),
+                (Some(_), NO_FINITE) => Err(no_finite_logit()),
+                (Some(_), POS_INF) => Err(positive_infinity()),
+                (Some(_), id) => Ok(Some(id)),
+            })
+            .collect()
     }
 
     /// A draw from the softmax of the candidates' logits.
@@ -437,22 +593,16 @@ impl Sampler {
             .map(|x| x.1)
             .fold(f32::NEG_INFINITY, f32::max);
         if max == f32::INFINITY {
-            // Softmax is undefined with +inf logits (transformers gives NaN
-            // probabilities): say what happened rather than guess a token.
-            return Err(Error::InvalidInput(
-                "no token can be sampled: the logits contain +inf (the model's activations overflowed)"
-                    .into(),
-            ));
+            return Err(positive_infinity());
         }
         if c.tokens.is_empty() || !max.is_finite() {
-            return Err(Error::InvalidInput(
-                "no token can be sampled: the logits are all -inf or NaN".into(),
-            ));
+            return Err(no_finite_logit());
         }
+        // exp in f32, sums in f64 (as the sampling kernel).
         let weights: Vec<f64> = c
             .tokens
             .iter()
-            .map(|x| f64::from(x.1 - max).exp())
+            .map(|x| f64::from((x.1 - max).exp()))
             .collect();
         let total: f64 = weights.iter().sum();
         let mut u = self.rng.random::<f64>() * total;
@@ -465,4 +615,17 @@ impl Sampler {
         // Rounding left `u` just above the last weight: take the last token.
         Ok(c.tokens[c.tokens.len() - 1].0)
     }
+}
+
+/// Softmax is undefined with +inf logits (transformers gives NaN
+/// probabilities): say what happened rather than guess a token.
+fn positive_infinity() -> Error {
+    Error::InvalidInput(
+        "no token can be sampled: the logits contain +inf (the model's activations overflowed)"
+            .into(),
+    )
+}
+
+fn no_finite_logit() -> Error {
+    Error::InvalidInput("no token can be sampled: the logits are all -inf or NaN".into())
 }

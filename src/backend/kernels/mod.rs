@@ -20,6 +20,8 @@ mod bias_act;
 mod cross_entropy;
 mod flash_attn;
 mod rms_norm;
+#[cfg(feature = "cuda")]
+mod sample;
 mod split_heads;
 mod swiglu;
 
@@ -28,6 +30,8 @@ pub use bias_act::{bias_act, Activation};
 pub(crate) use cross_entropy::{cross_entropy_grad, cross_entropy_stats};
 pub use flash_attn::{flash_attention, flash_attention_merged, flash_attention_supported};
 pub use rms_norm::{add_rms_norm, rms_norm};
+#[cfg(feature = "cuda")]
+pub(crate) use sample::{sample_rows, RowPenalties, SampleParams, NO_FINITE, POS_INF};
 pub use split_heads::{split_heads, Heads};
 pub use swiglu::swiglu;
 pub(crate) use swiglu::swiglu_backward;
