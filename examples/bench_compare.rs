@@ -52,6 +52,9 @@ struct Args {
     /// Prompt lengths of the prefill rows (default 128,1024; 32 with --quick).
     #[arg(long, value_delimiter = ',')]
     prompts: Option<Vec<usize>>,
+    /// Decode rows as BATCHxPROMPT (default 1x32,8x32).
+    #[arg(long, value_delimiter = ',')]
+    decode: Option<Vec<String>>,
     /// Random-weight embedding models written by `scripts/peers.py --prepare-only`
     /// (both sides load the same files).
     #[arg(long, default_value = ".dev/bench-models")]
@@ -214,6 +217,39 @@ fn time(device: &Device, repeats: usize, mut f: impl FnMut() -> Result<()>) -> R
     Ok(median(t))
 }
 
+/// Decode steps after a prefill as the Generator takes them: replaying a
+/// captured CUDA graph over a static cache on CUDA (`DecodeGraph`), else
+/// eagerly with the growing KV cache.
+enum Steps {
+    Eager(metal_candle::models::KvCache),
+    Graph(metal_candle::inference::DecodeGraph),
+}
+
+impl Steps {
+    /// Prefills `prompt` (`[b, s]`) and returns its last logits and the
+    /// steps after it (room for `capacity` positions in all).
+    fn start(model: &dyn CausalLm, prompt: &Tensor, capacity: usize) -> Result<(Tensor, Self)> {
+        let mut cache = model.new_cache();
+        let logits = model.forward_last(prompt, None, Some(&mut cache))?;
+        let steps = match metal_candle::inference::DecodeGraph::new(model, &cache, capacity)? {
+            Some(g) => Steps::Graph(g),
+            None => Steps::Eager(cache),
+        };
+        Ok((logits, steps))
+    }
+
+    /// Logits `[b, vocab]` after one token per row.
+    fn step(&mut self, model: &dyn CausalLm, ids: &[u32]) -> Result<Tensor> {
+        Ok(match self {
+            Steps::Eager(cache) => {
+                let input = Tensor::new(ids, model.device())?.unsqueeze(1)?;
+                model.forward_last(&input, None, Some(cache))?
+            }
+            Steps::Graph(g) => g.step(model, ids)?,
+        })
+    }
+}
+
 fn emit(job: &str, row: &str, shape: &str, dtype: DType, value: f64, unit: &str) {
     emit_as("metal-candle", job, row, shape, dtype, value, unit);
 }
@@ -356,8 +392,20 @@ fn bench_generation(args: &Args, device: &Device) -> Result<()> {
         );
     }
     let new_tokens = args.new_tokens.unwrap_or(if args.quick { 16 } else { 256 });
-    for b in [1usize, 8] {
-        let prompt = random_ids(b, 32, cfg.vocab_size, device)?;
+    let shapes: Vec<(usize, usize)> = match &args.decode {
+        None => vec![(1, 32), (8, 32)],
+        Some(list) => list
+            .iter()
+            .map(|x| {
+                let (b, p) = x
+                    .split_once('x')
+                    .ok_or_else(|| anyhow::anyhow!("--decode takes BATCHxPROMPT, got {x}"))?;
+                Ok((b.parse()?, p.parse()?))
+            })
+            .collect::<Result<_>>()?,
+    };
+    for (b, plen) in shapes {
+        let prompt = random_ids(b, plen, cfg.vocab_size, device)?;
         let secs = time(device, args.repeats.min(3), || {
             // Greedy decoding with the KV cache: argmax stays on the device.
             let mut cache = model.new_cache();
@@ -371,22 +419,49 @@ fn bench_generation(args: &Args, device: &Device) -> Result<()> {
             }
             Ok(())
         })?;
-        let shape = format!("b{b} prompt32 new{new_tokens}");
+        let shape = format!("b{b} prompt{plen} new{new_tokens}");
+        // On CUDA the Generator replays a captured step (the "decode" row
+        // below); these eager steps are the path without CUDA graphs.
+        let eager_row = if device.is_cuda() {
+            "decode, eager steps (no CUDA graph)"
+        } else {
+            "decode"
+        };
         emit(
             "generation",
-            "decode",
+            eager_row,
             &shape,
             dtype,
             (b * new_tokens) as f64 / secs,
             "tok/s",
         );
+        if device.is_cuda() {
+            // The Generator's path on CUDA: one captured step replayed
+            // (each id comes back to the host, as a generation needs).
+            let secs = time(device, args.repeats.min(3), || {
+                let (logits, mut steps) = Steps::start(&*model, &prompt, plen + new_tokens + 1)?;
+                let mut ids: Vec<u32> = logits.argmax(1)?.to_vec1()?;
+                for _ in 1..new_tokens {
+                    ids = steps.step(&*model, &ids)?.argmax(1)?.to_vec1()?;
+                }
+                Ok(())
+            })?;
+            emit(
+                "generation",
+                "decode",
+                &shape,
+                dtype,
+                (b * new_tokens) as f64 / secs,
+                "tok/s",
+            );
+        }
         let prompt = prompt.to_device(&peer)?;
         let secs = time(&peer, args.repeats.min(3), || {
             stock.clear_kv_cache();
             let mut next = stock.forward(&prompt, 0)?.squeeze(1)?.argmax_keepdim(1)?;
             for t in 1..new_tokens {
                 next = stock
-                    .forward(&next, 32 + t - 1)?
+                    .forward(&next, plen + t - 1)?
                     .squeeze(1)?
                     .argmax_keepdim(1)?;
             }
@@ -768,19 +843,13 @@ fn bench_latency(args: &Args, device: &Device) -> Result<()> {
     );
     // Per-token latency over a long generation (host clock per token; the
     // id copy synchronises).
-    let mut cache = model.new_cache();
-    let mut next = greedy.sample(
-        &model
-            .forward_last(&prompt, None, Some(&mut cache))?
-            .get(0)?,
-        &[],
-        &[],
-    )?;
+    // The steps the Generator takes (a replayed CUDA graph on CUDA).
+    let (logits, mut steps) = Steps::start(&*model, &prompt, prompt_len + gen_len + 1)?;
+    let mut next = greedy.sample(&logits.get(0)?, &[], &[])?;
     let mut per_token = Vec::with_capacity(gen_len);
     for _ in 0..gen_len {
         let start = Instant::now();
-        let input = Tensor::new(&[[next]], device)?;
-        let logits = model.forward_last(&input, None, Some(&mut cache))?;
+        let logits = steps.step(&*model, &[next])?;
         next = greedy.sample(&logits.get(0)?, &[], &[])?;
         per_token.push(start.elapsed().as_secs_f64());
     }
@@ -873,9 +942,8 @@ fn bench_latency(args: &Args, device: &Device) -> Result<()> {
             }
             let mut sampler = Sampler::new(processor, 0);
             time(device, 1, || {
-                let mut cache = model.new_cache();
                 let mut history = context.clone();
-                let mut logits = model.forward_last(&prompt, None, Some(&mut cache))?;
+                let (mut logits, mut steps) = Steps::start(&*model, &prompt, 32 + new + 1)?;
                 for _ in 0..new {
                     let rows: Vec<Option<(&[u32], &[u32])>> =
                         history.iter().map(|h| Some((&h[..], &[][..]))).collect();
@@ -884,10 +952,9 @@ fn bench_latency(args: &Args, device: &Device) -> Result<()> {
                     for (h, id) in history.iter_mut().zip(next) {
                         let id = id.unwrap_or(0);
                         h.push(id);
-                        ids.push(vec![id]);
+                        ids.push(id);
                     }
-                    logits =
-                        model.forward_last(&Tensor::new(ids, device)?, None, Some(&mut cache))?;
+                    logits = steps.step(&*model, &ids)?;
                 }
                 Ok(())
             })

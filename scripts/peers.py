@@ -70,13 +70,13 @@ def bench_generation(args):
                         secs = timed(args.device, args.repeats, lambda: model(input_ids=x, use_cache=True))
                         emit(impl, "generation", "prefill", f"b1 prompt{p}", dtype, p / secs, "tok/s")
                 new = args.new_tokens or (16 if args.quick else 256)
-                for b in [1, 8]:
-                    x = ids(b, 32, cfg.vocab_size, args.device)
+                for b, p in args.decode or [(1, 32), (8, 32)]:
+                    x = ids(b, p, cfg.vocab_size, args.device)
                     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
                     if cache == "static":
                         kw["cache_implementation"] = "static"
                     secs = timed(args.device, min(args.repeats, 3), lambda: model.generate(x, **kw))
-                    emit(impl, "generation", "decode", f"b{b} prompt32 new{new}", dtype, b * new / secs, "tok/s")
+                    emit(impl, "generation", "decode", f"b{b} prompt{p} new{new}", dtype, b * new / secs, "tok/s")
         except Exception as e:  # a peer variant that does not run is reported, not fatal
             emit(impl, "generation", "error", str(e)[:120], dtype, float("nan"), "")
         del model
@@ -293,6 +293,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=None, help="new tokens per decode row")
     ap.add_argument("--prompts", type=lambda v: [int(x) for x in v.split(",")], default=None,
                     help="prompt lengths of the prefill rows, e.g. 128,1024")
+    ap.add_argument("--decode", type=lambda v: [tuple(int(y) for y in x.split("x")) for x in v.split(",")],
+                    default=None, help="decode rows as BATCHxPROMPT, e.g. 1x32,8x32 (the default)")
     ap.add_argument("--embed-models", default=".dev/bench-models",
                     help="where the random-weight embedding models are written (shared with ours)")
     ap.add_argument("--prepare-only", action="store_true", help="only write the embedding models")

@@ -7,6 +7,7 @@
 pub use candle_core::{DType, Device};
 
 pub(crate) mod autograd;
+pub(crate) mod graph;
 pub mod kernels;
 
 use crate::error::{Error, Result};

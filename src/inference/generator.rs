@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use std::ops::Deref;
 
 use super::chat::Message;
+use super::decode_graph::DecodeGraph;
 use super::language_model::LanguageModel;
 use super::sampling::{LogitsProcessor, Sampler, SamplingStrategy};
 use super::stop::{FinishReason, StopConditions};
@@ -381,10 +382,25 @@ impl<M: Deref<Target: CausalLm>> Generator<M> {
             .map(|p| SequenceState::new(p, skip))
             .collect();
         self.cache.reset();
+        // Prompts of one length need no padding: their decode steps can
+        // replay one captured step on CUDA (see DecodeGraph).
+        let same_length = prompts.iter().all(|p| p.len() == longest);
+        let mut graph: Option<DecodeGraph> = None;
+        let mut next_ids: Vec<u32> = Vec::new();
         for step in 0..self.config.max_tokens {
-            let logits = self
-                .model
-                .forward_last(&input, Some(&mask), Some(&mut self.cache))?;
+            let logits = match graph.as_mut() {
+                Some(g) => g.step(&*self.model, &next_ids)?,
+                None => {
+                    let logits =
+                        self.model
+                            .forward_last(&input, Some(&mask), Some(&mut self.cache))?;
+                    if step == 0 && same_length {
+                        let capacity = longest + self.config.max_tokens;
+                        graph = DecodeGraph::new(&*self.model, &self.cache, capacity)?;
+                    }
+                    logits
+                }
+            };
             // Every row at once (one kernel and one copy of the ids when
             // sampling on the GPU); finished rows draw nothing.
             let histories: Vec<Option<(&[u32], &[u32])>> = states
@@ -410,6 +426,10 @@ impl<M: Deref<Target: CausalLm>> Generator<M> {
             }
             if states.iter().all(|s| s.finish_reason().is_some()) {
                 break;
+            }
+            if graph.is_some() {
+                next_ids = next;
+                continue;
             }
             input = Tensor::from_vec(next, (b, 1), &device)?;
             mask = Tensor::cat(&[&mask, &Tensor::ones((b, 1), DType::U32, &device)?], 1)?;
@@ -490,6 +510,8 @@ pub struct TokenStream<'a, M: Deref<Target: CausalLm>> {
     last: Option<u32>,
     max_tokens: usize,
     done: bool,
+    /// Decode steps after the prefill, on CUDA (see [`DecodeGraph`]).
+    graph: Option<DecodeGraph>,
 }
 
 impl<M: Deref<Target: CausalLm>> std::fmt::Debug for TokenStream<'_, M> {
@@ -518,6 +540,7 @@ impl<'a, M: Deref<Target: CausalLm>> TokenStream<'a, M> {
             last: None,
             max_tokens,
             done: false,
+            graph: None,
         }
     }
 
@@ -540,14 +563,21 @@ impl<'a, M: Deref<Target: CausalLm>> TokenStream<'a, M> {
     fn step(&mut self) -> Result<TokenEvent> {
         let g = &mut *self.gen;
         let device = g.model.device().clone();
-        let input = match self.last {
-            None => Tensor::new(self.state.tokens(), &device)?.unsqueeze(0)?,
-            Some(t) => Tensor::new(&[[t]], &device)?,
+        let logits = match (self.last, self.graph.as_mut()) {
+            (Some(t), Some(graph)) => graph.step(&*g.model, &[t])?.squeeze(0)?,
+            (Some(t), None) => g
+                .model
+                .forward_last(&Tensor::new(&[[t]], &device)?, None, Some(&mut g.cache))?
+                .squeeze(0)?,
+            (None, _) => {
+                let input = Tensor::new(self.state.tokens(), &device)?.unsqueeze(0)?;
+                let logits = g.model.forward_last(&input, None, Some(&mut g.cache))?;
+                // The decode steps, on CUDA, replay one captured step.
+                let capacity = self.state.tokens().len() + self.max_tokens;
+                self.graph = DecodeGraph::new(&*g.model, &g.cache, capacity)?;
+                logits.squeeze(0)?
+            }
         };
-        let logits = g
-            .model
-            .forward_last(&input, None, Some(&mut g.cache))?
-            .squeeze(0)?;
         let id = self
             .sampler
             .sample(&logits, self.state.tokens(), self.state.generated())?;

@@ -2,6 +2,7 @@
 //! conditions, streaming and the [`Generator`] that ties them together.
 
 mod chat;
+mod decode_graph;
 mod generator;
 mod language_model;
 mod sampling;
@@ -10,6 +11,7 @@ mod streaming;
 mod tokenizer;
 
 pub use chat::{ChatTemplate, Message};
+pub use decode_graph::DecodeGraph;
 pub use generator::{Generator, GeneratorConfig, TokenStream};
 pub use language_model::LanguageModel;
 pub use sampling::{Candidates, LogitsProcessor, Sampler, SamplingStrategy};

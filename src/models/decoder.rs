@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::config::DecoderConfig;
-use super::kv_cache::KvCache;
+use super::kv_cache::{KvCache, StaticCache};
 use crate::error::Result;
 use crate::layers::Linear;
 
@@ -103,6 +103,31 @@ pub trait CausalLm: Send + Sync + std::fmt::Debug {
             .to_dtype(DType::F32)?)
     }
 
+    /// A [`StaticCache`] of `capacity` positions continuing `cache` (after
+    /// a prefill without padding), for decode steps captured as CUDA graphs;
+    /// `None` where this model, its settings or the device cannot decode
+    /// that way (then decode with the [`KvCache`]).
+    ///
+    /// # Errors
+    /// Tensor errors, or a capacity beyond the context.
+    fn static_cache(&self, cache: &KvCache, capacity: usize) -> Result<Option<StaticCache>> {
+        let _ = (cache, capacity);
+        Ok(None)
+    }
+
+    /// Logits `[b, vocab]` (f32) of one decode step over `cache`, whose
+    /// step buffer holds the tokens (see [`StaticCache`]); appends their
+    /// keys and values. Launches the same kernels at every length.
+    ///
+    /// # Errors
+    /// A model without static decoding, tensor errors.
+    fn forward_static(&self, cache: &StaticCache) -> Result<Tensor> {
+        let _ = cache;
+        Err(crate::error::Error::InvalidInput(
+            "this model has no static-cache decoding".into(),
+        ))
+    }
+
     /// A fresh KV cache sized for this model's context window.
     fn new_cache(&self) -> KvCache {
         let c = self.config();
@@ -152,5 +177,11 @@ impl<M: CausalLm + ?Sized> CausalLm for Box<M> {
     }
     fn set_gradient_checkpointing(&mut self, on: bool) {
         (**self).set_gradient_checkpointing(on);
+    }
+    fn static_cache(&self, cache: &KvCache, capacity: usize) -> Result<Option<StaticCache>> {
+        (**self).static_cache(cache, capacity)
+    }
+    fn forward_static(&self, cache: &StaticCache) -> Result<Tensor> {
+        (**self).forward_static(cache)
     }
 }

@@ -15,9 +15,9 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::DecoderConfig;
 use super::decoder::CausalLm;
-use super::kv_cache::KvCache;
+use super::kv_cache::{KvCache, StaticCache};
 use crate::backend::autograd::{checkpoint, needs_grad, with_backward};
-use crate::backend::kernels::{split_heads, Heads};
+use crate::backend::kernels::{flash_attention_cached, kv_write, split_heads, Heads};
 use crate::error::{Error, Result};
 use crate::io::Weights;
 use crate::layers::{
@@ -98,17 +98,22 @@ impl Attention {
         })
     }
 
-    /// q, k, v as `[b, heads, s, head_dim]`, before the q/k norms and RoPE.
-    fn project(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let (b, s, _) = x.dims3()?;
+    /// The stacked q/k/v projection when it stands for the three layers:
+    /// none of them has an adapter or a replaced weight.
+    fn fused_qkv(&self) -> Option<&FusedQkv> {
         let parts = [&self.q_proj, &self.k_proj, &self.v_proj];
-        let fused = self.qkv.as_ref().filter(|f| {
+        self.qkv.as_ref().filter(|f| {
             parts
                 .iter()
                 .zip(&f.parts)
                 .all(|(l, id)| l.adapter().is_none() && l.weight_id() == *id)
-        });
-        if let (Some(f), false) = (fused, needs_grad(&[x])) {
+        })
+    }
+
+    /// q, k, v as `[b, heads, s, head_dim]`, before the q/k norms and RoPE.
+    fn project(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, s, _) = x.dims3()?;
+        if let (Some(f), false) = (self.fused_qkv(), needs_grad(&[x])) {
             let heads = Heads {
                 q: self.num_heads,
                 kv: self.num_kv_heads,
@@ -146,6 +151,75 @@ impl Attention {
         };
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let out = attention(&q, &k, &v, &mask, scale)?;
+        Ok(self.o_proj.forward(&out)?)
+    }
+}
+
+/// What a static-cache decode step's layers read (see [`StaticCache`]).
+struct StaticCtx<'a> {
+    /// The RoPE rows of the step's position, `[1, head_dim / 2]`.
+    cos: &'a Tensor,
+    sin: &'a Tensor,
+    /// The whole RoPE tables, `[capacity, head_dim / 2]` (the fused kernel
+    /// picks its rows itself).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    cos_table: &'a Tensor,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    sin_table: &'a Tensor,
+    /// u32 `[1]`: the step's position (where its keys are written).
+    pos: &'a Tensor,
+    /// u32 `[1]`: the keys after the step.
+    keys: &'a Tensor,
+}
+
+impl Attention {
+    /// [`Attention::forward`] over a [`StaticCache`]: keys and values
+    /// written at the device-held position, attention over the
+    /// preallocated rows up to the device-held count.
+    fn forward_static(
+        &self,
+        x: &Tensor,
+        ctx: &StaticCtx<'_>,
+        (kc, vc): (&Tensor, &Tensor),
+    ) -> Result<Tensor> {
+        let window = match self.mask {
+            MaskKind::SlidingWindow(w) => Some(w),
+            _ => None,
+        };
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        // The stacked projection, then bias, RoPE and the cache writes in
+        // one kernel (a captured step's time is its number of kernels):
+        // without q/k norms, and with no adapter on q, k or v.
+        #[cfg(feature = "cuda")]
+        if let (None, Some(f)) = (&self.qk_norm, self.fused_qkv()) {
+            let heads = Heads {
+                q: self.num_heads,
+                kv: self.num_kv_heads,
+                dim: self.head_dim,
+            };
+            let q = crate::backend::kernels::qkv_rope_cache(
+                &f.proj.forward(x)?,
+                &f.bias,
+                ctx.cos_table,
+                ctx.sin_table,
+                ctx.pos,
+                kc,
+                vc,
+                heads,
+            )?;
+            let out = flash_attention_cached(&q, kc, vc, ctx.keys, scale, true, window)?;
+            return Ok(self.o_proj.forward(&out)?);
+        }
+        let (mut q, mut k, v) = self.project(x)?;
+        if let Some((q_norm, k_norm)) = &self.qk_norm {
+            q = q_norm.forward(&q)?;
+            k = k_norm.forward(&k)?;
+        }
+        let q = RotaryEmbedding::apply(&q, ctx.cos, ctx.sin)?;
+        let k = RotaryEmbedding::apply(&k, ctx.cos, ctx.sin)?;
+        kv_write(kc, &k, ctx.pos)?;
+        kv_write(vc, &v, ctx.pos)?;
+        let out = flash_attention_cached(&q, kc, vc, ctx.keys, scale, true, window)?;
         Ok(self.o_proj.forward(&out)?)
     }
 }
@@ -247,6 +321,23 @@ impl DecoderLayer {
             None => (x.clone(), self.input_layernorm.forward(x)?),
         };
         let attn = self.self_attn.forward(&h, ctx, i)?;
+        let (x, h) = self.post_attention_layernorm.add_forward(&x, &attn)?;
+        Ok((x, self.mlp.forward(&h)?))
+    }
+
+    /// [`Self::forward_fused`] over a [`StaticCache`].
+    fn forward_static(
+        &self,
+        x: &Tensor,
+        pending: Option<Tensor>,
+        ctx: &StaticCtx<'_>,
+        kv: (&Tensor, &Tensor),
+    ) -> Result<(Tensor, Tensor)> {
+        let (x, h) = match pending {
+            Some(delta) => self.input_layernorm.add_forward(x, &delta)?,
+            None => (x.clone(), self.input_layernorm.forward(x)?),
+        };
+        let attn = self.self_attn.forward_static(&h, ctx, kv)?;
         let (x, h) = self.post_attention_layernorm.add_forward(&x, &attn)?;
         Ok((x, self.mlp.forward(&h)?))
     }
@@ -568,5 +659,72 @@ impl CausalLm for Llama {
 
     fn set_gradient_checkpointing(&mut self, on: bool) {
         self.checkpointing = on;
+    }
+
+    /// On CUDA with the fused attention kernel's dtypes and head widths,
+    /// RoPE without dynamic scaling (whose frequencies depend on the
+    /// length) and a cache without padding rows.
+    fn static_cache(&self, cache: &KvCache, capacity: usize) -> Result<Option<StaticCache>> {
+        let c = &self.config;
+        let d = c.head_dim;
+        let dtype = self.dtype();
+        let usable = self.device().is_cuda()
+            && matches!(dtype, DType::BF16 | DType::F16)
+            && matches!(d, 32 | 64 | 128)
+            && !matches!(c.rope_scaling, crate::layers::RopeScaling::Dynamic { .. })
+            && !cache.is_empty();
+        if !usable {
+            return Ok(None);
+        }
+        let limit = c.context_length();
+        if capacity > limit || u32::try_from(capacity).is_err() {
+            return Err(Error::ContextLengthExceeded {
+                requested: capacity,
+                limit,
+            });
+        }
+        let positions: Vec<u32> = (0..capacity as u32).collect();
+        let (cos, sin) = self.rotary.tables(&positions, (1, capacity), dtype)?;
+        Ok(Some(StaticCache::from_cache(
+            cache,
+            capacity,
+            cos.squeeze(0)?,
+            sin.squeeze(0)?,
+        )?))
+    }
+
+    fn forward_static(&self, cache: &StaticCache) -> Result<Tensor> {
+        let b = cache.batch();
+        let ids = cache.step.narrow(0, 0, b)?;
+        let pos = cache.step.narrow(0, b, 1)?;
+        let keys = cache.step.narrow(0, b + 1, 1)?;
+        let cos = cache.cos.index_select(&pos, 0)?;
+        let sin = cache.sin.index_select(&pos, 0)?;
+        let ctx = StaticCtx {
+            cos: &cos,
+            sin: &sin,
+            cos_table: &cache.cos,
+            sin_table: &cache.sin,
+            pos: &pos,
+            keys: &keys,
+        };
+        let mut x =
+            self.embed_tokens
+                .index_select(&ids, 0)?
+                .reshape((b, 1, self.config.hidden_size))?;
+        let mut pending: Option<Tensor> = None;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (sum, mlp) =
+                layer.forward_static(&x, pending.take(), &ctx, (&cache.k[i], &cache.v[i]))?;
+            x = sum;
+            pending = Some(mlp);
+        }
+        let h = match pending {
+            Some(mlp) => self.norm.add_forward(&x, &mlp)?.1,
+            None => self.norm.forward(&x)?,
+        };
+        Ok(self
+            .logits(&h.squeeze(1)?.contiguous()?)?
+            .to_dtype(DType::F32)?)
     }
 }

@@ -24,6 +24,6 @@ pub use architectures::{
 pub(crate) use architectures::{load_with_source, LoadedFrom};
 pub use config::DecoderConfig;
 pub use decoder::CausalLm;
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, StaticCache};
 pub use llama::Llama;
 pub use mpnet::relative_position_bucket;

@@ -844,3 +844,108 @@ fn sampling_on_the_device_equals_the_host_filters() {
     let e = Sampler::new(p, 0).sample(&row, &[], &[]).unwrap_err();
     assert!(e.to_string().contains("+inf"), "{e}");
 }
+
+/// Greedy ids of eager decoding (the growing KV cache) after `prompt`, how
+/// many of them were chosen by a top-two gap above bf16 noise, and the
+/// check that [`DecodeGraph`] steps fed the same ids give the same logits
+/// (bf16 tolerance) and replay a captured graph from the second step on.
+/// `None` where no static cache is made (off CUDA).
+fn check_decode_graph(
+    model: &dyn metal_candle::models::CausalLm,
+    prompt: &[u32],
+    steps: usize,
+) -> Option<(Vec<u32>, usize)> {
+    use metal_candle::inference::DecodeGraph;
+    let dev = model.device().clone();
+    let input = Tensor::new(prompt, &dev).unwrap().unsqueeze(0).unwrap();
+    let mut cache = model.new_cache();
+    let mut logits = model.forward_last(&input, None, Some(&mut cache)).unwrap();
+    let (mut want_ids, mut want_logits) = (Vec::new(), Vec::new());
+    let mut clear = steps;
+    for step in 0..steps {
+        let row: Vec<f32> = logits.get(0).unwrap().to_vec1().unwrap();
+        let mut sorted = row.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        if sorted[0] - sorted[1] < 0.1 {
+            clear = clear.min(step);
+        }
+        let id = logits.argmax(1).unwrap().to_vec1::<u32>().unwrap()[0];
+        want_ids.push(id);
+        logits = model
+            .forward_last(&Tensor::new(&[[id]], &dev).unwrap(), None, Some(&mut cache))
+            .unwrap();
+        want_logits.push(logits.clone());
+    }
+    let mut cache = model.new_cache();
+    model.forward_last(&input, None, Some(&mut cache)).unwrap();
+    let mut graph = DecodeGraph::new(model, &cache, prompt.len() + steps).unwrap()?;
+    for (i, (&id, want)) in want_ids.iter().zip(&want_logits).enumerate() {
+        let got = graph.step(model, &[id]).unwrap();
+        let diff = (&got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let scale = want
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        // bf16 activations: the two paths round differently (a fused bias +
+        // RoPE + cache write against separate ops, one preallocated cache
+        // against a concatenated one).
+        assert!(
+            diff <= 0.03 * scale.max(1.0),
+            "step {i}: max diff {diff} (scale {scale})"
+        );
+        if i >= 1 {
+            assert!(
+                graph.is_captured(),
+                "step {i} did not replay a captured graph"
+            );
+        }
+    }
+    assert_eq!(graph.len(), prompt.len() + steps);
+    Some((want_ids, clear))
+}
+
+/// Decode steps over a static cache, the second captured as a CUDA graph and
+/// replayed after, give the logits of eager decoding with the growing KV
+/// cache, in bf16 (the attention kernel's dtype): on Qwen3 tiny (head dim
+/// 32, q/k norms: the step's separate RoPE and cache writes) and on a
+/// random Qwen2 (head dim 64, q/k/v biases: the fused bias + RoPE + cache
+/// write); the Generator, which takes that path on CUDA, generates the same
+/// greedy tokens. Off CUDA no static cache is made.
+#[test]
+fn decode_graph_equals_eager_decoding() {
+    let dev = device();
+    let prompt: Vec<u32> = vec![5, 17, 99, 3, 250, 11, 42];
+    let steps = 24;
+    let lm = LanguageModel::from_pretrained(
+        fixture("qwen3-tiny").to_str().unwrap(),
+        Some(DType::BF16),
+        &dev,
+    )
+    .unwrap();
+    let Some((want_ids, clear)) = check_decode_graph(&*lm.model, &prompt, steps) else {
+        assert!(!dev.is_cuda(), "no static cache on CUDA for a bf16 Qwen3");
+        return;
+    };
+    let mut gen = Generator::new(lm, greedy_config()).unwrap();
+    let out = gen.generate_tokens(&prompt).unwrap();
+    assert_eq!(&out.tokens[..clear], &want_ids[..clear]);
+
+    let config = serde_json::json!({
+        "model_type": "qwen2", "vocab_size": 512, "hidden_size": 128, "intermediate_size": 256,
+        "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "max_position_embeddings": 256, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": true,
+    });
+    let (_, model) = crate::random_model::random_decoder(&config, 0.05, DType::BF16, &dev).unwrap();
+    check_decode_graph(&*model, &prompt, steps).expect("a static cache for a bf16 Qwen2 on CUDA");
+}

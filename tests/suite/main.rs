@@ -19,7 +19,11 @@ mod lora_dataset;
 mod lora_parity;
 mod lora_training;
 mod properties;
+// Random weights at a real model's layout (shared with the benchmarks).
 mod quantized;
+#[allow(clippy::duplicate_mod)]
+#[path = "../../examples/common/random_model.rs"]
+mod random_model;
 mod real_generation;
 mod real_lora;
 mod real_quantized;

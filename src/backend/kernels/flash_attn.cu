@@ -150,8 +150,13 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
                                     T* __restrict__ o, float* __restrict__ lse, int hq, int hkv,
                                     int s, int t, float scale, int causal, int window,
                                     long long bias_bs, long long bias_hs, long long bias_rs,
-                                    int o_bshd) {
+                                    int o_bshd, const unsigned int* t_dev) {
   using C = FwdCfg<D>;
+  // With t_dev, k and v hold t rows per head (a preallocated cache) of
+  // which the first *t_dev are keys: the count lives on the device so a
+  // captured decode step replays at every length.
+  const int t_rows = t;
+  if (t_dev != nullptr) t = (int)*t_dev;
   constexpr int BM = C::BM, BN = C::BN, NT = 32 * C::WARPS, LD = Pad<D>::LD;
   extern __shared__ __align__(16) unsigned char smem[];
   if (dynamic_smem_size() < (uint32_t)C::SMEM) __trap();
@@ -165,8 +170,8 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
   const int h = blockIdx.y, bi = blockIdx.z, hk = h / (hq / hkv);
   const size_t bh = (size_t)bi * hq + h;
   const T* qb = q + (bh * s + m0) * D;
-  const T* kb = k + ((size_t)bi * hkv + hk) * t * D;
-  const T* vb = v + ((size_t)bi * hkv + hk) * t * D;
+  const T* kb = k + ((size_t)bi * hkv + hk) * t_rows * D;
+  const T* vb = v + ((size_t)bi * hkv + hk) * t_rows * D;
   const float* biasb = HAS_BIAS ? bias + bi * bias_bs + h * bias_hs : nullptr;
   const int off = t - s;
 
@@ -607,13 +612,13 @@ __device__ __forceinline__ void bwd(const T* __restrict__ q, const T* __restrict
   extern "C" __global__ void __launch_bounds__(128) flash_attn_fwd_d##D##_##SUFFIX(              \
       const T* q, const T* k, const T* v, const float* bias, T* o, float* lse, int hq, int hkv,   \
       int s, int t, float scale, int causal, int window, long long bias_bs, long long bias_hs,    \
-      long long bias_rs, int o_bshd) {                                                            \
+      long long bias_rs, int o_bshd, const unsigned int* t_dev) {                                 \
     if (bias)                                                                                     \
       flash::fwd<T, D, true>(q, k, v, bias, o, lse, hq, hkv, s, t, scale, causal, window,        \
-                             bias_bs, bias_hs, bias_rs, o_bshd);                                  \
+                             bias_bs, bias_hs, bias_rs, o_bshd, t_dev);                           \
     else                                                                                          \
       flash::fwd<T, D, false>(q, k, v, bias, o, lse, hq, hkv, s, t, scale, causal, window,       \
-                              bias_bs, bias_hs, bias_rs, o_bshd);                                 \
+                              bias_bs, bias_hs, bias_rs, o_bshd, t_dev);                          \
   }                                                                                               \
   extern "C" __global__ void __launch_bounds__(128) flash_attn_bwd_d##D##_##SUFFIX(              \
       const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* dsum,    \

@@ -133,6 +133,7 @@ fn flash(
             causal,
             window,
             out_bshd,
+            keys: None,
         },
         lse: Mutex::new(None),
     };
@@ -168,6 +169,53 @@ pub fn flash_attention_merged(
         flash(q, k, v, bias, scale, causal, window, false)?.transpose(1, 2)?
     };
     o.reshape((b, s, hq * d))
+}
+
+/// [`flash_attention_merged`] over a preallocated cache: `k` and `v` are
+/// `[b, kv_heads, capacity, d]` of which the first `keys` rows are keys
+/// (`keys`: a u32 `[1]` tensor on the same CUDA device, read by the kernel
+/// when it runs), the queries the last `s` of them. The launch does not
+/// depend on the count, so a decode step captured in a CUDA graph replays
+/// at every length. CUDA, bf16/f16, inference only.
+///
+/// # Errors
+/// As [`flash_attention`]; `keys` not a u32 `[1]` CUDA tensor.
+pub fn flash_attention_cached(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    keys: &Tensor,
+    scale: f64,
+    causal: bool,
+    window: Option<usize>,
+) -> candle_core::Result<Tensor> {
+    let dims = Dims::new(q, k, v)?;
+    if !q.device().is_cuda() || !flash_attention_supported(q, k, v) {
+        candle_core::bail!("flash_attention_cached: CUDA bf16/f16 with head dim 32, 64 or 128");
+    }
+    if keys.dtype() != DType::U32 || keys.dims() != [1] || !keys.device().same_device(q.device()) {
+        candle_core::bail!("flash_attention_cached: keys must be a u32 [1] tensor on q's device");
+    }
+    let window = match window {
+        Some(0) => candle_core::bail!("flash_attention: a window of 0 keys hides everything"),
+        Some(w) if w < dims.t => w,
+        _ => 0,
+    };
+    let (b, hq, s, d) = q.dims4()?;
+    let op = FlashAttn {
+        p: Params {
+            dims,
+            bias: None,
+            scale: scale as f32,
+            causal,
+            window,
+            out_bshd: true,
+            keys: Some(keys.contiguous()?),
+        },
+        lse: Mutex::new(None),
+    };
+    let (q, k, v) = (input(q, true)?, input(k, true)?, input(v, true)?);
+    q.apply_op3_no_bwd(&k, &v, &op)?.reshape((b, s, hq * d))
 }
 
 /// Contiguous, and on CUDA starting on a 16-byte boundary (the kernel loads
@@ -255,6 +303,10 @@ struct Params {
     /// ([`flash_attention_merged`]; forward only, CUDA only).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     out_bshd: bool,
+    /// For [`flash_attention_cached`]: a u32 `[1]` CUDA tensor holding how
+    /// many of the `t` key rows are keys (read by the kernel).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    keys: Option<Tensor>,
 }
 
 impl Params {
@@ -776,6 +828,15 @@ mod cuda {
             l.arg(&strides[0]).arg(&strides[1]).arg(&strides[2]);
             let o_bshd = i32::from(p.out_bshd);
             l.arg(&o_bshd);
+            let keys_guard = p.keys.as_ref().map(Tensor::storage_and_layout);
+            let keys = match &keys_guard {
+                Some((s, l)) => Some(view::<u32>(storage_of(s, "keys")?, l, "keys")?),
+                None => None,
+            };
+            match &keys {
+                Some(k) => l.arg(k),
+                None => l.arg(&null),
+            };
             let cfg = grid(s.div_ceil(TILE), p, smem)?;
             // SAFETY: arguments in the order and C types of
             // flash_attn_fwd_d{D}_{dtype}; sizes checked against the views.

@@ -19,7 +19,10 @@ mod add_layer_norm;
 mod bias_act;
 mod cross_entropy;
 mod flash_attn;
+mod kv_write;
 mod rms_norm;
+#[cfg(feature = "cuda")]
+mod rope_cache;
 #[cfg(feature = "cuda")]
 mod sample;
 mod split_heads;
@@ -28,8 +31,13 @@ mod swiglu;
 pub use add_layer_norm::add_layer_norm;
 pub use bias_act::{bias_act, Activation};
 pub(crate) use cross_entropy::{cross_entropy_grad, cross_entropy_stats};
-pub use flash_attn::{flash_attention, flash_attention_merged, flash_attention_supported};
+pub use flash_attn::{
+    flash_attention, flash_attention_cached, flash_attention_merged, flash_attention_supported,
+};
+pub use kv_write::kv_write;
 pub use rms_norm::{add_rms_norm, rms_norm};
+#[cfg(feature = "cuda")]
+pub(crate) use rope_cache::qkv_rope_cache;
 #[cfg(feature = "cuda")]
 pub(crate) use sample::{sample_rows, RowPenalties, SampleParams, NO_FINITE, POS_INF};
 pub use split_heads::{split_heads, Heads};
