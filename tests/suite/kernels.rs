@@ -736,3 +736,50 @@ fn flash_attention_rejects_mismatched_inputs() {
         assert!(attn(&q48, &k48, &k48).is_err());
     }
 }
+
+/// `kv_write` puts a step's rows at the device-held position of a
+/// preallocated cache and leaves every other row alone, as a slice
+/// assignment at that offset does; rows past the capacity are skipped.
+#[test]
+fn kv_write_writes_rows_at_the_held_position() {
+    let dev = device();
+    for dtype in [DType::F32, DType::BF16] {
+        let cache = Tensor::randn(0f32, 1.0, (2, 3, 10, 8), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let rows = Tensor::randn(0f32, 1.0, (2, 3, 2, 8), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let want = cache.copy().unwrap();
+        want.slice_set(&rows, 2, 4).unwrap();
+        let pos = Tensor::new(&[4u32], &dev).unwrap();
+        metal_candle::backend::kernels::kv_write(&cache, &rows, &pos).unwrap();
+        let diff = (cache.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0, "{dtype:?}");
+        // At the last position only the first row fits.
+        let before = cache.copy().unwrap();
+        let last = Tensor::new(&[9u32], &dev).unwrap();
+        metal_candle::backend::kernels::kv_write(&cache, &rows, &last).unwrap();
+        let want = before.copy().unwrap();
+        want.slice_set(&rows.narrow(2, 0, 1).unwrap().contiguous().unwrap(), 2, 9)
+            .unwrap();
+        let diff = (cache.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0, "{dtype:?} at the end");
+    }
+}
