@@ -231,7 +231,8 @@ impl<M: Deref<Target: CausalLm>> Generator<M> {
         &self.tokenizer
     }
 
-    /// The KV cache (holds the last generation's positions).
+    /// The KV cache: the last generation's positions, or only its prompt's
+    /// where decoding continued in a [`DecodeGraph`]'s static cache (CUDA).
     #[must_use]
     pub fn cache(&self) -> &KvCache {
         &self.cache
