@@ -70,6 +70,14 @@ pub(crate) struct CapturedStep {
     output: Tensor,
 }
 
+// SAFETY: the graph's handles belong to the device's context, not to a
+// thread: cudarc binds that context to the calling thread before launching
+// or destroying, so a step may move to another thread (as Candle's CUDA
+// tensors may); it is not Sync (one replay at a time, through `&self` on
+// one thread).
+#[cfg(feature = "cuda")]
+unsafe impl Send for CapturedStep {}
+
 #[cfg(feature = "cuda")]
 impl std::fmt::Debug for CapturedStep {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -949,3 +949,12 @@ fn decode_graph_equals_eager_decoding() {
     let (_, model) = crate::random_model::random_decoder(&config, 0.05, DType::BF16, &dev).unwrap();
     check_decode_graph(&*model, &prompt, steps).expect("a static cache for a bf16 Qwen2 on CUDA");
 }
+
+/// A decode loop's state and a token stream can move to another thread
+/// with or without the `cuda` feature (a captured graph is Send).
+#[test]
+fn decode_state_is_send() {
+    fn send<T: Send>() {}
+    send::<metal_candle::inference::DecodeGraph>();
+    send::<metal_candle::inference::TokenStream<'static, Box<dyn metal_candle::models::CausalLm>>>();
+}
