@@ -34,12 +34,16 @@ case "$cmd" in
     python3 scripts/bench_table.py "$out/ours.jsonl" "$out/peers.jsonl" | tee "$out/table.md"
     ;;
   cpu)
+    # PYTHON: an interpreter with torch, transformers and
+    # sentence-transformers (default python3).
+    py="${PYTHON:-python3}"
     lscpu | grep -E "Model name|^CPU\(s\)" | tee "$out/cpu.txt"
-    python3 scripts/peers.py --prepare-only "$@" >/dev/null
-    # The dev profile shares the test build (dependencies, candle-transformers
-    # included, at opt-level 3; our crate at opt-level 1, a handicap to us).
-    cargo run --example bench_compare -- --device cpu "$@" | tee "$out/ours.jsonl"
-    python3 scripts/peers.py --device cpu "$@" | tee "$out/peers.jsonl"
+    echo "threads: ours $(nproc) (rayon/gemm: every core), torch $(nproc) (set_num_threads)" | tee -a "$out/cpu.txt"
+    "$py" -c "import torch, transformers; print(f'torch {torch.__version__}, transformers {transformers.__version__}')" | tee -a "$out/cpu.txt"
+    "$py" scripts/peers.py --prepare-only "$@" >/dev/null
+    # Optimised for every crate, ours included (the release profile).
+    cargo run --release --example bench_compare -- --device cpu "$@" | tee "$out/ours.jsonl"
+    "$py" scripts/peers.py --device cpu "$@" | tee "$out/peers.jsonl"
     python3 scripts/bench_table.py "$out/ours.jsonl" "$out/peers.jsonl" | tee "$out/table.md"
     ;;
   *)

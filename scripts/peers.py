@@ -8,6 +8,7 @@ repeats. Output: one JSON object per row on stdout.
 usage: python3 scripts/peers.py --device cuda [--suite all|generation|kernels] [--quick]
 """
 import argparse
+import sys
 import json
 import statistics
 import time
@@ -300,6 +301,12 @@ def main():
     ap.add_argument("--prepare-only", action="store_true", help="only write the embedding models")
     ap.add_argument("--lora-rows", type=int, default=None, help="only the first N LoRA rows")
     args = ap.parse_args()
+    if args.device == "cpu":
+        # Every core, as Candle's CPU path uses (rayon and gemm take them
+        # all); torch's default is the physical cores. Reported per row.
+        import os
+        torch.set_num_threads(os.cpu_count())
+        print(f"# torch threads: {torch.get_num_threads()}", file=sys.stderr)
     if args.prepare_only:
         prepare_embedding_models(args.embed_models)
         return
