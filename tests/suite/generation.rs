@@ -956,5 +956,6 @@ fn decode_graph_equals_eager_decoding() {
 fn decode_state_is_send() {
     fn send<T: Send>() {}
     send::<metal_candle::inference::DecodeGraph>();
-    send::<metal_candle::inference::TokenStream<'static, Box<dyn metal_candle::models::CausalLm>>>();
+    send::<metal_candle::inference::TokenStream<'static, Box<dyn metal_candle::models::CausalLm>>>(
+    );
 }
