@@ -172,19 +172,10 @@ impl LogitsProcessor {
         generated: &[u32],
     ) -> Result<Tensor> {
         let vocab = logits.dim(0)?;
-        let check = |ids: &[u32]| match ids.iter().find(|&&t| t as usize >= vocab) {
-            Some(t) => Err(Error::InvalidInput(format!(
-                "token id {t} is outside the vocabulary ({vocab})"
-            ))),
-            None => Ok(()),
-        };
         let mut logits = logits.clone();
         let dev = logits.device().clone();
-        if self.repetition_penalty != 1.0 && !context.is_empty() {
-            check(context)?;
-            let mut ids = context.to_vec();
-            ids.sort_unstable();
-            ids.dedup();
+        let ids = self.repeated_ids(vocab, context)?;
+        if !ids.is_empty() {
             let idx = Tensor::new(ids.as_slice(), &dev)?;
             let g = logits.index_select(&idx, 0)?;
             let p = Tensor::new(&[self.repetition_penalty], &dev)?;
@@ -195,25 +186,48 @@ impl LogitsProcessor {
                 .where_cond(&g.broadcast_mul(&p)?, &g.broadcast_div(&p)?)?;
             logits = logits.scatter(&idx, &new, 0)?;
         }
-        if (self.frequency_penalty != 0.0 || self.presence_penalty != 0.0) && !generated.is_empty()
-        {
-            check(generated)?;
-            let mut counts: HashMap<u32, u32> = HashMap::new();
-            for &t in generated {
-                *counts.entry(t).or_default() += 1;
-            }
-            let mut ids: Vec<u32> = counts.keys().copied().collect();
-            ids.sort_unstable();
-            let sub: Vec<f32> = ids
-                .iter()
-                .map(|t| self.frequency_penalty * counts[t] as f32 + self.presence_penalty)
-                .collect();
+        let (ids, sub): (Vec<u32>, Vec<f32>) =
+            self.subtractions(vocab, generated)?.into_iter().unzip();
+        if !ids.is_empty() {
             let idx = Tensor::new(ids.as_slice(), &dev)?;
             let g = logits.index_select(&idx, 0)?;
             let new = (g - Tensor::new(sub.as_slice(), &dev)?)?;
             logits = logits.scatter(&idx, &new, 0)?;
         }
         Ok(logits)
+    }
+
+    /// The distinct ids of `context` the repetition penalty applies to, in
+    /// ascending order (none when it is off).
+    fn repeated_ids(&self, vocab: usize, context: &[u32]) -> Result<Vec<u32>> {
+        if self.repetition_penalty == 1.0 || context.is_empty() {
+            return Ok(Vec::new());
+        }
+        check_ids(context, vocab)?;
+        let mut ids = context.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        Ok(ids)
+    }
+
+    /// `(id, frequency_penalty * count + presence_penalty)` for each
+    /// distinct id of `generated`, in ascending id order (none when both
+    /// penalties are off).
+    fn subtractions(&self, vocab: usize, generated: &[u32]) -> Result<Vec<(u32, f32)>> {
+        if (self.frequency_penalty == 0.0 && self.presence_penalty == 0.0) || generated.is_empty() {
+            return Ok(Vec::new());
+        }
+        check_ids(generated, vocab)?;
+        let mut counts: HashMap<u32, u32> = HashMap::new();
+        for &t in generated {
+            *counts.entry(t).or_default() += 1;
+        }
+        let mut out: Vec<(u32, f32)> = counts
+            .into_iter()
+            .map(|(t, n)| (t, self.frequency_penalty * n as f32 + self.presence_penalty))
+            .collect();
+        out.sort_unstable_by_key(|x| x.0);
+        Ok(out)
     }
 
     /// The penalty entries of one row for the sampling kernel: each
@@ -231,30 +245,12 @@ impl LogitsProcessor {
         generated: &[u32],
     ) -> Result<crate::backend::kernels::RowPenalties> {
         use std::collections::BTreeMap;
-        let check = |ids: &[u32]| match ids.iter().find(|&&t| t as usize >= vocab) {
-            Some(t) => Err(Error::InvalidInput(format!(
-                "token id {t} is outside the vocabulary ({vocab})"
-            ))),
-            None => Ok(()),
-        };
         let mut entries: BTreeMap<u32, (bool, f32)> = BTreeMap::new();
-        if self.repetition_penalty != 1.0 && !context.is_empty() {
-            check(context)?;
-            for &t in context {
-                entries.entry(t).or_insert((false, 0.0)).0 = true;
-            }
+        for t in self.repeated_ids(vocab, context)? {
+            entries.entry(t).or_insert((false, 0.0)).0 = true;
         }
-        if (self.frequency_penalty != 0.0 || self.presence_penalty != 0.0) && !generated.is_empty()
-        {
-            check(generated)?;
-            let mut counts: HashMap<u32, u32> = HashMap::new();
-            for &t in generated {
-                *counts.entry(t).or_default() += 1;
-            }
-            for (t, n) in counts {
-                entries.entry(t).or_insert((false, 0.0)).1 =
-                    self.frequency_penalty * n as f32 + self.presence_penalty;
-            }
+        for (t, sub) in self.subtractions(vocab, generated)? {
+            entries.entry(t).or_insert((false, 0.0)).1 = sub;
         }
         let mut out = crate::backend::kernels::RowPenalties::default();
         for (id, (repeat, sub)) in entries {
@@ -628,4 +624,14 @@ fn positive_infinity() -> Error {
 
 fn no_finite_logit() -> Error {
     Error::InvalidInput("no token can be sampled: the logits are all -inf or NaN".into())
+}
+
+/// Fails for an id outside a vocabulary of `vocab` entries.
+fn check_ids(ids: &[u32], vocab: usize) -> Result<()> {
+    match ids.iter().find(|&&t| t as usize >= vocab) {
+        Some(t) => Err(Error::InvalidInput(format!(
+            "token id {t} is outside the vocabulary ({vocab})"
+        ))),
+        None => Ok(()),
+    }
 }

@@ -129,14 +129,26 @@ impl Attention {
         ))
     }
 
-    fn forward(&self, x: &Tensor, ctx: &mut LayerCtx<'_>, layer: usize) -> Result<Tensor> {
+    /// q, k (normed where the model norms them, then rotated) and v as
+    /// `[b, heads, s, head_dim]`.
+    fn rotated_qkv(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let (mut q, mut k, v) = self.project(x)?;
         if let Some((q_norm, k_norm)) = &self.qk_norm {
             q = q_norm.forward(&q)?;
             k = k_norm.forward(&k)?;
         }
-        let q = RotaryEmbedding::apply(&q, ctx.cos, ctx.sin)?;
-        let k = RotaryEmbedding::apply(&k, ctx.cos, ctx.sin)?;
+        let q = RotaryEmbedding::apply(&q, cos, sin)?;
+        let k = RotaryEmbedding::apply(&k, cos, sin)?;
+        Ok((q, k, v))
+    }
+
+    fn forward(&self, x: &Tensor, ctx: &mut LayerCtx<'_>, layer: usize) -> Result<Tensor> {
+        let (q, k, v) = self.rotated_qkv(x, ctx.cos, ctx.sin)?;
         let (k, v) = match ctx.cache.as_deref_mut() {
             Some(cache) => cache.append(layer, &k, &v)?,
             None => (k, v),
@@ -210,13 +222,7 @@ impl Attention {
             let out = flash_attention_cached(&q, kc, vc, ctx.keys, scale, true, window)?;
             return Ok(self.o_proj.forward(&out)?);
         }
-        let (mut q, mut k, v) = self.project(x)?;
-        if let Some((q_norm, k_norm)) = &self.qk_norm {
-            q = q_norm.forward(&q)?;
-            k = k_norm.forward(&k)?;
-        }
-        let q = RotaryEmbedding::apply(&q, ctx.cos, ctx.sin)?;
-        let k = RotaryEmbedding::apply(&k, ctx.cos, ctx.sin)?;
+        let (q, k, v) = self.rotated_qkv(x, ctx.cos, ctx.sin)?;
         kv_write(kc, &k, ctx.pos)?;
         kv_write(vc, &v, ctx.pos)?;
         let out = flash_attention_cached(&q, kc, vc, ctx.keys, scale, true, window)?;
@@ -316,13 +322,7 @@ impl DecoderLayer {
         ctx: &mut LayerCtx<'_>,
         i: usize,
     ) -> Result<(Tensor, Tensor)> {
-        let (x, h) = match pending {
-            Some(delta) => self.input_layernorm.add_forward(x, &delta)?,
-            None => (x.clone(), self.input_layernorm.forward(x)?),
-        };
-        let attn = self.self_attn.forward(&h, ctx, i)?;
-        let (x, h) = self.post_attention_layernorm.add_forward(&x, &attn)?;
-        Ok((x, self.mlp.forward(&h)?))
+        self.fused_around(x, pending, |h| self.self_attn.forward(h, ctx, i))
     }
 
     /// [`Self::forward_fused`] over a [`StaticCache`].
@@ -333,11 +333,22 @@ impl DecoderLayer {
         ctx: &StaticCtx<'_>,
         kv: (&Tensor, &Tensor),
     ) -> Result<(Tensor, Tensor)> {
+        self.fused_around(x, pending, |h| self.self_attn.forward_static(h, ctx, kv))
+    }
+
+    /// The fused residual adds and norms around `attend` (the attention of
+    /// either decode path), then the MLP.
+    fn fused_around(
+        &self,
+        x: &Tensor,
+        pending: Option<Tensor>,
+        attend: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<(Tensor, Tensor)> {
         let (x, h) = match pending {
             Some(delta) => self.input_layernorm.add_forward(x, &delta)?,
             None => (x.clone(), self.input_layernorm.forward(x)?),
         };
-        let attn = self.self_attn.forward_static(&h, ctx, kv)?;
+        let attn = attend(&h)?;
         let (x, h) = self.post_attention_layernorm.add_forward(&x, &attn)?;
         Ok((x, self.mlp.forward(&h)?))
     }

@@ -881,21 +881,8 @@ fn check_decode_graph(
     let mut graph = DecodeGraph::new(model, &cache, prompt.len() + steps).unwrap()?;
     for (i, (&id, want)) in want_ids.iter().zip(&want_logits).enumerate() {
         let got = graph.step(model, &[id]).unwrap();
-        let diff = (&got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let scale = want
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = crate::common::abs_max(&(&got - want).unwrap());
+        let scale = crate::common::abs_max(want);
         // bf16 activations: the two paths round differently (a fused bias +
         // RoPE + cache write against separate ops, one preallocated cache
         // against a concatenated one).

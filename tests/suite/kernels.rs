@@ -5,7 +5,7 @@
 //! `device()` (CUDA with METAL_CANDLE_TEST_DEVICE=cuda, so the GPU tier runs
 //! the same table). Adding a kernel is adding a row.
 
-use crate::common::{device, rel_diff};
+use crate::common::{abs_max, device, rel_diff};
 use candle_core::{DType, Device, Tensor, Var, D};
 use metal_candle::backend::kernels::{
     add_layer_norm, add_rms_norm, bias_act, flash_attention, flash_attention_merged, rms_norm,
@@ -756,30 +756,19 @@ fn kv_write_writes_rows_at_the_held_position() {
         want.slice_set(&rows, 2, 4).unwrap();
         let pos = Tensor::new(&[4u32], &dev).unwrap();
         metal_candle::backend::kernels::kv_write(&cache, &rows, &pos).unwrap();
-        let diff = (cache.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = abs_max(
+            &(cache.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap()).unwrap(),
+        );
         assert_eq!(diff, 0.0, "{dtype:?}");
         // At the last position only the first row fits.
-        let before = cache.copy().unwrap();
+        let want = cache.copy().unwrap();
         let last = Tensor::new(&[9u32], &dev).unwrap();
         metal_candle::backend::kernels::kv_write(&cache, &rows, &last).unwrap();
-        let want = before.copy().unwrap();
         want.slice_set(&rows.narrow(2, 0, 1).unwrap().contiguous().unwrap(), 2, 9)
             .unwrap();
-        let diff = (cache.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = abs_max(
+            &(cache.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap()).unwrap(),
+        );
         assert_eq!(diff, 0.0, "{dtype:?} at the end");
     }
 }

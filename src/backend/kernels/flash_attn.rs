@@ -114,14 +114,7 @@ fn flash(
             dims.d
         );
     }
-    let window = match window {
-        Some(0) => candle_core::bail!("flash_attention: a window of 0 keys hides everything"),
-        // A query is at most t - 1 positions after key 0, so a window of t
-        // or more hides nothing: no window (which also keeps the kernel's
-        // int arithmetic on window edges far from overflow).
-        Some(w) if w < dims.t => w,
-        _ => 0,
-    };
+    let window = window_keys(window, dims.t)?;
     let bias = bias
         .map(|b| dims.bias(&b.to_device(q.device())?))
         .transpose()?;
@@ -171,6 +164,18 @@ pub fn flash_attention_merged(
     o.reshape((b, s, hq * d))
 }
 
+/// The kernel's window argument: keys per window, 0 for none.
+fn window_keys(window: Option<usize>, t: usize) -> candle_core::Result<usize> {
+    Ok(match window {
+        Some(0) => candle_core::bail!("flash_attention: a window of 0 keys hides everything"),
+        // A query is at most t - 1 positions after key 0, so a window of t
+        // or more hides nothing: no window (which also keeps the kernel's
+        // int arithmetic on window edges far from overflow).
+        Some(w) if w < t => w,
+        _ => 0,
+    })
+}
+
 /// [`flash_attention_merged`] over a preallocated cache: `k` and `v` are
 /// `[b, kv_heads, capacity, d]` of which the first `keys` rows are keys
 /// (`keys`: a u32 `[1]` tensor on the same CUDA device, read by the kernel
@@ -196,11 +201,7 @@ pub fn flash_attention_cached(
     if keys.dtype() != DType::U32 || keys.dims() != [1] || !keys.device().same_device(q.device()) {
         candle_core::bail!("flash_attention_cached: keys must be a u32 [1] tensor on q's device");
     }
-    let window = match window {
-        Some(0) => candle_core::bail!("flash_attention: a window of 0 keys hides everything"),
-        Some(w) if w < dims.t => w,
-        _ => 0,
-    };
+    let window = window_keys(window, dims.t)?;
     let (b, hq, s, d) = q.dims4()?;
     let op = FlashAttn {
         p: Params {
