@@ -34,7 +34,7 @@ struct Args {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Which rows: generation, latency, kernels, lora, embeddings, quantized, all; or a
-    /// profile: lora-profile, decode-profile, embeddings-profile.
+    /// profile: lora-profile, decode-profile, prefill-profile, embeddings-profile.
     #[arg(long, default_value = "all")]
     suite: String,
     /// Timed repeats per row (median reported).
@@ -454,6 +454,25 @@ fn bench_generation(args: &Args, device: &Device) -> Result<()> {
                 (b * new_tokens) as f64 / secs,
                 "tok/s",
             );
+            // Launches per decoded token under the graph: the kernels one
+            // replay runs (the eager count comes from the Nsight census).
+            let (logits, mut steps) = Steps::start(&*model, &prompt, plen + 4)?;
+            let mut ids: Vec<u32> = logits.argmax(1)?.to_vec1()?;
+            for _ in 0..2 {
+                ids = steps.step(&*model, &ids)?.argmax(1)?.to_vec1()?;
+            }
+            if let Steps::Graph(g) = &steps {
+                if let Some(k) = g.captured_kernels()? {
+                    emit(
+                        "generation",
+                        "kernels per decoded token (CUDA graph)",
+                        &shape,
+                        dtype,
+                        k as f64,
+                        "kernels",
+                    );
+                }
+            }
         }
         let prompt = prompt.to_device(&peer)?;
         let secs = time(&peer, args.repeats.min(3), || {
@@ -1030,6 +1049,37 @@ fn profile_decode(args: &Args, device: &Device) -> Result<()> {
     Ok(())
 }
 
+/// Kernel census of one prefill of `--prompts`' first length (default
+/// 4096) at batch 1, last-position logits (the Generator's prefill).
+fn profile_prefill(args: &Args, device: &Device) -> Result<()> {
+    let dtype = metal_candle::backend::default_dtype(device);
+    let cfg = qwen05b_config(args.quick);
+    let tensors = random_qwen2_tensors(&cfg, dtype, device)?;
+    let model = build_decoder(
+        &cfg,
+        &Weights::from_tensors(tensors, dtype, device, "random"),
+    )?;
+    let len = args
+        .prompts
+        .as_ref()
+        .and_then(|p| p.first().copied())
+        .unwrap_or(4096);
+    let prompt = random_ids(1, len, cfg.vocab_size, device)?;
+    let run = || -> Result<()> {
+        let mut cache = model.new_cache();
+        model.forward_last(&prompt, None, Some(&mut cache))?;
+        Ok(())
+    };
+    run()?;
+    synchronize(device)?;
+    if std::env::var_os("PROFILE_ONCE").is_some() {
+        return Ok(());
+    }
+    let secs = time(device, args.repeats, run)?;
+    eprintln!("prefill {len}: {:.3} ms", secs * 1e3);
+    Ok(())
+}
+
 /// Kernel census of one MiniLM forward + pool at b512 x 128 in bf16 (the
 /// embeddings row furthest behind); without `PROFILE_ONCE` it also times
 /// the forward alone and with pooling.
@@ -1286,6 +1336,10 @@ fn main() -> Result<()> {
     }
     if all || args.suite == "latency" {
         bench_latency(&args, &device)?;
+    }
+    if args.suite == "prefill-profile" {
+        profile_prefill(&args, &device)?;
+        return Ok(());
     }
     if args.suite == "decode-profile" {
         profile_decode(&args, &device)?;

@@ -13,6 +13,7 @@ import json
 import statistics
 import time
 
+import os
 import torch
 
 
@@ -60,7 +61,12 @@ def bench_generation(args):
     dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "f32")
     cfg = qwen05b(args.quick)
     torch.manual_seed(0)
-    for attn, cache in [("eager", "dynamic"), ("eager", "static"), ("sdpa", "dynamic")]:
+    variants = [("eager", "dynamic"), ("eager", "static"), ("sdpa", "dynamic"), ("sdpa", "static")]
+    # PEERS_GENERATION=sdpa:static,sdpa:dynamic runs only those (a GPU call's time is short).
+    only = os.environ.get("PEERS_GENERATION")
+    if only:
+        variants = [v for v in variants if ":".join(v) in only.split(",")]
+    for attn, cache in variants:
         model = Qwen2ForCausalLM._from_config(cfg, attn_implementation=attn, dtype=DT[dtype]).to(args.device).eval()
         impl = f"transformers {attn}" + (" static-cache" if cache == "static" else "")
         try:

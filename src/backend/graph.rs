@@ -136,6 +136,39 @@ impl CapturedStep {
         step()
     }
 
+    /// Kernel launches in the captured step (graph nodes of kernel type):
+    /// what one replay runs on the device.
+    ///
+    /// # Errors
+    /// What CUDA reports.
+    pub(crate) fn kernel_count(&self) -> crate::error::Result<usize> {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        use candle_core::cuda_backend::WrapErr;
+        let graph = self.graph.cu_graph();
+        let mut n = 0usize;
+        // SAFETY: a null node array asks only for the count.
+        unsafe { sys::cuGraphGetNodes(graph, std::ptr::null_mut(), &mut n) }
+            .result()
+            .w()?;
+        let mut nodes = vec![std::ptr::null_mut(); n];
+        // SAFETY: `nodes` holds the `n` entries the graph reported.
+        unsafe { sys::cuGraphGetNodes(graph, nodes.as_mut_ptr(), &mut n) }
+            .result()
+            .w()?;
+        let mut kernels = 0;
+        for node in nodes.into_iter().take(n) {
+            let mut kind = sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_EMPTY;
+            // SAFETY: `node` is one of the graph's nodes, alive with it.
+            unsafe { sys::cuGraphNodeGetType(node, &mut kind) }
+                .result()
+                .w()?;
+            if kind == sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_KERNEL {
+                kernels += 1;
+            }
+        }
+        Ok(kernels)
+    }
+
     /// Replays the step; its output tensor holds the result once the
     /// stream reaches it.
     ///

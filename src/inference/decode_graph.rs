@@ -77,6 +77,19 @@ impl DecodeGraph {
         false
     }
 
+    /// Kernels one replayed step launches on the device (`None` until the
+    /// step is captured): the launches per decoded token under the graph.
+    ///
+    /// # Errors
+    /// What CUDA reports.
+    pub fn captured_kernels(&self) -> Result<Option<usize>> {
+        #[cfg(feature = "cuda")]
+        if let Some(c) = &self.captured {
+            return Ok(Some(c.kernel_count()?));
+        }
+        Ok(None)
+    }
+
     /// Logits `[b, vocab]` (f32) after feeding `ids` (one token per row).
     /// A replayed step writes its logits to the same device buffer every
     /// time: read them (sample) before the next step.

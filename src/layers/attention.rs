@@ -13,7 +13,9 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::backend::autograd::{needs_grad, with_backward};
-use crate::backend::kernels::{flash_attention, flash_attention_merged, flash_attention_supported};
+use crate::backend::kernels::{
+    flash_attention, flash_attention_available, flash_attention_merged, flash_attention_supported,
+};
 use crate::error::{Error, Result};
 
 /// Which keys each query sees in one [`attention`] call.
@@ -84,7 +86,34 @@ pub fn attention(
         }
         return merge(flash_attention(q, k, v, mask.bias, scale, causal, window)?);
     }
+    let t = k.dim(2)?;
+    let hides_keys = match mask.kind {
+        MaskKind::Bidirectional => false,
+        MaskKind::Causal => s > 1,
+        MaskKind::SlidingWindow(w) => s > 1 || t > w,
+    };
+    if hides_keys && mask.dense.is_none() {
+        // The caller skipped the dense mask expecting the kernel
+        // (`dense_mask_needed`): never attend without it.
+        candle_core::bail!(
+            "attention: the composed path needs the dense {:?} mask",
+            mask.kind
+        );
+    }
     merge(composed_attention(q, k, v, mask.dense, scale)?)
+}
+
+/// Whether attention over q/k/v of this device, dtype and head width takes
+/// the composed path, which reads [`Mask::dense`]; the fused kernel masks
+/// by kind and needs only the padding bias, so a model skips building the
+/// `s × t` dense mask (on the host) when this is false.
+#[must_use]
+pub(crate) fn dense_mask_needed(
+    device: &candle_core::Device,
+    dtype: candle_core::DType,
+    head_dim: usize,
+) -> bool {
+    !flash_attention_available(device, dtype, head_dim)
 }
 
 /// `softmax(q kᵀ · scale + bias) v` from matmuls and Candle's fused softmax

@@ -8,7 +8,7 @@ use candle_core::{Tensor, D};
 use crate::backend::kernels::{add_layer_norm, bias_act, split_heads, Activation, Heads};
 use crate::error::{Error, Result};
 use crate::io::Weights;
-use crate::layers::{attention, attention_mask, LayerNorm, Linear, Mask, MaskKind};
+use crate::layers::{attention, LayerNorm, Linear, Mask};
 
 /// The MLP's activation from `hidden_act` in `config.json`.
 pub(crate) fn parse_activation(name: &str) -> std::result::Result<Activation, String> {
@@ -167,15 +167,14 @@ pub(crate) fn check_inputs(ids: &Tensor, mask: &[Vec<u32>]) -> Result<(usize, us
     Ok((b, s))
 }
 
-/// The additive attention bias `[b, 1, s, s]` hiding padding keys, `None`
-/// when nothing is padded (bidirectional: no causal part).
+/// The additive attention bias `[b, 1, 1, s]` hiding padding keys (it
+/// broadcasts over heads and queries: no `s × s` mask made on the host),
+/// `None` when nothing is padded (bidirectional: no causal part).
 pub(crate) fn padding_bias(
     mask: &[Vec<u32>],
     device: &candle_core::Device,
 ) -> Result<Option<Tensor>> {
-    let b = mask.len();
-    let s = mask.first().map_or(0, Vec::len);
-    attention_mask(b, s, 0, Some(mask), MaskKind::Bidirectional, device)
+    crate::layers::padding_bias(Some(mask), device)
 }
 
 /// What every encoder config must satisfy: each of `sizes` positive, the

@@ -21,8 +21,8 @@ use crate::backend::kernels::{flash_attention_cached, kv_write, split_heads, Hea
 use crate::error::{Error, Result};
 use crate::io::Weights;
 use crate::layers::{
-    attention, attention_mask as build_mask, mask_rows, padding_bias, Linear, Mask, MaskKind,
-    RmsNorm, RotaryEmbedding,
+    attention, attention_mask as build_mask, dense_mask_needed, mask_rows, padding_bias, Linear,
+    Mask, MaskKind, RmsNorm, RotaryEmbedding,
 };
 
 /// The stacked q/k/v projection of an [`Attention`].
@@ -587,12 +587,21 @@ impl CausalLm for Llama {
         }
         let positions = Self::positions(rows.as_deref(), (b, s), past);
         let (cos, sin) = self.rotary.tables(&positions, (b, s), self.dtype())?;
-        let mask = build_mask(b, s, past, rows.as_deref(), MaskKind::Causal, device)?;
+        // The fused attention kernel masks by kind (and reads only the
+        // padding bias): the dense masks, s x (past + s) values made on the
+        // host, are for the composed path alone (at a 4,096-token prefill
+        // they took 37 of 55 ms).
+        let dense = dense_mask_needed(device, self.dtype(), self.config.head_dim);
+        let mask = if dense {
+            build_mask(b, s, past, rows.as_deref(), MaskKind::Causal, device)?
+        } else {
+            None
+        };
         let padding = padding_bias(rows.as_deref(), device)?;
         // One window mask serves every windowed layer (`validate` allows
         // one window size per model).
         let window_mask = match self.config.sliding_windows.iter().flatten().next() {
-            Some(&w) => build_mask(
+            Some(&w) if dense => build_mask(
                 b,
                 s,
                 past,
@@ -600,7 +609,7 @@ impl CausalLm for Llama {
                 MaskKind::SlidingWindow(w),
                 device,
             )?,
-            None => None,
+            _ => None,
         };
         let vocab = self.config.vocab_size as u32;
         let max_id = input_ids

@@ -39,13 +39,27 @@ const SCORE_FLOOR: f32 = -16384.0 * std::f32::consts::LN_2;
 /// the composed attention.
 #[must_use]
 pub fn flash_attention_supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
-    cfg!(feature = "cuda")
-        && q.device().is_cuda()
-        && matches!(q.dtype(), DType::BF16 | DType::F16)
+    q.rank() == 4
+        && flash_attention_available(q.device(), q.dtype(), q.dims()[3])
         && k.dtype() == q.dtype()
         && v.dtype() == q.dtype()
-        && [q, k, v].iter().all(|x| x.rank() == 4)
-        && HEAD_DIMS.contains(&q.dims()[3])
+        && [k, v].iter().all(|x| x.rank() == 4)
+}
+
+/// Whether q/k/v of this device, dtype and head width take the kernel
+/// (the device/dtype/width part of [`flash_attention_supported`]): a model
+/// asks before its forward so it can skip building the dense mask only
+/// the composed path reads (`s²` values made on the host).
+#[must_use]
+pub fn flash_attention_available(
+    device: &candle_core::Device,
+    dtype: DType,
+    head_dim: usize,
+) -> bool {
+    cfg!(feature = "cuda")
+        && device.is_cuda()
+        && matches!(dtype, DType::BF16 | DType::F16)
+        && HEAD_DIMS.contains(&head_dim)
 }
 
 /// `softmax(q kᵀ · scale + bias + masks) v`, fused.
@@ -804,7 +818,9 @@ mod cuda {
         // reads them. At least one element: CUDA refuses empty allocations.
         let out = unsafe { dev.alloc::<T>(p.dims.q_elems().max(1))? };
         let lse = unsafe { dev.alloc::<f32>(rows.max(1))? };
-        if rows > 0 {
+        if rows > 0 && decodes(p) {
+            decode_t::<T>(p, (&qv, &kv, &vv), &out, &lse, dev)?;
+        } else if rows > 0 {
             let smem = fwd_smem(d);
             let f = func(dev, &format!("flash_attn_fwd_d{d}_{}", T::SUFFIX), smem)?;
             let guard = p.bias.as_ref().map(Tensor::storage_and_layout);
@@ -846,6 +862,105 @@ mod cuda {
         let lse = CudaStorage::wrap_cuda_slice(lse, dev.clone());
         let lse = Tensor::from_storage(Storage::Cuda(lse), (b, hq, s), BackpropOp::none(), false);
         Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), lse))
+    }
+
+    /// Whether the split-key decode kernels take this forward: one query
+    /// row per head over at least [`DECODE_MIN_KEYS`] key rows (below it the
+    /// tiled forward's one launch was faster on an H200), no bias, at most
+    /// 16 query heads per key/value head. `METAL_CANDLE_DECODE_KERNEL=0`
+    /// never takes them, `=1` takes them from one key on (A/B runs).
+    fn decodes(p: &Params) -> bool {
+        static MODE: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+        let mode = *MODE.get_or_init(|| match std::env::var("METAL_CANDLE_DECODE_KERNEL") {
+            Ok(v) if v == "0" => Some(false),
+            Ok(v) if v == "1" => Some(true),
+            _ => None,
+        });
+        let Dims { s, t, hq, hkv, .. } = p.dims;
+        let long = match mode {
+            Some(on) => on,
+            None => t >= DECODE_MIN_KEYS,
+        };
+        long && s == 1 && p.bias.is_none() && hq / hkv <= DECODE_GROUP_MAX
+    }
+
+    /// Key rows (the cache's capacity under a CUDA graph) from which a
+    /// decode step takes the split-key kernels.
+    const DECODE_MIN_KEYS: usize = 512;
+
+    /// Keys per split block and the most query heads per key/value head
+    /// (`DEC_CH`, `DEC_GMAX` in flash_attn.cu).
+    const DECODE_KEYS: usize = 128;
+    const DECODE_GROUP_MAX: usize = 16;
+
+    /// The decode forward (`flash_decode_*` then `flash_decode_combine_*`):
+    /// O and lse for `s = 1`.
+    fn decode_t<T: Float + CudaDType + DeviceRepr>(
+        p: &Params,
+        (q, k, v): (&CudaView<'_, T>, &CudaView<'_, T>, &CudaView<'_, T>),
+        out: &CudaSlice<T>,
+        lse: &CudaSlice<f32>,
+        dev: &CudaDevice,
+    ) -> candle_core::Result<()> {
+        let Dims {
+            b, hq, hkv, t, d, ..
+        } = p.dims;
+        let n = sizes(p)?;
+        // With a device-held key count the grid covers the whole cache.
+        let splits = t.div_ceil(DECODE_KEYS).max(1);
+        let rows = b * hq;
+        // SAFETY: decode_split writes every (row, split) max/sum and the
+        // partial O of every split it reads back (the combine skips the
+        // rest, whose weight is 0).
+        let part_o = unsafe { dev.alloc::<f32>(rows * splits * d)? };
+        let part_ml = unsafe { dev.alloc::<f32>(rows * splits * 2)? };
+        let null = 0u64;
+        let keys_guard = p.keys.as_ref().map(Tensor::storage_and_layout);
+        let keys = match &keys_guard {
+            Some((s, l)) => Some(view::<u32>(storage_of(s, "keys")?, l, "keys")?),
+            None => None,
+        };
+        let stream = dev.cuda_stream();
+        let f = func(dev, &format!("flash_decode_d{d}_{}", T::SUFFIX), 0)?;
+        let mut l = stream.launch_builder(&f);
+        l.arg(q).arg(k).arg(v).arg(&part_o).arg(&part_ml);
+        l.arg(&n.hq)
+            .arg(&n.hkv)
+            .arg(&n.t)
+            .arg(&n.t)
+            .arg(&n.window)
+            .arg(&p.scale);
+        match &keys {
+            Some(k) => l.arg(k),
+            None => l.arg(&null),
+        };
+        if b > 65535 || hkv > 65535 {
+            candle_core::bail!("flash_attention: batch {b} or {hkv} kv heads exceed a CUDA grid");
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (int(splits, "splits")? as u32, hkv as u32, b as u32),
+            block_dim: (DECODE_KEYS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments in the order and C types of flash_decode_d{D}_{dtype}.
+        unsafe { l.launch(cfg) }.w()?;
+        let f = func(dev, &format!("flash_decode_combine_d{d}_{}", T::SUFFIX), 0)?;
+        let mut l = stream.launch_builder(&f);
+        let splits_arg = int(splits, "splits")?;
+        l.arg(&part_o)
+            .arg(&part_ml)
+            .arg(out)
+            .arg(lse)
+            .arg(&splits_arg);
+        let cfg = LaunchConfig {
+            grid_dim: (int(rows, "rows")? as u32, 1, 1),
+            block_dim: (d as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments in the order and C types of
+        // flash_decode_combine_d{D}_{dtype}; `out` holds rows * d, `lse` rows.
+        unsafe { l.launch(cfg) }.w()?;
+        Ok(())
     }
 
     /// Backward: dq, dk, dv stacked in one flat storage.

@@ -32,7 +32,8 @@ pub use add_layer_norm::add_layer_norm;
 pub use bias_act::{bias_act, Activation};
 pub(crate) use cross_entropy::{cross_entropy_grad, cross_entropy_stats};
 pub use flash_attn::{
-    flash_attention, flash_attention_cached, flash_attention_merged, flash_attention_supported,
+    flash_attention, flash_attention_available, flash_attention_cached, flash_attention_merged,
+    flash_attention_supported,
 };
 pub use kv_write::kv_write;
 pub use rms_norm::{add_rms_norm, rms_norm};
