@@ -34,7 +34,8 @@ struct Args {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Which rows: generation, latency, kernels, lora, embeddings, quantized, all; or a
-    /// profile: lora-profile, decode-profile, prefill-profile, embeddings-profile.
+    /// profile: lora-profile, decode-profile, prefill-profile, embeddings-profile;
+    /// lora-dp (data-parallel, under examples/launch.rs).
     #[arg(long, default_value = "all")]
     suite: String,
     /// Timed repeats per row (median reported).
@@ -62,6 +63,10 @@ struct Args {
     /// Only the first N rows of the LoRA suite (e.g. 1 with many repeats).
     #[arg(long)]
     lora_rows: Option<usize>,
+    /// The `lora-dp` suite's shape: 0.5B (b8 x 512 per process) or 1.5B
+    /// (b4 x 1024 per process), as the LoRA rows.
+    #[arg(long, default_value = "0.5B")]
+    dp_model: String,
     /// Time these GGUF files (quantized as stored) instead of a suite:
     /// prefill of `--prompts` (default 128) and decode of `--new-tokens`
     /// (default 128) from an empty cache, batch 1.
@@ -1049,6 +1054,93 @@ fn profile_decode(args: &Args, device: &Device) -> Result<()> {
     Ok(())
 }
 
+/// Data-parallel LoRA training (one process per GPU under
+/// `examples/launch.rs`; alone without it): the LoRA suite's r8 q,v step
+/// at `--dp-model`'s shape and per-process batch, run through `Trainer`
+/// (what users run: batches collated on the host, gradients summed over
+/// the group each step). Rank 0 prints the global tokens/s, the median
+/// step after 2 warm-up steps of `--repeats` + 2.
+fn bench_lora_dp(args: &Args, device: &Device) -> Result<()> {
+    use metal_candle::training::{
+        Dataset, Example, GroupConfig, LRScheduler, LoRAAdapter, LoRAAdapterConfig, ProcessGroup,
+        TargetModule, Trainer, TrainingConfig,
+    };
+    let group_cfg = GroupConfig::from_env()?;
+    let device = match &group_cfg {
+        Some(g) if device.is_cuda() => metal_candle::backend::cuda(g.local_rank)?,
+        _ => device.clone(),
+    };
+    let world = group_cfg.as_ref().map_or(1, |g| g.world_size);
+    let dtype = match &args.dtype {
+        Some(d) => parse_dtype(d)?,
+        None => metal_candle::backend::default_dtype(&device),
+    };
+    let (cfg, b, s) = match args.dp_model.as_str() {
+        "1.5B" => (qwen15b_config(args.quick), 4, 1024),
+        _ => (qwen05b_config(args.quick), 8, 512),
+    };
+    let (b, s) = if args.quick { (2, 64) } else { (b, s) };
+    let steps = args.repeats + 2;
+    let tensors = random_qwen2_tensors(&cfg, dtype, &device)?;
+    let mut model = build_decoder(
+        &cfg,
+        &Weights::from_tensors(tensors, dtype, &device, "random"),
+    )?;
+    let lora = LoRAAdapterConfig {
+        rank: 8,
+        alpha: 16.0,
+        dropout: 0.0,
+        target_modules: vec![TargetModule::QProj, TargetModule::VProj],
+        use_rslora: false,
+    };
+    let adapter = LoRAAdapter::new(lora, &*model, &device, 0)?;
+    let vocab = cfg.vocab_size as u64;
+    let examples = (0..b * world * steps)
+        .map(|e| {
+            let ids: Vec<u32> = (0..s)
+                .map(|k| (((e * s + k) as u64 * 2_654_435_761) % vocab) as u32)
+                .collect();
+            let labels = ids.iter().map(|&i| i64::from(i)).collect();
+            Example {
+                input_ids: ids,
+                labels,
+            }
+        })
+        .collect();
+    let config = TrainingConfig {
+        max_steps: Some(steps),
+        batch_size: b,
+        lr_schedule: LRScheduler::Constant { lr: 1e-4 },
+        max_grad_norm: None,
+        shuffle: false,
+        ..TrainingConfig::default()
+    };
+    let mut trainer = Trainer::new(&mut *model, &adapter, config)?;
+    if let Some(g) = &group_cfg {
+        trainer.set_process_group(ProcessGroup::connect(g, &device)?)?;
+    }
+    let metrics = trainer.train(&Dataset::from_examples(examples)?, None)?;
+    if group_cfg.as_ref().is_none_or(|g| g.rank == 0) {
+        let rates: Vec<f64> = metrics.steps[2..]
+            .iter()
+            .map(|m| m.tokens_per_sec)
+            .collect();
+        emit(
+            "lora",
+            "data-parallel train step",
+            &format!(
+                "{} b{b}/process s{s} r8 q,v, {world} process{}",
+                args.dp_model,
+                if world == 1 { "" } else { "es" }
+            ),
+            dtype,
+            median(rates),
+            "tok/s",
+        );
+    }
+    Ok(())
+}
+
 /// Kernel census of one prefill of `--prompts`' first length (default
 /// 4096) at batch 1, last-position logits (the Generator's prefill).
 fn profile_prefill(args: &Args, device: &Device) -> Result<()> {
@@ -1333,6 +1425,9 @@ fn main() -> Result<()> {
     }
     if args.suite == "lora-profile" {
         profile_lora_step(&args, &device)?;
+    }
+    if args.suite == "lora-dp" {
+        bench_lora_dp(&args, &device)?;
     }
     if all || args.suite == "latency" {
         bench_latency(&args, &device)?;

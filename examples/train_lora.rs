@@ -10,6 +10,17 @@
 //! model and from the adapted one, and writes the adapter (peft format,
 //! loadable with `PeftModel.from_pretrained`), `metrics.jsonl`,
 //! `loss.svg` and checkpoints into `--output-dir`.
+//!
+//! Data-parallel on several GPUs: start one process per GPU with torchrun's
+//! variables (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`,
+//! `MASTER_PORT`), e.g. with the `launch` example:
+//!
+//! ```text
+//! cargo run --release --features cuda --example launch -- --nproc-per-node 2 -- \
+//!     target/release/examples/train_lora --device cuda --batch-size 4 ...
+//! ```
+//!
+//! `--batch-size` is then per process; rank 0 prints and writes the files.
 
 mod common;
 
@@ -158,7 +169,16 @@ fn main() -> Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .init();
     let args = Args::parse();
-    let device = metal_candle::backend::parse_device(&args.device)?;
+    // Under a launcher each process takes the GPU of its local rank.
+    let group = metal_candle::training::GroupConfig::from_env()?;
+    let device = match &group {
+        Some(g) if args.device.starts_with("cuda") => metal_candle::backend::cuda(g.local_rank)?,
+        _ => metal_candle::backend::parse_device(&args.device)?,
+    };
+    let main_rank = group.as_ref().is_none_or(|g| g.rank == 0);
+    macro_rules! say {
+        ($($t:tt)*) => { if main_rank { println!($($t)*); } };
+    }
     let LanguageModel {
         mut model,
         tokenizer,
@@ -186,7 +206,7 @@ fn main() -> Result<()> {
             .cloned()
             .collect(),
     )?;
-    println!(
+    say!(
         "{} training / {} held-out examples",
         train.len(),
         eval.len()
@@ -202,7 +222,7 @@ fn main() -> Result<()> {
         use_rslora: false,
     };
     let adapter = LoRAAdapter::new(lora, &model, &device, args.seed)?;
-    println!(
+    say!(
         "{} trainable LoRA parameters (base: {})",
         adapter.num_trainable_params(),
         model.parameter_count()
@@ -236,14 +256,21 @@ fn main() -> Result<()> {
     };
     let metrics = {
         let mut trainer = Trainer::new(&mut model, &adapter, config)?;
+        if let Some(g) = &group {
+            trainer
+                .set_process_group(metal_candle::training::ProcessGroup::connect(g, &device)?)?;
+        }
         if args.resume {
             match trainer.resume_from_latest(&args.output_dir)? {
-                Some(step) => println!("resumed at step {step}"),
-                None => println!("no checkpoint in {}: starting", args.output_dir.display()),
+                Some(step) => say!("resumed at step {step}"),
+                None => say!("no checkpoint in {}: starting", args.output_dir.display()),
             }
         }
         trainer.train(&train, Some(&eval))?
     };
+    if !main_rank {
+        return Ok(());
+    }
     if metrics.stopped_early {
         println!(
             "stopped after step {} (checkpoint in {}; run again with --resume)",

@@ -20,6 +20,12 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// Multi-process (data-parallel) training failed: the rendezvous, a
+    /// rank that exited or timed out, mismatched ranks or world sizes, or
+    /// the collective library (NCCL).
+    #[error("distributed training: {0}")]
+    Distributed(String),
+
     /// A model could not be found locally, in the Hugging Face cache, or on the Hub.
     #[error("model not found: {0}")]
     ModelNotFound(String),

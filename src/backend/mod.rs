@@ -9,6 +9,8 @@ pub use candle_core::{DType, Device};
 pub(crate) mod autograd;
 pub(crate) mod graph;
 pub mod kernels;
+#[cfg(all(feature = "cuda", unix))]
+pub(crate) mod nccl;
 
 use crate::error::{Error, Result};
 

@@ -48,6 +48,18 @@ pub struct Example {
     pub labels: Vec<i64>,
 }
 
+impl Example {
+    /// Tokens trained on: labels after the first (each label is predicted
+    /// from the tokens before it) that are not ignored.
+    fn num_targets(&self) -> usize {
+        self.labels
+            .iter()
+            .skip(1)
+            .filter(|&&l| l != IGNORE_INDEX)
+            .count()
+    }
+}
+
 /// A padded batch.
 #[derive(Debug, Clone)]
 pub struct Batch {
@@ -216,6 +228,17 @@ impl Dataset {
         order.into_iter().skip(index * bs).take(bs).collect()
     }
 
+    /// Target tokens (labels after the shift that are not ignored) of the
+    /// examples at `indices` (out-of-range indices count nothing): what
+    /// [`Self::collate`] reports as `num_targets`, without collating.
+    pub(crate) fn targets_of(&self, indices: &[usize]) -> usize {
+        indices
+            .iter()
+            .filter_map(|&i| self.examples.get(i))
+            .map(Example::num_targets)
+            .sum()
+    }
+
     /// Right-pads the examples `indices` into a [`Batch`] on `device`.
     ///
     /// # Errors
@@ -244,12 +267,7 @@ impl Dataset {
                 labels[r * s + t] = l;
             }
             num_tokens += e.input_ids.len();
-            num_targets += e
-                .labels
-                .iter()
-                .skip(1)
-                .filter(|&&l| l != IGNORE_INDEX)
-                .count();
+            num_targets += e.num_targets();
         }
         Ok(Batch {
             input_ids: Tensor::from_vec(ids, (b, s), device)?,

@@ -3,10 +3,12 @@
 //! [`load_peft_adapter`]), [`AdamW`], learning-rate schedules
 //! ([`LRScheduler`]), JSONL datasets ([`Dataset`]), the training loop
 //! ([`Trainer`]: accumulation, eval, metrics, atomic checkpoints, resume)
-//! and an [`AdapterRegistry`].
+//! and an [`AdapterRegistry`]. [`ProcessGroup`] makes the trainer
+//! data-parallel over processes (NCCL on GPUs, torchrun's variables).
 
 mod checkpoint;
 mod dataset;
+mod distributed;
 mod interrupt;
 mod lora;
 mod loss;
@@ -17,6 +19,7 @@ mod scheduler;
 mod trainer;
 
 pub use dataset::{Batch, Dataset, DatasetConfig, Example};
+pub use distributed::{GroupConfig, ProcessGroup};
 pub use interrupt::StopHandle;
 pub use lora::{LoRAAdapter, LoRAAdapterConfig, LoRALayer, TargetModule};
 pub use loss::{causal_lm_loss, lm_loss, shifted_causal_lm_loss, IGNORE_INDEX};

@@ -14,6 +14,7 @@ use super::checkpoint::{
     safetensors_bytes, write_atomic, write_dir_atomic,
 };
 use super::dataset::{Batch, Dataset};
+use super::distributed::ProcessGroup;
 use super::interrupt::{ctrl_c_requested, CtrlCGuard, StopHandle};
 use super::lora::{LoRAAdapter, LoRAAdapterConfig};
 use super::loss::lm_loss;
@@ -147,18 +148,35 @@ impl TrainingConfig {
     /// The settings that shape the trajectory: a resumed run continues the
     /// saved one exactly only when these are equal. `(name, saved, ours)`
     /// for each that differs.
-    fn trajectory_differences(&self, saved: &TrainingConfig) -> Vec<(String, String, String)> {
+    /// `(saved_world, world)`: the processes of the saved run and of
+    /// this one; what must match is the global batch (a run on 2 GPUs x 4
+    /// continues one on 1 GPU x 8 exactly).
+    fn trajectory_differences(
+        &self,
+        saved: &TrainingConfig,
+        (saved_world, world): (usize, usize),
+    ) -> Vec<(String, String, String)> {
         let mut out = Vec::new();
         let mut cmp = |name: &str, a: String, b: String| {
             if a != b {
                 out.push((name.to_string(), a, b));
             }
         };
-        cmp(
-            "batch_size",
-            saved.batch_size.to_string(),
-            self.batch_size.to_string(),
+        let global = |bs: usize, w: usize| {
+            let n = bs.saturating_mul(w);
+            if w == 1 {
+                n.to_string()
+            } else {
+                format!("{n} ({bs} x {w} processes)")
+            }
+        };
+        let (a, b) = (
+            global(saved.batch_size, saved_world),
+            global(self.batch_size, world),
         );
+        if saved.batch_size.saturating_mul(saved_world) != self.batch_size.saturating_mul(world) {
+            cmp("batch_size x processes", a, b);
+        }
         cmp(
             "grad_accum_steps",
             saved.grad_accum_steps.to_string(),
@@ -276,9 +294,16 @@ pub struct TrainingMetrics {
     pub stopped_early: bool,
 }
 
+fn one() -> usize {
+    1
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct TrainerState {
     step: usize,
+    /// Processes that trained it (data-parallel); 1 for older checkpoints.
+    #[serde(default = "one")]
+    world_size: usize,
     config: TrainingConfig,
     metrics: TrainingMetrics,
 }
@@ -295,6 +320,8 @@ pub struct Trainer<'a> {
     metrics: TrainingMetrics,
     pad_id: u32,
     stop: StopHandle,
+    /// Data-parallel: the processes training together.
+    group: Option<ProcessGroup>,
 }
 
 impl<'a> Trainer<'a> {
@@ -325,7 +352,61 @@ impl<'a> Trainer<'a> {
             metrics: TrainingMetrics::default(),
             pad_id: 0,
             stop: StopHandle::default(),
+            group: None,
         })
+    }
+
+    /// Trains data-parallel with the processes of `group`: each step's
+    /// batch is `batch_size` examples per process (the global batch is
+    /// `batch_size x world_size`, the same examples in the same order as
+    /// one process with that batch size would take), gradients and losses
+    /// are summed over the processes, every process takes the same
+    /// optimizer step, and only rank 0 writes checkpoints, `metrics.jsonl`
+    /// and the adapter. Every process starts from rank 0's adapter
+    /// weights (sent now). Every rank must run the same training calls
+    /// ([`Self::train`], [`Self::evaluate`]) in the same order.
+    ///
+    /// # Errors
+    /// [`Error::Distributed`] when the group fails; tensor errors.
+    pub fn set_process_group(&mut self, group: ProcessGroup) -> Result<()> {
+        let vars = self.optimizer.vars().to_vec();
+        let flat = flatten(
+            &vars
+                .iter()
+                .map(|v| Some(v.as_tensor().clone()))
+                .collect::<Vec<_>>(),
+            &vars,
+        )?;
+        let mine = if group.is_main() {
+            flat
+        } else {
+            flat.zeros_like()?
+        };
+        let theirs = group.all_reduce_sum(&mine)?;
+        for (v, t) in vars.iter().zip(unflatten(&theirs, &vars)?) {
+            v.set(&t)?;
+        }
+        self.group = Some(group);
+        Ok(())
+    }
+
+    /// The process group, when training data-parallel.
+    #[must_use]
+    pub fn process_group(&self) -> Option<&ProcessGroup> {
+        self.group.as_ref()
+    }
+
+    fn world(&self) -> usize {
+        self.group.as_ref().map_or(1, ProcessGroup::world_size)
+    }
+
+    fn rank(&self) -> usize {
+        self.group.as_ref().map_or(0, ProcessGroup::rank)
+    }
+
+    /// Whether this process writes files (rank 0, or no group).
+    fn is_main(&self) -> bool {
+        self.rank() == 0
     }
 
     /// A handle that asks [`Self::train`] to stop after the current step
@@ -367,27 +448,37 @@ impl<'a> Trainer<'a> {
         self.config.max_steps.unwrap_or_else(|| {
             self.config
                 .epochs
-                .saturating_mul(train.num_batches(self.config.batch_size))
+                .saturating_mul(train.num_batches(self.global_batch()))
                 .div_ceil(self.config.grad_accum_steps.max(1))
         })
     }
 
-    /// Micro-batch `u` of the endless, per-epoch-shuffled stream.
-    fn micro_batch(&self, train: &Dataset, u: usize) -> Result<(usize, Batch)> {
+    /// Examples per step over all processes (per micro-batch).
+    fn global_batch(&self) -> usize {
+        self.config.batch_size.saturating_mul(self.world())
+    }
+
+    /// Micro-batch `u` of the endless, per-epoch-shuffled stream: its
+    /// epoch, this process's share (`None` when a short last batch leaves
+    /// it nothing) and the target tokens of the whole global micro-batch.
+    fn micro_batch(&self, train: &Dataset, u: usize) -> Result<(usize, Option<Batch>, usize)> {
         // `train` is not empty (checked by `train`), so nb >= 1.
-        let nb = train.num_batches(self.config.batch_size).max(1);
+        let nb = train.num_batches(self.global_batch()).max(1);
         let (epoch, index) = (u / nb, u % nb);
         let idx = train.batch_indices(
-            self.config.batch_size,
+            self.global_batch(),
             epoch,
             index,
             self.config.shuffle,
             self.config.seed,
         );
-        Ok((
-            epoch,
-            train.collate(&idx, self.pad_id, self.model.device())?,
-        ))
+        let targets = train.targets_of(&idx);
+        let mine = idx
+            .chunks(self.config.batch_size.max(1))
+            .nth(self.rank())
+            .map(|share| train.collate(share, self.pad_id, self.model.device()))
+            .transpose()?;
+        Ok((epoch, mine, targets))
     }
 
     fn batch_loss(&self, b: &Batch) -> Result<(Tensor, usize)> {
@@ -400,15 +491,18 @@ impl<'a> Trainer<'a> {
     }
 
     /// Mean next-token loss over `data` (weighted by target tokens), dropout off.
+    /// With a process group the batches are shared out among the ranks
+    /// (every rank must call it) and every rank gets the whole set's loss.
     ///
     /// # Errors
-    /// Tensor errors.
+    /// Tensor errors; [`Error::Distributed`].
     pub fn evaluate(&self, data: &Dataset) -> Result<f64> {
         let was = self.adapter.is_training();
         self.adapter.set_training(false);
         let (mut sum, mut n) = (0f64, 0usize);
         let bs = self.config.batch_size;
-        for i in 0..data.num_batches(bs) {
+        let (rank, world) = (self.rank(), self.world());
+        for i in (rank..data.num_batches(bs)).step_by(world) {
             let idx = data.batch_indices(bs, 0, i, false, 0);
             let b = data.collate(&idx, self.pad_id, self.model.device())?;
             if b.num_targets == 0 {
@@ -420,22 +514,32 @@ impl<'a> Trainer<'a> {
             n += k;
         }
         self.adapter.set_training(was);
+        if let Some(g) = &self.group {
+            let t = Tensor::new(&[sum as f32, n as f32], self.model.device())?;
+            let v: Vec<f32> = g.all_reduce_sum(&t)?.to_vec1()?;
+            (sum, n) = (f64::from(v[0]), v[1] as usize);
+        }
         if n == 0 {
             return Err(Error::Dataset("the eval set has no target tokens".into()));
         }
         Ok(sum / n as f64)
     }
 
-    /// One optimizer step over `grad_accum_steps` micro-batches.
-    fn train_step(&mut self, train: &Dataset) -> Result<StepMetrics> {
+    /// One optimizer step over `grad_accum_steps` micro-batches; with
+    /// whether a stop was asked for by now ([`Self::stop_handle`], Ctrl-C;
+    /// in a group, on any rank: every rank then stops after this step).
+    fn train_step(&mut self, train: &Dataset) -> Result<(StepMetrics, bool)> {
         let t0 = Instant::now();
         let accum = self.config.grad_accum_steps;
         let mut batches = Vec::with_capacity(accum);
+        let mut total_targets = 0;
         for j in 0..accum {
-            batches.push(self.micro_batch(train, self.step * accum + j)?);
+            let (epoch, batch, targets) = self.micro_batch(train, self.step * accum + j)?;
+            total_targets += targets;
+            batches.push((epoch, batch));
         }
         let epoch = batches.first().map_or(0, |(e, _)| *e);
-        let total_targets: usize = batches.iter().map(|(_, b)| b.num_targets).sum();
+        // Counted over the global batch: the same on every rank.
         if total_targets == 0 {
             return Err(Error::Dataset(
                 "a training step has no target tokens".into(),
@@ -446,27 +550,35 @@ impl<'a> Trainer<'a> {
             .set_gradient_checkpointing(self.config.gradient_checkpointing);
         let mut grads: Vec<Option<Tensor>> = vec![None; self.optimizer.vars().len()];
         let (mut loss_sum, mut tokens) = (0f64, 0usize);
+        let mut bad_loss = None;
+        let rank = self.rank() as u64;
         for (j, (_, b)) in batches.iter().enumerate() {
+            let Some(b) = b else { continue };
             tokens += b.num_tokens;
-            // Dropout masks depend only on the seed and the micro-batch.
+            // Dropout masks depend only on the seed, the micro-batch and the rank.
             let u = (self.step * accum + j) as u64;
-            self.adapter
-                .set_dropout_seed(self.config.seed ^ u.wrapping_mul(0xD1B5_4A32_D192_ED03));
+            self.adapter.set_dropout_seed(
+                self.config.seed
+                    ^ u.wrapping_mul(0xD1B5_4A32_D192_ED03)
+                    ^ rank.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            );
             if b.num_targets == 0 {
                 continue;
             }
             let (loss, k) = self.batch_loss(b)?;
             let value = f64::from(loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?);
             if !value.is_finite() {
-                self.adapter.set_training(false);
-                self.model.set_gradient_checkpointing(false);
-                return Err(Error::NonFiniteLoss {
-                    step: self.step + 1,
-                    loss: value as f32,
-                });
+                bad_loss = Some(value as f32);
+                if self.group.is_none() {
+                    break;
+                }
+                // In a group the other ranks learn of it through the sum
+                // below and stop at the same step.
+                continue;
             }
             loss_sum += value * k as f64;
-            // Token weighting makes accumulated micro-batches equal one batch.
+            // Token weighting makes accumulated micro-batches (and the
+            // ranks' shares) equal one batch.
             let weighted = (loss * (k as f64 / total_targets as f64))?;
             let store = super::backward(&weighted)?;
             for (g, new) in grads.iter_mut().zip(self.optimizer.collect_grads(&store)) {
@@ -478,6 +590,43 @@ impl<'a> Trainer<'a> {
         }
         self.adapter.set_training(false);
         self.model.set_gradient_checkpointing(false);
+        let stop_local =
+            self.stop.is_requested() || (self.config.stop_on_ctrl_c && ctrl_c_requested());
+        let mut stop = stop_local;
+        if let Some(group) = &self.group {
+            // One sum per step: every gradient, then the loss, tokens, stop
+            // requests and non-finite losses of all ranks.
+            let vars = self.optimizer.vars().to_vec();
+            let flat = flatten(&grads, &vars)?;
+            let extra = Tensor::new(
+                &[
+                    loss_sum as f32,
+                    tokens as f32,
+                    f32::from(u8::from(stop_local)),
+                    f32::from(u8::from(bad_loss.is_some())),
+                ],
+                flat.device(),
+            )?;
+            let n = flat.dim(0)?;
+            let sum = group.all_reduce_sum(&Tensor::cat(&[&flat, &extra], 0)?)?;
+            grads = unflatten(&sum.narrow(0, 0, n)?, &vars)?
+                .into_iter()
+                .map(Some)
+                .collect();
+            let totals: Vec<f32> = sum.narrow(0, n, 4)?.to_vec1()?;
+            loss_sum = f64::from(totals[0]);
+            tokens = totals[1] as usize;
+            stop = totals[2] > 0.0;
+            if totals[3] > 0.0 && bad_loss.is_none() {
+                bad_loss = Some(f32::NAN);
+            }
+        }
+        if let Some(loss) = bad_loss {
+            return Err(Error::NonFiniteLoss {
+                step: self.step + 1,
+                loss,
+            });
+        }
         let grad_norm = match self.config.max_grad_norm {
             Some(max) => clip_grad_norm(&mut grads, max)?,
             None => super::optimizer::global_grad_norm(&grads)?,
@@ -494,15 +643,18 @@ impl<'a> Trainer<'a> {
         })?;
         self.step += 1;
         let secs = t0.elapsed().as_secs_f64().max(1e-9);
-        Ok(StepMetrics {
-            step: self.step,
-            epoch,
-            loss: loss_sum / total_targets as f64,
-            lr,
-            grad_norm,
-            tokens_per_sec: tokens as f64 / secs,
-            eval_loss: None,
-        })
+        Ok((
+            StepMetrics {
+                step: self.step,
+                epoch,
+                loss: loss_sum / total_targets as f64,
+                lr,
+                grad_norm,
+                tokens_per_sec: tokens as f64 / secs,
+                eval_loss: None,
+            },
+            stop,
+        ))
     }
 
     /// Trains until [`Self::total_steps`], evaluating on `eval` every
@@ -526,7 +678,8 @@ impl<'a> Trainer<'a> {
         if let Some(e) = eval {
             self.check_lengths(e, "eval")?;
         }
-        if let Some(dir) = &self.config.output_dir {
+        let main = self.is_main();
+        if let Some(dir) = self.config.output_dir.as_ref().filter(|_| main) {
             clean_stale_temporaries(dir)?;
         }
         let _ctrl_c = if self.config.stop_on_ctrl_c {
@@ -537,15 +690,15 @@ impl<'a> Trainer<'a> {
         self.metrics.stopped_early = false;
         let total = self.total_steps(train);
         let mut metrics_file = match &self.config.output_dir {
-            Some(dir) => Some(self.open_metrics(dir)?),
-            None => None,
+            Some(dir) if main => Some(self.open_metrics(dir)?),
+            _ => None,
         };
         if self.step == 0 {
             if let Some(e) = eval {
                 self.metrics.initial_eval_loss = Some(self.evaluate(e)?);
             }
         }
-        let bar = if self.config.progress {
+        let bar = if self.config.progress && main {
             indicatif::ProgressBar::new(total as u64)
         } else {
             indicatif::ProgressBar::hidden()
@@ -556,7 +709,7 @@ impl<'a> Trainer<'a> {
         );
         bar.set_position(self.step as u64);
         while self.step < total {
-            let mut m = self.train_step(train)?;
+            let (mut m, asked) = self.train_step(train)?;
             let last = self.step == total;
             if let Some(e) = eval {
                 if last
@@ -586,13 +739,12 @@ impl<'a> Trainer<'a> {
                 self.metrics.final_eval_loss = m.eval_loss;
             }
             self.metrics.steps.push(m);
-            let stop = !last
-                && (self.stop.is_requested() || (self.config.stop_on_ctrl_c && ctrl_c_requested()));
+            let stop = !last && asked;
             let scheduled = self
                 .config
                 .save_every
                 .is_some_and(|n| n > 0 && self.step % n == 0);
-            if let Some(dir) = self.config.output_dir.clone() {
+            if let Some(dir) = self.config.output_dir.clone().filter(|_| main) {
                 if scheduled || stop {
                     self.save_checkpoint(&dir.join(format!("checkpoint-{}", self.step)))?;
                     if let Some(keep) = self.config.save_total_limit {
@@ -612,7 +764,7 @@ impl<'a> Trainer<'a> {
         bar.finish_and_clear();
         // A request that came during the last step has nothing left to stop.
         self.stop.reset();
-        if let Some(dir) = &self.config.output_dir {
+        if let Some(dir) = self.config.output_dir.as_ref().filter(|_| main) {
             save_peft_adapter(&self.adapter, dir, self.config.base_model.as_deref())?;
         }
         Ok(self.metrics.clone())
@@ -667,6 +819,7 @@ impl<'a> Trainer<'a> {
     pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
         let state = TrainerState {
             step: self.step,
+            world_size: self.world(),
             config: self.config.clone(),
             metrics: self.metrics.clone(),
         };
@@ -705,7 +858,10 @@ impl<'a> Trainer<'a> {
     /// # Errors
     /// See [`Self::resume_from`].
     pub fn resume_from_latest(&mut self, output_dir: &Path) -> Result<Option<usize>> {
-        clean_stale_temporaries(output_dir)?;
+        // In a group only rank 0 writes (and cleans) the output folder.
+        if self.is_main() {
+            clean_stale_temporaries(output_dir)?;
+        }
         let Some((_, dir)) = list_checkpoints(output_dir)?.pop() else {
             return Ok(None);
         };
@@ -739,7 +895,10 @@ impl<'a> Trainer<'a> {
         // Pairs, ranks, target modules and finiteness are checked here.
         let saved = load_peft_adapter(dir, self.model.device())?;
         let mut differences = adapter_differences(saved.config(), self.adapter.config());
-        differences.extend(self.config.trajectory_differences(&state.config));
+        differences.extend(
+            self.config
+                .trajectory_differences(&state.config, (state.world_size, self.world())),
+        );
         for (field, theirs, ours) in &differences {
             match check {
                 SettingsCheck::Strict => {
@@ -810,4 +969,38 @@ impl<'a> Trainer<'a> {
 fn write_metrics_line(f: &mut std::fs::File, m: &StepMetrics) -> Result<()> {
     let line = serde_json::to_string(m).map_err(|e| Error::InvalidInput(e.to_string()))?;
     writeln!(f, "{line}").map_err(|e| Error::io("metrics.jsonl", e))
+}
+
+/// The gradients (or values) of `vars` as one f32 vector, in order; a
+/// missing gradient counts as zeros (every rank sends the same length).
+fn flatten(values: &[Option<Tensor>], vars: &[candle_core::Var]) -> Result<Tensor> {
+    let parts = values
+        .iter()
+        .zip(vars)
+        .map(|(g, v)| {
+            let t = match g {
+                Some(g) => g.clone(),
+                None => v.as_tensor().zeros_like()?,
+            };
+            Ok(t.to_dtype(candle_core::DType::F32)?.flatten_all()?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&parts, 0)?)
+}
+
+/// [`flatten`]'s inverse: one tensor per var, in its shape and dtype.
+fn unflatten(flat: &Tensor, vars: &[candle_core::Var]) -> Result<Vec<Tensor>> {
+    let mut at = 0;
+    vars.iter()
+        .map(|v| {
+            let t = v.as_tensor();
+            let n = t.elem_count();
+            let part = flat
+                .narrow(0, at, n)?
+                .reshape(t.shape())?
+                .to_dtype(t.dtype())?;
+            at += n;
+            Ok(part)
+        })
+        .collect()
 }

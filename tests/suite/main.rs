@@ -8,6 +8,7 @@
 mod common;
 
 mod decoder_parity;
+mod distributed;
 mod embeddings_parity;
 mod embeddings_real;
 mod generation;
