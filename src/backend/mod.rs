@@ -11,6 +11,7 @@ pub(crate) mod graph;
 pub mod kernels;
 #[cfg(all(feature = "cuda", unix))]
 pub(crate) mod nccl;
+pub(crate) mod quant;
 
 use crate::error::{Error, Result};
 

@@ -58,7 +58,9 @@ impl Linear {
     }
 
     /// A layer over a quantized `[out, in]` weight. Unquantized GGUF
-    /// tensors (f32/f16/bf16) are kept dense in `dtype`.
+    /// tensors (f32/f16/bf16) are kept dense in `dtype`; a Q5_0 weight on
+    /// the CPU is held as the equal Q8_0 weight (`backend::quant`: same
+    /// values, Candle's vector kernels instead of its scalar loop).
     ///
     /// # Errors
     /// A weight that is not 2-D, or a bias of the wrong length.
@@ -77,7 +79,7 @@ impl Linear {
             GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
                 BaseWeight::Dense(weight.dequantize(&weight.device())?.to_dtype(dtype)?)
             }
-            _ => BaseWeight::Quantized(weight),
+            _ => BaseWeight::Quantized(crate::backend::quant::for_device_kernels(weight)?),
         };
         Ok(Self {
             weight,

@@ -182,6 +182,17 @@ impl ProcessGroup {
     /// master address, NCCL missing or failing.
     pub fn connect(cfg: &GroupConfig, device: &Device) -> Result<Self> {
         cfg.validate()?;
+        if cfg.world_size == 1 {
+            // A group of one (WORLD_SIZE=1): nothing to meet or sum.
+            return Ok(Self {
+                rank: 0,
+                world_size: 1,
+                local_rank: cfg.local_rank,
+                timeout: cfg.timeout,
+                links: Vec::new(),
+                collective: Collective::Tcp,
+            });
+        }
         let kind = if device.is_cuda() { b'c' } else { b'p' };
         let deadline = Instant::now() + cfg.timeout;
         let (links, payload) = if cfg.rank == 0 {

@@ -5,13 +5,16 @@
 //!
 //! The quantized-models issue measures 2,000 tokens
 //! (`METAL_CANDLE_QUANT_TOKENS=2000`; about 7 minutes on 2 cores); CI runs
-//! 250. Measured on 2,000 tokens (2026-11-27, CPU, f32), two paths through
-//! the quantized weights: the prompt path (500 rows at a time: weights
-//! dequantized for the matmul) agrees 100.00% with perplexity +0.000% on
-//! both files; the decoding path (16 rows at a time through the KV cache:
-//! Candle's quantized kernels, 8-bit activations) Qwen2.5-Coder-0.5B Q4_K_M
-//! 97.45%, +0.065%; SmolLM2-135M Q4_1 95.40%, +0.135% (perplexities ~195 and
-//! ~100 on this text: near-ties are common). The bounds below are what these
+//! 250. Measured on 2,000 tokens (2026-11-28, CPU: 2-core AMD EPYC with
+//! AVX-512 VNNI, f32), two paths through the quantized weights: the prompt
+//! path (500 rows at a time: weights dequantized for the matmul) agrees
+//! 100.00% with perplexity +0.000% on both files; the decoding path (16
+//! rows at a time through the KV cache: Candle's quantized kernels, 8-bit
+//! activations) Qwen2.5-Coder-0.5B Q4_K_M 97.20%, +0.056% (its Q5_0 tensors
+//! held as the equal Q8_0 ones, `backend::quant`; 97.30%, -0.051% with
+//! Candle's Q5_0 loop, which sums blocks in another order);
+//! SmolLM2-135M Q4_1 94.65%, +0.118% (perplexities ~195 and ~100 on this
+//! text: near-ties are common). The bounds below are what these
 //! measurements support.
 
 use candle_core::{DType, Device, Tensor, D};
