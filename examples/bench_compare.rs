@@ -337,6 +337,19 @@ fn stock_device(device: &Device) -> Result<Device> {
     })
 }
 
+/// The Qwen2.5-0.5B shape (4 layers with `--quick`) with random weights in
+/// the device's default dtype: the model the latency and profile rows run.
+fn random_qwen05b(args: &Args, device: &Device) -> Result<(DecoderConfig, Box<dyn CausalLm>)> {
+    let dtype = metal_candle::backend::default_dtype(device);
+    let cfg = qwen05b_config(args.quick);
+    let tensors = random_qwen2_tensors(&cfg, dtype, device)?;
+    let model = build_decoder(
+        &cfg,
+        &Weights::from_tensors(tensors, dtype, device, "random"),
+    )?;
+    Ok((cfg, model))
+}
+
 fn random_ids(b: usize, s: usize, vocab: usize, device: &Device) -> Result<Tensor> {
     let ids: Vec<u32> = (0..b * s)
         .map(|k| ((k as u64 * 2_654_435_761) % vocab as u64) as u32)
@@ -840,12 +853,7 @@ fn profile_lora_step(args: &Args, device: &Device) -> Result<()> {
 fn bench_latency(args: &Args, device: &Device) -> Result<()> {
     use metal_candle::inference::{LogitsProcessor, Sampler, SamplingStrategy};
     let dtype = metal_candle::backend::default_dtype(device);
-    let cfg = qwen05b_config(args.quick);
-    let tensors = random_qwen2_tensors(&cfg, dtype, device)?;
-    let model = build_decoder(
-        &cfg,
-        &Weights::from_tensors(tensors, dtype, device, "random"),
-    )?;
+    let (cfg, model) = random_qwen05b(args, device)?;
     let (prompt_len, gen_len) = if args.quick { (64, 32) } else { (1024, 1024) };
     let prompt = random_ids(1, prompt_len, cfg.vocab_size, device)?;
     let mut greedy = Sampler::new(LogitsProcessor::new(SamplingStrategy::Greedy), 0);
@@ -1014,13 +1022,7 @@ fn bench_latency(args: &Args, device: &Device) -> Result<()> {
 /// batch 1, so the census divided by that is the launches per decoded token. Without `PROFILE_ONCE` it also times 128
 /// steps (host clock, synchronised) and prints ms per token.
 fn profile_decode(args: &Args, device: &Device) -> Result<()> {
-    let dtype = metal_candle::backend::default_dtype(device);
-    let cfg = qwen05b_config(args.quick);
-    let tensors = random_qwen2_tensors(&cfg, dtype, device)?;
-    let model = build_decoder(
-        &cfg,
-        &Weights::from_tensors(tensors, dtype, device, "random"),
-    )?;
+    let (cfg, model) = random_qwen05b(args, device)?;
     let first = random_ids(1, 1, cfg.vocab_size, device)?;
     let run = |steps: usize| -> Result<()> {
         let mut cache = model.new_cache();
@@ -1144,13 +1146,7 @@ fn bench_lora_dp(args: &Args, device: &Device) -> Result<()> {
 /// Kernel census of one prefill of `--prompts`' first length (default
 /// 4096) at batch 1, last-position logits (the Generator's prefill).
 fn profile_prefill(args: &Args, device: &Device) -> Result<()> {
-    let dtype = metal_candle::backend::default_dtype(device);
-    let cfg = qwen05b_config(args.quick);
-    let tensors = random_qwen2_tensors(&cfg, dtype, device)?;
-    let model = build_decoder(
-        &cfg,
-        &Weights::from_tensors(tensors, dtype, device, "random"),
-    )?;
+    let (cfg, model) = random_qwen05b(args, device)?;
     let len = args
         .prompts
         .as_ref()

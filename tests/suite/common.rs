@@ -100,3 +100,35 @@ pub fn abs_max(t: &Tensor) -> f32 {
 pub fn rel_diff(ours: &Tensor, theirs: &Tensor) -> f32 {
     max_abs_diff(ours, theirs) / abs_max(theirs)
 }
+
+/// `n` examples of pseudo-random token ids below 1001 (a fixed LCG from
+/// `seed`, so runs and processes agree), example `i` `len(i)` tokens long,
+/// its first two tokens masked out of the loss (a "prompt").
+pub fn random_dataset(
+    n: usize,
+    seed: u64,
+    len: impl Fn(usize) -> usize,
+) -> metal_candle::training::Dataset {
+    let mut state = seed;
+    let mut next = || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 33) % 1001) as u32
+    };
+    let examples = (0..n)
+        .map(|i| {
+            let ids: Vec<u32> = (0..len(i)).map(|_| next()).collect();
+            let labels = ids
+                .iter()
+                .enumerate()
+                .map(|(t, &id)| if t < 2 { -100 } else { i64::from(id) })
+                .collect();
+            metal_candle::training::Example {
+                input_ids: ids,
+                labels,
+            }
+        })
+        .collect();
+    metal_candle::training::Dataset::from_examples(examples).unwrap()
+}

@@ -10,8 +10,8 @@ use std::time::Duration;
 use candle_core::{DType, Device};
 use metal_candle::models::{load_decoder, CausalLm};
 use metal_candle::training::{
-    Dataset, Example, GroupConfig, LRScheduler, LoRAAdapter, LoRAAdapterConfig, ProcessGroup,
-    TargetModule, Trainer, TrainingConfig, TrainingMetrics,
+    Dataset, GroupConfig, LRScheduler, LoRAAdapter, LoRAAdapterConfig, ProcessGroup, TargetModule,
+    Trainer, TrainingConfig, TrainingMetrics,
 };
 
 /// Rank `r`'s device: GPU `r` on the multi-GPU tier, else the CPU (two
@@ -54,28 +54,7 @@ fn tiny_model(device: &Device) -> Box<dyn CausalLm> {
 
 /// Random-token examples of 6..=12 tokens, the first 2 masked.
 fn dataset(n: usize) -> Dataset {
-    let mut state = 11u64;
-    let mut next = || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((state >> 33) % 1001) as u32
-    };
-    let examples = (0..n)
-        .map(|i| {
-            let ids: Vec<u32> = (0..6 + i % 7).map(|_| next()).collect();
-            let labels = ids
-                .iter()
-                .enumerate()
-                .map(|(t, &id)| if t < 2 { -100 } else { i64::from(id) })
-                .collect();
-            Example {
-                input_ids: ids,
-                labels,
-            }
-        })
-        .collect();
-    Dataset::from_examples(examples).unwrap()
+    crate::common::random_dataset(n, 11, |i| 6 + i % 7)
 }
 
 fn config(batch_size: usize, max_steps: usize, out: Option<&Path>) -> TrainingConfig {

@@ -7,8 +7,7 @@ use std::path::Path;
 use candle_core::{DType, Tensor};
 use metal_candle::models::{load_decoder, CausalLm};
 use metal_candle::training::{
-    load_peft_adapter, save_peft_adapter, AdamWConfig, AdapterRegistry, Dataset, Example,
-    TrainingMetrics,
+    load_peft_adapter, save_peft_adapter, AdamWConfig, AdapterRegistry, Dataset, TrainingMetrics,
 };
 use metal_candle::training::{
     LRScheduler, LoRAAdapter, LoRAAdapterConfig, TargetModule, Trainer, TrainingConfig,
@@ -211,31 +210,9 @@ fn registry_switches_adapters_on_one_base() {
     assert!(reg.activate("missing", &mut model).is_err());
 }
 
-/// Random-token examples with a masked "prompt" of 2 tokens.
+/// Random-token examples of 6..=10 tokens with a masked "prompt" of 2.
 fn synthetic_dataset(n: usize, seed: u64) -> Dataset {
-    let mut state = seed;
-    let mut next = || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((state >> 33) % 1001) as u32
-    };
-    let examples = (0..n)
-        .map(|i| {
-            let len = 6 + i % 5;
-            let ids: Vec<u32> = (0..len).map(|_| next()).collect();
-            let labels = ids
-                .iter()
-                .enumerate()
-                .map(|(t, &id)| if t < 2 { -100 } else { i64::from(id) })
-                .collect();
-            Example {
-                input_ids: ids,
-                labels,
-            }
-        })
-        .collect();
-    Dataset::from_examples(examples).unwrap()
+    crate::common::random_dataset(n, seed, |i| 6 + i % 5)
 }
 
 fn training_config(max_steps: usize, out: &Path) -> TrainingConfig {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Tensor};
 use metal_candle::models::{load_decoder, CausalLm};
 use metal_candle::training::{
-    load_peft_adapter, save_peft_adapter, AdamWConfig, Dataset, Example, LRScheduler, LoRAAdapter,
+    load_peft_adapter, save_peft_adapter, AdamWConfig, Dataset, LRScheduler, LoRAAdapter,
     LoRAAdapterConfig, TargetModule, Trainer, TrainingConfig,
 };
 use metal_candle::Error;
@@ -37,29 +37,7 @@ fn lora(alpha: f64) -> LoRAAdapterConfig {
 
 /// `n` examples of `len` pseudo-random tokens (first two masked).
 fn dataset(n: usize, len: usize, seed: u64) -> Dataset {
-    let mut state = seed;
-    let examples = (0..n)
-        .map(|_| {
-            let ids: Vec<u32> = (0..len)
-                .map(|_| {
-                    state = state
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    ((state >> 33) % 1001) as u32
-                })
-                .collect();
-            let labels = ids
-                .iter()
-                .enumerate()
-                .map(|(t, &id)| if t < 2 { -100 } else { i64::from(id) })
-                .collect();
-            Example {
-                input_ids: ids,
-                labels,
-            }
-        })
-        .collect();
-    Dataset::from_examples(examples).unwrap()
+    crate::common::random_dataset(n, seed, |_| len)
 }
 
 fn config(max_steps: usize, out: Option<&Path>) -> TrainingConfig {
