@@ -40,7 +40,7 @@ case "${1:-}" in
       for p in 1 "$n"; do
         .dev/launch --nproc-per-node "$p" -- bash .dev/on-device.sh .dev/bench_compare --device cuda \
           --suite lora-dp --dp-model "$model" --repeats 5 | tee -a "$out/ours.jsonl"
-        torchrun --nproc-per-node "$p" scripts/peers/ddp_lora.py --model "$model" --repeats 5 \
+        python3 -m torch.distributed.run --nproc-per-node "$p" scripts/peers/ddp_lora.py --model "$model" --repeats 5 \
           2> "$out/torchrun-$model-$p.err" | tee -a "$out/peers.jsonl"
       done
     done
