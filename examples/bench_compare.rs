@@ -243,6 +243,22 @@ impl Steps {
         Ok((logits, steps))
     }
 
+    /// Prefills `prompt` and takes `steps` greedy steps after its first
+    /// token (ids back to the host each step, as a generation needs them).
+    fn greedy(
+        model: &dyn CausalLm,
+        prompt: &Tensor,
+        capacity: usize,
+        steps: usize,
+    ) -> Result<Self> {
+        let (logits, mut state) = Self::start(model, prompt, capacity)?;
+        let mut ids: Vec<u32> = logits.argmax(1)?.to_vec1()?;
+        for _ in 0..steps {
+            ids = state.step(model, &ids)?.argmax(1)?.to_vec1()?;
+        }
+        Ok(state)
+    }
+
     /// Logits `[b, vocab]` after one token per row.
     fn step(&mut self, model: &dyn CausalLm, ids: &[u32]) -> Result<Tensor> {
         Ok(match self {
@@ -457,11 +473,7 @@ fn bench_generation(args: &Args, device: &Device) -> Result<()> {
             // The Generator's path on CUDA: one captured step replayed
             // (each id comes back to the host, as a generation needs).
             let secs = time(device, args.repeats.min(3), || {
-                let (logits, mut steps) = Steps::start(&*model, &prompt, plen + new_tokens + 1)?;
-                let mut ids: Vec<u32> = logits.argmax(1)?.to_vec1()?;
-                for _ in 1..new_tokens {
-                    ids = steps.step(&*model, &ids)?.argmax(1)?.to_vec1()?;
-                }
+                Steps::greedy(&*model, &prompt, plen + new_tokens + 1, new_tokens - 1)?;
                 Ok(())
             })?;
             emit(
@@ -474,12 +486,7 @@ fn bench_generation(args: &Args, device: &Device) -> Result<()> {
             );
             // Launches per decoded token under the graph: the kernels one
             // replay runs (the eager count comes from the Nsight census).
-            let (logits, mut steps) = Steps::start(&*model, &prompt, plen + 4)?;
-            let mut ids: Vec<u32> = logits.argmax(1)?.to_vec1()?;
-            for _ in 0..2 {
-                ids = steps.step(&*model, &ids)?.argmax(1)?.to_vec1()?;
-            }
-            if let Steps::Graph(g) = &steps {
+            if let Steps::Graph(g) = Steps::greedy(&*model, &prompt, plen + 4, 2)? {
                 if let Some(k) = g.captured_kernels()? {
                     emit(
                         "generation",

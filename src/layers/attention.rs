@@ -87,12 +87,7 @@ pub fn attention(
         return merge(flash_attention(q, k, v, mask.bias, scale, causal, window)?);
     }
     let t = k.dim(2)?;
-    let hides_keys = match mask.kind {
-        MaskKind::Bidirectional => false,
-        MaskKind::Causal => s > 1,
-        MaskKind::SlidingWindow(w) => s > 1 || t > w,
-    };
-    if hides_keys && mask.dense.is_none() {
+    if mask.kind.hides_keys(s, t) && mask.dense.is_none() {
         // The caller skipped the dense mask expecting the kernel
         // (`dense_mask_needed`): never attend without it.
         candle_core::bail!(
@@ -255,6 +250,19 @@ pub enum MaskKind {
     SlidingWindow(usize),
 }
 
+impl MaskKind {
+    /// Whether `q_len` queries, the last of `kv_len` positions, have keys
+    /// this kind hides from some of them (so the composed path needs a
+    /// dense mask).
+    fn hides_keys(self, q_len: usize, kv_len: usize) -> bool {
+        match self {
+            MaskKind::Bidirectional => false,
+            MaskKind::Causal => q_len > 1,
+            MaskKind::SlidingWindow(w) => q_len > 1 || kv_len > w,
+        }
+    }
+}
+
 /// The additive attention mask `[b, 1, q_len, past + q_len]` (`[1, 1, …]`
 /// when nothing is padded; f32, 0 or a large negative) for `q_len` new queries after `past` cached positions,
 /// hiding keys by `kind` and where `padding` (`[b, past + q_len]`,
@@ -283,12 +291,7 @@ pub(crate) fn attention_mask(
         }
     }
     let any_padding = padding.is_some_and(|p| p.iter().flatten().any(|&m| m == 0));
-    let hides_keys = match kind {
-        MaskKind::Bidirectional => false,
-        MaskKind::Causal => q_len > 1,
-        MaskKind::SlidingWindow(w) => q_len > 1 || kv_len > w,
-    };
-    if !any_padding && !hides_keys {
+    if !any_padding && !kind.hides_keys(q_len, kv_len) {
         return Ok(None);
     }
     // Without padding every row of the batch has the same mask: build one
