@@ -1070,6 +1070,14 @@ fn profile_decode(args: &Args, device: &Device) -> Result<()> {
 /// the group each step). Rank 0 prints the global tokens/s, the median
 /// step after 2 warm-up steps of `--repeats` + 2.
 fn bench_lora_dp(args: &Args, device: &Device) -> Result<()> {
+    // RUST_LOG=metal_candle::training=debug: each step's phases on stderr.
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .try_init();
+    }
     use metal_candle::training::{
         Dataset, Example, GroupConfig, LRScheduler, LoRAAdapter, LoRAAdapterConfig, ProcessGroup,
         TargetModule, Trainer, TrainingConfig,
@@ -1126,9 +1134,46 @@ fn bench_lora_dp(args: &Args, device: &Device) -> Result<()> {
     };
     let mut trainer = Trainer::new(&mut *model, &adapter, config)?;
     if let Some(g) = &group_cfg {
-        trainer.set_process_group(ProcessGroup::connect(g, &device)?)?;
+        let group = ProcessGroup::connect(g, &device)?;
+        // The step's one sum on its own: the adapter's gradients (and 4
+        // more values), timed after the device is synchronized.
+        let n: usize = adapter
+            .named_vars()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum();
+        let grads = Tensor::ones(n + 4, DType::F32, &device)?;
+        let mut times = Vec::new();
+        for i in 0..12 {
+            device.synchronize()?;
+            let t = Instant::now();
+            let sum = group.all_reduce_sum(&grads)?;
+            device.synchronize()?;
+            drop(sum);
+            if i >= 2 {
+                times.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        eprintln!(
+            "rank {}: all-reduce of {} f32: median {:.0} us",
+            g.rank,
+            n + 4,
+            median(times)
+        );
+        trainer.set_process_group(group)?;
     }
     let metrics = trainer.train(&Dataset::from_examples(examples)?, None)?;
+    // Each rank's step times: a slow rank sets the pace of all.
+    let ms: Vec<String> = metrics
+        .steps
+        .iter()
+        .map(|m| format!("{:.1}", 1e3 * (b * s * world) as f64 / m.tokens_per_sec))
+        .collect();
+    eprintln!(
+        "rank {}: step ms (tokens/s-derived) {}",
+        group_cfg.as_ref().map_or(0, |g| g.rank),
+        ms.join(" ")
+    );
     if group_cfg.as_ref().is_none_or(|g| g.rank == 0) {
         let rates: Vec<f64> = metrics.steps[2..]
             .iter()

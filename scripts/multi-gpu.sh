@@ -5,6 +5,9 @@
 #   scripts/multi-gpu.sh build      # here: the suite, bench_compare and launch for CUDA into .dev/
 #   scripts/multi-gpu.sh run [N]    # on the GPU machine (repo root), N GPUs (default: all)
 #
+# run's knobs: TESTS=0 skips the tests; PROCS / PEER_PROCS: the process
+# counts timed for ours / the peer (default "1 N" each).
+#
 # run: the distributed tests with a GPU per rank (NCCL; equivalence of
 # N ranks x b4 with 1 x b8, a resume on another GPU count, failures), then
 # the train step on 1 and N processes for the 0.5B and 1.5B shapes, ours
@@ -32,18 +35,21 @@ case "${1:-}" in
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/card.txt"
     for f in suite bench_compare launch; do xz -d -k -f ".dev/$f.xz"; chmod +x ".dev/$f"; done
     set +e
-    METAL_CANDLE_TEST_DEVICE=cuda METAL_CANDLE_TEST_GPUS="$n" METAL_CANDLE_FIXTURES="$PWD/tests/fixtures" \
-      bash .dev/on-device.sh .dev/suite --test-threads=1 distributed 2>&1 | tee "$out/tests.log" | grep -E "^test |test result"
-    set -e
+    [ "${TESTS:-1}" = 0 ] || METAL_CANDLE_TEST_DEVICE=cuda METAL_CANDLE_TEST_GPUS="$n" METAL_CANDLE_FIXTURES="$PWD/tests/fixtures" \
+      timeout 300 bash .dev/on-device.sh .dev/suite --test-threads=1 --nocapture distributed 2>&1 | tee "$out/tests.log" | grep -E "^test |test result|worst|L2|NCCL rank"
+    # A failed run leaves its row out of the table, not the rest of the runs.
     : > "$out/ours.jsonl"; : > "$out/peers.jsonl"
     for model in 0.5B 1.5B; do
-      for p in 1 "$n"; do
-        .dev/launch --nproc-per-node "$p" -- bash .dev/on-device.sh .dev/bench_compare --device cuda \
-          --suite lora-dp --dp-model "$model" --repeats 5 | tee -a "$out/ours.jsonl"
-        python3 -m torch.distributed.run --nproc-per-node "$p" scripts/peers/ddp_lora.py --model "$model" --repeats 5 \
+      for p in ${PROCS:-1 $n}; do
+        timeout 200 .dev/launch --nproc-per-node "$p" -- bash .dev/on-device.sh .dev/bench_compare --device cuda \
+          --suite lora-dp --dp-model "$model" --repeats 5 2> >(grep -E "^rank|launch" | tee -a "$out/ranks.log" >&2) \
+          | tee -a "$out/ours.jsonl"
+        case " ${PEER_PROCS:-1 $n} " in *" $p "*) ;; *) continue ;; esac
+        timeout 200 python3 -m torch.distributed.run --nproc-per-node "$p" scripts/peers/ddp_lora.py --model "$model" --repeats 5 \
           2> "$out/torchrun-$model-$p.err" | tee -a "$out/peers.jsonl"
       done
     done
+    set -e
     python3 scripts/bench_table.py "$out/ours.jsonl" "$out/peers.jsonl" | tee "$out/table.md"
     python3 - "$out/ours.jsonl" "$out/peers.jsonl" <<'PY'
 import json, re, sys

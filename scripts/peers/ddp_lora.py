@@ -73,7 +73,7 @@ def main():
         peers.sync(device)
         if i >= 2:
             times.append(time.perf_counter() - t)
-    secs = torch.tensor(statistics.median(times))
+    secs = torch.tensor(statistics.median(times), device=device)
     dist.all_reduce(secs, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
     if rank == 0:
         peers.emit("peft + DDP (torchrun, transformers sdpa)", "lora", "data-parallel train step",

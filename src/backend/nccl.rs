@@ -6,7 +6,7 @@
 //! died cannot hang the others.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
-use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -48,6 +48,10 @@ const NCCL_SUM: c_int = 0;
 /// all-reduce usually ends within it, and sleeps cost ~50-100 µs each.
 const SPIN: Duration = Duration::from_millis(1);
 const POLL: Duration = Duration::from_micros(50);
+/// How long a sum waits on after a peer left on purpose: a rank that
+/// finished its last sum and left can be seen leaving before this rank's
+/// copy of that sum completes (its last bytes already sent).
+const LEFT_GRACE: Duration = Duration::from_secs(2);
 
 /// The entry points of the loaded library. The handle is never closed, so
 /// the pointers stay valid for the life of the process.
@@ -168,6 +172,9 @@ pub(crate) struct NcclComm {
     lib: &'static Lib,
     comm: Mutex<Option<Comm>>,
     aborted: AtomicBool,
+    /// A peer that said goodbye (`rank + 1`; 0: none): a sum started after
+    /// it left would wait forever.
+    left: AtomicUsize,
     device: CudaDevice,
     rank: usize,
 }
@@ -208,6 +215,7 @@ impl NcclComm {
             lib,
             comm: Mutex::new(Some(comm)),
             aborted: AtomicBool::new(false),
+            left: AtomicUsize::new(0),
             device: device.clone(),
             rank,
         })
@@ -248,6 +256,9 @@ impl NcclComm {
         let lib = self.lib;
         if self.aborted.load(Ordering::SeqCst) {
             return Err(self.aborted_error());
+        }
+        if let Some(why) = self.left_error() {
+            return Err(Error::Distributed(why));
         }
         let device = Device::Cuda(self.device.clone());
         if t.dtype() != DType::F32 || !t.is_contiguous() || !t.device().same_device(&device) {
@@ -303,6 +314,8 @@ impl NcclComm {
                 Some(e.to_string())
             } else if state != NCCL_SUCCESS && state != NCCL_IN_PROGRESS {
                 Some(format!("NCCL reported {}", lib.message(state)))
+            } else if let Some(why) = self.left_error().filter(|_| elapsed >= LEFT_GRACE) {
+                Some(why)
             } else {
                 (elapsed >= timeout)
                     .then(|| format!("timeout after {:.1} s", timeout.as_secs_f64()))
@@ -327,6 +340,26 @@ impl NcclComm {
             BackpropOp::none(),
             false,
         ))
+    }
+
+    /// Records that rank `peer` left the group on purpose (its goodbye came):
+    /// sums from now on fail instead of waiting for it.
+    pub(crate) fn peer_left(&self, peer: usize) {
+        let _ = self
+            .left
+            .compare_exchange(0, peer + 1, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    fn left_error(&self) -> Option<String> {
+        match self.left.load(Ordering::SeqCst) {
+            0 => None,
+            p => Some(format!(
+                "rank {} left the process group (it finished or stopped), so this sum on rank {} \
+                 cannot complete: every rank must run the same steps",
+                p - 1,
+                self.rank
+            )),
+        }
     }
 
     /// Marks the communicator aborted and calls `ncclCommAbort` (once), from

@@ -139,7 +139,9 @@ enum Collective {
     /// Sums through rank 0 over the rendezvous sockets.
     Tcp,
     /// NCCL on the group's CUDA devices; the watchers abort it when a
-    /// peer's socket closes.
+    /// peer's socket closes. They hold it weakly: the communicator is
+    /// destroyed when the group is dropped, on the dropping thread, not
+    /// by a watcher racing the process's exit.
     #[cfg(all(feature = "cuda", unix))]
     Nccl {
         comm: Arc<crate::backend::nccl::NcclComm>,
@@ -618,11 +620,19 @@ fn make_collective(
         watch
             .set_read_timeout(None)
             .map_err(|e| io_error("watching a peer's socket", e))?;
-        let (comm, leaving) = (comm.clone(), leaving.clone());
+        let (weak, leaving) = (Arc::downgrade(&comm), leaving.clone());
         std::thread::spawn(move || {
             let mut byte = [0u8; 1];
             let clean = matches!(watch.read(&mut byte), Ok(1) if byte[0] == BYE);
-            if !clean && !leaving.load(Ordering::SeqCst) {
+            if leaving.load(Ordering::SeqCst) {
+                return;
+            }
+            let Some(comm) = weak.upgrade() else {
+                return;
+            };
+            if clean {
+                comm.peer_left(peer);
+            } else {
                 tracing::error!("rank {peer} left the process group: aborting NCCL");
                 comm.abort();
             }

@@ -4,6 +4,7 @@
 use candle_core::{backprop::GradStore, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use crate::backend::kernels::{adamw_update, AdamWStep};
 use crate::error::{Error, Result};
 
 /// AdamW hyperparameters. The defaults are torch's: betas (0.9, 0.999),
@@ -66,11 +67,11 @@ impl AdamWConfig {
     }
 }
 
-/// Checked optimizer moments, from [`AdamW::check_state`].
+/// Checked optimizer moments, from [`AdamW::check_state`], packed as the
+/// optimizer keeps them.
 #[derive(Debug)]
 pub(crate) struct Moments {
-    m: Vec<Option<Tensor>>,
-    v: Vec<Option<Tensor>>,
+    mv: Vec<Option<Tensor>>,
 }
 
 /// AdamW over a fixed list of [`Var`]s, with per-parameter moments.
@@ -78,9 +79,9 @@ pub(crate) struct Moments {
 pub struct AdamW {
     config: AdamWConfig,
     vars: Vec<Var>,
-    /// First and second moments, created on a parameter's first update.
-    m: Vec<Option<Tensor>>,
-    v: Vec<Option<Tensor>>,
+    /// First and second moments of each parameter, created on its first
+    /// update: `[2, n]`, m over v, flat (the fused update's layout).
+    mv: Vec<Option<Tensor>>,
     /// Optimizer steps taken (drives bias correction).
     step: usize,
 }
@@ -96,8 +97,7 @@ impl AdamW {
         Ok(Self {
             config,
             vars,
-            m: vec![None; n],
-            v: vec![None; n],
+            mv: vec![None; n],
             step: 0,
         })
     }
@@ -138,55 +138,65 @@ impl AdamW {
         let t = i32::try_from(self.step + 1).unwrap_or(i32::MAX);
         let step_size = c.lr / (1.0 - c.beta1.powi(t));
         let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
+        let fused = AdamWStep {
+            beta1: c.beta1 as f32,
+            beta2: c.beta2 as f32,
+            eps: c.eps as f32,
+            decay: (1.0 - c.lr * c.weight_decay) as f32,
+            step_size: step_size as f32,
+            bc2_sqrt: bc2_sqrt as f32,
+        };
         // Compute every update first, apply none until all are finite: a
         // step that overflows (or meets a NaN gradient) leaves the weights
-        // and moments as they were.
+        // and moments as they were. Each update is `[3, n]`: the new
+        // parameter (flat) over the new m and v.
         let mut updates = Vec::with_capacity(grads.len());
         for (i, g) in grads.iter().enumerate() {
             let Some(g) = g else { continue };
-            let p = &self.vars[i];
-            let m_prev = match &self.m[i] {
-                Some(m) => m.clone(),
-                None => g.zeros_like()?,
+            let p = self.vars[i].as_tensor();
+            let n = p.elem_count();
+            let mv = match &self.mv[i] {
+                Some(mv) => mv.clone(),
+                None => Tensor::zeros((2, n), p.dtype(), p.device())?,
             };
-            let v_prev = match &self.v[i] {
-                Some(v) => v.clone(),
-                None => g.zeros_like()?,
-            };
-            let m = ((m_prev * c.beta1)? + (g * (1.0 - c.beta1))?)?;
-            let v = ((v_prev * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let decayed = (p.as_tensor() * (1.0 - c.lr * c.weight_decay))?;
-            let denom = ((v.sqrt()? / bc2_sqrt)? + c.eps)?;
-            let update = (m.div(&denom)? * step_size)?;
-            updates.push((i, (decayed - update)?, m, v));
+            // One launch for the dozen composed ops of an AdamW update;
+            // moments are kept in the parameter's dtype (restored ones are
+            // cast to it), as is its gradient.
+            let out = adamw_update(p, &g.to_dtype(p.dtype())?, &mv, fused)?;
+            updates.push((i, out));
         }
-        let new: Vec<&Tensor> = updates.iter().flat_map(|(_, p, m, v)| [p, m, v]).collect();
+        let new: Vec<&Tensor> = updates.iter().map(|(_, out)| out).collect();
         if !all_finite(&new)? {
             return Err(Error::NonFiniteWeights {
                 step: self.step + 1,
             });
         }
-        for (i, p, m, v) in updates {
-            self.vars[i].set(&p)?;
-            self.m[i] = Some(m);
-            self.v[i] = Some(v);
+        for (i, out) in updates {
+            let p = self.vars[i].as_tensor();
+            let new_p = out.get(0)?.reshape(p.shape())?;
+            self.vars[i].set(&new_p)?;
+            self.mv[i] = Some(out.narrow(0, 1, 2)?);
         }
         self.step += 1;
         Ok(())
     }
 
-    /// The moments as named tensors (`{i}.exp_avg`, `{i}.exp_avg_sq`) for a
-    /// checkpoint; the step count is stored separately.
-    #[must_use]
-    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+    /// The moments as named tensors (`{i}.exp_avg`, `{i}.exp_avg_sq`, each
+    /// in its parameter's shape) for a checkpoint; the step count is stored
+    /// separately.
+    ///
+    /// # Errors
+    /// Tensor errors.
+    pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::new();
-        for i in 0..self.vars.len() {
-            if let (Some(m), Some(v)) = (&self.m[i], &self.v[i]) {
-                out.push((format!("{i}.exp_avg"), m.clone()));
-                out.push((format!("{i}.exp_avg_sq"), v.clone()));
+        for (i, mv) in self.mv.iter().enumerate() {
+            if let Some(mv) = mv {
+                let shape = self.vars[i].as_tensor().shape();
+                out.push((format!("{i}.exp_avg"), mv.get(0)?.reshape(shape)?));
+                out.push((format!("{i}.exp_avg_sq"), mv.get(1)?.reshape(shape)?));
             }
         }
-        out
+        Ok(out)
     }
 
     /// Restores moments saved by [`Self::state_tensors`] and the step count.
@@ -239,7 +249,8 @@ impl AdamW {
                     "optimizer state `{name}` holds NaN or infinite values"
                 )));
             }
-            let t = t.to_device(self.vars[idx].device())?;
+            let var = self.vars[idx].as_tensor();
+            let t = t.to_device(var.device())?.to_dtype(var.dtype())?;
             match kind {
                 "exp_avg" => m[idx] = Some(t),
                 "exp_avg_sq" => v[idx] = Some(t),
@@ -255,13 +266,23 @@ impl AdamW {
                 "optimizer state of parameter {i} has only one of exp_avg / exp_avg_sq"
             )));
         }
-        Ok(Moments { m, v })
+        let mv = m
+            .into_iter()
+            .zip(v)
+            .map(|pair| match pair {
+                (Some(m), Some(v)) => Ok(Some(Tensor::stack(
+                    &[m.flatten_all()?, v.flatten_all()?],
+                    0,
+                )?)),
+                _ => Ok(None),
+            })
+            .collect::<Result<_>>()?;
+        Ok(Moments { mv })
     }
 
     /// Applies moments from [`Self::check_state`] and the step count.
     pub(crate) fn set_state(&mut self, moments: Moments, step: usize) {
-        self.m = moments.m;
-        self.v = moments.v;
+        self.mv = moments.mv;
         self.step = step;
     }
 
@@ -371,11 +392,19 @@ pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64
         ));
     }
     let norm = global_grad_norm(grads)?;
+    clip_to_norm(grads, norm, max_norm)?;
+    Ok(norm)
+}
+
+/// [`clip_grad_norm`]'s scaling for gradients whose global norm `norm` is
+/// already known (a data-parallel step reads it with the step's sums);
+/// `max_norm` checked by the caller.
+pub(crate) fn clip_to_norm(grads: &mut [Option<Tensor>], norm: f64, max_norm: f64) -> Result<()> {
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {
         for g in grads.iter_mut().flatten() {
             *g = (&*g * coef)?;
         }
     }
-    Ok(norm)
+    Ok(())
 }

@@ -550,6 +550,8 @@ impl<'a> Trainer<'a> {
             .set_gradient_checkpointing(self.config.gradient_checkpointing);
         let mut grads: Vec<Option<Tensor>> = vec![None; self.optimizer.vars().len()];
         let (mut loss_sum, mut tokens) = (0f64, 0usize);
+        let mut phases = StepPhases::default();
+        let mut known_norm = None;
         let mut bad_loss = None;
         let rank = self.rank() as u64;
         for (j, (_, b)) in batches.iter().enumerate() {
@@ -566,7 +568,10 @@ impl<'a> Trainer<'a> {
                 continue;
             }
             let (loss, k) = self.batch_loss(b)?;
+            let launched = t0.elapsed();
             let value = f64::from(loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?);
+            phases.forward = t0.elapsed();
+            phases.forward_launched = launched;
             if !value.is_finite() {
                 bad_loss = Some(value as f32);
                 if self.group.is_none() {
@@ -588,6 +593,7 @@ impl<'a> Trainer<'a> {
                 };
             }
         }
+        phases.backward_launched = t0.elapsed();
         self.adapter.set_training(false);
         self.model.set_gradient_checkpointing(false);
         let stop_local =
@@ -613,7 +619,13 @@ impl<'a> Trainer<'a> {
                 .into_iter()
                 .map(Some)
                 .collect();
-            let totals: Vec<f32> = sum.narrow(0, n, 4)?.to_vec1()?;
+            phases.reduced = Some(t0.elapsed());
+            // The summed gradients' squared norm comes back with the
+            // totals: one host sync, not a reduction per gradient and a
+            // second one.
+            let norm_sq = sum.narrow(0, 0, n)?.sqr()?.sum_all()?.reshape(1)?;
+            let totals: Vec<f32> = Tensor::cat(&[&sum.narrow(0, n, 4)?, &norm_sq], 0)?.to_vec1()?;
+            known_norm = Some(f64::from(totals[4]).sqrt());
             loss_sum = f64::from(totals[0]);
             tokens = totals[1] as usize;
             stop = totals[2] > 0.0;
@@ -627,10 +639,16 @@ impl<'a> Trainer<'a> {
                 loss,
             });
         }
-        let grad_norm = match self.config.max_grad_norm {
-            Some(max) => clip_grad_norm(&mut grads, max)?,
-            None => super::optimizer::global_grad_norm(&grads)?,
+        let grad_norm = match (self.config.max_grad_norm, known_norm) {
+            (Some(max), Some(norm)) => {
+                super::optimizer::clip_to_norm(&mut grads, norm, max)?;
+                norm
+            }
+            (Some(max), None) => clip_grad_norm(&mut grads, max)?,
+            (None, Some(norm)) => norm,
+            (None, None) => super::optimizer::global_grad_norm(&grads)?,
         };
+        phases.grad_norm = t0.elapsed();
         let lr = self.config.lr_schedule.lr_at(self.step);
         self.optimizer.set_lr(lr);
         // The optimizer applies nothing when an update is not finite, so
@@ -643,6 +661,19 @@ impl<'a> Trainer<'a> {
         })?;
         self.step += 1;
         let secs = t0.elapsed().as_secs_f64().max(1e-9);
+        // Host-side times into the step (ms): where a step waits, for
+        // `RUST_LOG=metal_candle::training=debug`.
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        tracing::debug!(
+            step = self.step,
+            forward_launched = ms(phases.forward_launched),
+            forward = ms(phases.forward),
+            backward_launched = ms(phases.backward_launched),
+            reduced = phases.reduced.map(ms),
+            grad_norm = ms(phases.grad_norm),
+            optimizer_launched = secs * 1e3,
+            "step phases (ms since the step began)"
+        );
         Ok((
             StepMetrics {
                 step: self.step,
@@ -825,7 +856,7 @@ impl<'a> Trainer<'a> {
         };
         let json =
             serde_json::to_string_pretty(&state).map_err(|e| Error::InvalidInput(e.to_string()))?;
-        let opt = safetensors_bytes(&self.optimizer.state_tensors(), None)?;
+        let opt = safetensors_bytes(&self.optimizer.state_tensors()?, None)?;
         write_dir_atomic(dir, |tmp| {
             save_peft_adapter(&self.adapter, tmp, self.config.base_model.as_deref())?;
             write_atomic(&tmp.join("optimizer.safetensors"), &opt)?;
@@ -986,6 +1017,16 @@ fn flatten(values: &[Option<Tensor>], vars: &[candle_core::Var]) -> Result<Tenso
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(Tensor::cat(&parts, 0)?)
+}
+
+/// Host times into a step (see the debug event in [`Trainer::train_step`]).
+#[derive(Default)]
+struct StepPhases {
+    forward_launched: std::time::Duration,
+    forward: std::time::Duration,
+    backward_launched: std::time::Duration,
+    reduced: Option<std::time::Duration>,
+    grad_norm: std::time::Duration,
 }
 
 /// [`flatten`]'s inverse: one tensor per var, in its shape and dtype.

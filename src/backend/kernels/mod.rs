@@ -15,6 +15,7 @@ pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod launch;
 
+mod adamw;
 mod add_layer_norm;
 mod bias_act;
 mod cross_entropy;
@@ -28,6 +29,7 @@ mod sample;
 mod split_heads;
 mod swiglu;
 
+pub(crate) use adamw::{adamw_update, AdamWStep};
 pub use add_layer_norm::add_layer_norm;
 pub use bias_act::{bias_act, Activation};
 pub(crate) use cross_entropy::{cross_entropy_grad, cross_entropy_stats};
