@@ -6,7 +6,7 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Tensor};
 
-use crate::backend::autograd::{frozen_matmul, matmul_t};
+use crate::backend::autograd::{frozen_matmul, lora_matmul, matmul_t, needs_grad};
 use crate::error::{Error, Result};
 use crate::io::Weights;
 
@@ -25,6 +25,25 @@ pub trait LinearAdapter: Send + Sync + std::fmt::Debug {
     fn parameters(&self) -> Vec<Tensor> {
         Vec::new()
     }
+
+    /// The adapter as a low-rank update, when its forward is exactly
+    /// `scale · (x Aᵀ) Bᵀ` for now (LoRA without a dropout mask to draw):
+    /// the layer then runs base and adapter as one graph node in training.
+    fn low_rank(&self) -> Option<LowRank> {
+        None
+    }
+}
+
+/// An adapter's low-rank update `scale · (x Aᵀ) Bᵀ` (see
+/// [`LinearAdapter::low_rank`]).
+#[derive(Debug, Clone)]
+pub struct LowRank {
+    /// `[r, in]`.
+    pub a: Tensor,
+    /// `[out, r]`.
+    pub b: Tensor,
+    /// The factor on the product.
+    pub scale: f64,
 }
 
 /// The base weight of a [`Linear`].
@@ -314,6 +333,9 @@ impl Linear {
     /// # Errors
     /// Tensor errors.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if let Some(y) = self.fused_low_rank(x)? {
+            return Ok(y);
+        }
         let y = match &self.weight {
             BaseWeight::Dense(w) => dense_matmul(x, w)?,
             BaseWeight::Quantized(q) => quantized_matmul(x, q)?,
@@ -328,6 +350,37 @@ impl Linear {
             Some(a) => y + a.forward(x)?,
             None => Ok(y),
         }
+    }
+}
+
+impl Linear {
+    /// Training through a low-rank adapter over a frozen dense weight: the
+    /// layer as one graph node (`lora_matmul`); `None` where that does not
+    /// apply (no gradient needed, a quantized or trainable base, dropout).
+    fn fused_low_rank(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (BaseWeight::Dense(w), Some(adapter)) = (&self.weight, &self.adapter) else {
+            return Ok(None);
+        };
+        let Some(lr) = adapter.low_rank() else {
+            return Ok(None);
+        };
+        let frozen = !w.track_op() && self.bias.as_ref().is_none_or(|b| !b.track_op());
+        if !frozen || !needs_grad(&[x, &lr.a, &lr.b]) {
+            return Ok(None);
+        }
+        let dims = x.dims();
+        let Some((&k, lead)) = dims.split_last() else {
+            return Ok(None);
+        };
+        if lead.is_empty() {
+            return Ok(None);
+        }
+        let rows: usize = lead.iter().product();
+        let mut out = lead.to_vec();
+        out.push(w.dim(0)?);
+        let x2 = x.contiguous()?.reshape((rows, k))?;
+        let y = lora_matmul(&x2, w, self.bias.as_ref(), &lr.a, &lr.b, lr.scale)?;
+        Ok(Some(y.reshape(out)?))
     }
 }
 

@@ -15,6 +15,6 @@ mod rotary;
 
 pub use attention::{attention, composed_attention, Mask, MaskKind};
 pub(crate) use attention::{attention_mask, dense_mask_needed, mask_rows, padding_bias};
-pub use linear::{Linear, LinearAdapter};
+pub use linear::{Linear, LinearAdapter, LowRank};
 pub use norm::{LayerNorm, RmsNorm};
 pub use rotary::{RopeScaling, RotaryEmbedding};

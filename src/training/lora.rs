@@ -293,6 +293,18 @@ impl LinearAdapter for LoRALayer {
     fn parameters(&self) -> Vec<Tensor> {
         vec![self.a.as_tensor().clone(), self.b.as_tensor().clone()]
     }
+
+    fn low_rank(&self) -> Option<crate::layers::LowRank> {
+        // A dropout mask makes the update depend on more than x, A and B.
+        if self.dropout > 0.0 && self.shared.training.load(Ordering::Relaxed) {
+            return None;
+        }
+        Some(crate::layers::LowRank {
+            a: self.a.as_tensor().clone(),
+            b: self.b.as_tensor().clone(),
+            scale: self.scale,
+        })
+    }
 }
 
 /// LoRA layers for every targeted linear layer of a model.
