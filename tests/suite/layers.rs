@@ -62,10 +62,12 @@ fn quantized_linear_matches_its_dequantized_dense_twin() {
         let (yq, yd) = (ql.forward(&x).unwrap(), dense.forward(&x).unwrap());
         // Candle's quantized kernels also quantize the activations (Q8 per
         // block), so the product differs from the dequantized dense one by
-        // that rounding: well under 1% of the output scale here.
+        // that rounding: on these random inputs up to 1.4% of the output
+        // scale (100 runs; 1% failed CI once), so 3%. A wrong layout or
+        // scale is off by the whole scale.
         let scale = abs_max(&yd);
         let d = max_abs_diff(&yq, &yd);
-        assert!(d <= 0.01 * scale, "{dtype:?}: {d} vs scale {scale}");
+        assert!(d <= 0.03 * scale, "{dtype:?}: {d} vs scale {scale}");
         // The adapter hook works on a quantized base.
         ql.set_adapter(Some(Arc::new(Plus(2.0))));
         let with = ql.forward(&x).unwrap();
