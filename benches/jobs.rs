@@ -110,8 +110,8 @@ fn lora(c: &mut Criterion) {
     c.bench_function("lora r8 q,v train step qwen2 small (4L h256) 2x128", |b| {
         b.iter(|| {
             let (loss, _) = lm_loss(&model, &ids, None, &labels).unwrap();
-            let grads = loss.backward().unwrap();
-            let g = opt.collect_grads(&grads);
+            let grads = metal_candle::training::backward(&loss).unwrap();
+            let g = opt.collect_grads(&grads).unwrap();
             opt.step_with(&g).unwrap();
         })
     });

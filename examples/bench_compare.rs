@@ -63,10 +63,14 @@ struct Args {
     /// Only the first N rows of the LoRA suite (e.g. 1 with many repeats).
     #[arg(long)]
     lora_rows: Option<usize>,
-    /// The `lora-dp` suite's shape: 0.5B (b8 x 512 per process) or 1.5B
-    /// (b4 x 1024 per process), as the LoRA rows.
+    /// The `lora-dp` and `lora-profile` suites' shape: 0.5B (b8 x 512 per
+    /// process) or 1.5B (b4 x 1024 per process), as the LoRA rows.
     #[arg(long, default_value = "0.5B")]
     dp_model: String,
+    /// LoRA rows: also time each row with the decoder layers differentiated
+    /// op by op (Candle's autograd) instead of their written backward.
+    #[arg(long)]
+    composed_backward: bool,
     /// Time these GGUF files (quantized as stored) instead of a suite:
     /// prefill of `--prompts` (default 128) and decode of `--new-tokens`
     /// (default 128) from an empty cache, batch 1.
@@ -648,7 +652,11 @@ fn with_peak_memory<T>(device: &Device, f: impl FnOnce() -> Result<T>) -> Result
 
 /// Qwen2.5-1.5B's shape (hidden 1536, 28 layers, 12 heads / 2 KV heads).
 fn qwen15b_config(quick: bool) -> DecoderConfig {
-    let layers = if quick { 4 } else { 28 };
+    qwen15b_layers(if quick { 4 } else { 28 })
+}
+
+/// [`qwen15b_config`] with `layers` decoder layers.
+fn qwen15b_layers(layers: usize) -> DecoderConfig {
     metal_candle::models::parse_decoder_config(
         &serde_json::json!({
             "model_type": "qwen2", "vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960,
@@ -712,7 +720,12 @@ fn bench_lora(args: &Args, device: &Device) -> Result<()> {
     };
     let mut rows = lora_rows(args.quick);
     rows.truncate(args.lora_rows.unwrap_or(usize::MAX));
-    for row in rows {
+    let modes: &[bool] = if args.composed_backward {
+        &[false, true]
+    } else {
+        &[false]
+    };
+    for (row, composed) in rows.iter().flat_map(|r| modes.iter().map(move |&c| (r, c))) {
         let cfg = match row.model {
             "1.5B" => qwen15b_config(args.quick),
             _ => qwen05b_config(args.quick),
@@ -747,6 +760,7 @@ fn bench_lora(args: &Args, device: &Device) -> Result<()> {
             adapter.attach(&mut model)?;
             adapter.set_training(true);
             model.set_gradient_checkpointing(row.checkpointing);
+            model.set_composed_backward(composed);
             let mut opt = AdamW::new(
                 adapter.trainable_vars(),
                 AdamWConfig {
@@ -759,7 +773,7 @@ fn bench_lora(args: &Args, device: &Device) -> Result<()> {
             let secs = time(device, args.repeats, || {
                 let (loss, _) = lm_loss(&model, &ids, None, &labels)?;
                 let grads = metal_candle::training::backward(&loss)?;
-                let g = opt.collect_grads(&grads);
+                let g = opt.collect_grads(&grads)?;
                 opt.step_with(&g)?;
                 Ok(())
             })?;
@@ -782,6 +796,9 @@ fn bench_lora(args: &Args, device: &Device) -> Result<()> {
         }
         if row.checkpointing {
             shape.push_str(" ckpt");
+        }
+        if composed {
+            shape.push_str(" (composed backward)");
         }
         emit(
             "lora",
@@ -819,7 +836,11 @@ fn bench_lora(args: &Args, device: &Device) -> Result<()> {
 fn profile_lora_step(args: &Args, device: &Device) -> Result<()> {
     use metal_candle::training::{lm_loss, LoRAAdapter, LoRAAdapterConfig};
     let dtype = metal_candle::backend::default_dtype(device);
-    let cfg = qwen05b_layers(2);
+    // Two layers of the `--dp-model` shape at its LoRA row's batch.
+    let (cfg, b, s) = match args.dp_model.as_str() {
+        "1.5B" => (qwen15b_layers(2), 4, 1024),
+        _ => (qwen05b_layers(2), 8, 512),
+    };
     let tensors = random_qwen2_tensors(&cfg, dtype, device)?;
     let mut model = build_decoder(
         &cfg,
@@ -827,7 +848,7 @@ fn profile_lora_step(args: &Args, device: &Device) -> Result<()> {
     )?;
     let adapter = LoRAAdapter::new(LoRAAdapterConfig::default(), &model, device, 0)?;
     adapter.attach(&mut model)?;
-    let ids = random_ids(8, 512, cfg.vocab_size, device)?;
+    let ids = random_ids(b, s, cfg.vocab_size, device)?;
     let labels = ids.to_dtype(DType::I64)?;
     let mut step = || -> Result<()> {
         let (loss, _) = lm_loss(&model, &ids, None, &labels)?;

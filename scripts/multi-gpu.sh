@@ -6,7 +6,8 @@
 #   scripts/multi-gpu.sh run [N]    # on the GPU machine (repo root), N GPUs (default: all)
 #
 # run's knobs: TESTS=0 skips the tests; PROCS / PEER_PROCS: the process
-# counts timed for ours / the peer (default "1 N" each).
+# counts timed for ours / the peer (default "1 N" each); MODELS: the
+# shapes (default "0.5B 1.5B").
 #
 # run: the distributed tests with a GPU per rank (NCCL; equivalence of
 # N ranks x b4 with 1 x b8, a resume on another GPU count, failures), then
@@ -39,7 +40,7 @@ case "${1:-}" in
       timeout 300 bash .dev/on-device.sh .dev/suite --test-threads=1 --nocapture distributed 2>&1 | tee "$out/tests.log" | grep -E "^test |test result|worst|L2|NCCL rank"
     # A failed run leaves its row out of the table, not the rest of the runs.
     : > "$out/ours.jsonl"; : > "$out/peers.jsonl"
-    for model in 0.5B 1.5B; do
+    for model in ${MODELS:-0.5B 1.5B}; do
       for p in ${PROCS:-1 $n}; do
         timeout 200 .dev/launch --nproc-per-node "$p" -- bash .dev/on-device.sh .dev/bench_compare --device cuda \
           --suite lora-dp --dp-model "$model" --repeats 5 2> >(grep -E "^rank|launch" | tee -a "$out/ranks.log" >&2) \

@@ -270,7 +270,11 @@ pub(crate) fn lora_matmul(
     let (ad, bd) = (a.detach().to_dtype(dtype)?, b.detach().to_dtype(dtype)?);
     let mut y = xd.matmul(&w.t()?)?;
     if let Some(bias) = bias {
-        y = y.broadcast_add(&bias.detach())?;
+        y = crate::backend::kernels::bias_act(
+            &y,
+            &bias.detach(),
+            crate::backend::kernels::Activation::None,
+        )?;
     }
     let h = (xd.matmul(&ad.t()?)? * scale)?;
     let value = (y + h.matmul(&bd.t()?)?)?;
@@ -428,8 +432,24 @@ pub(crate) fn checkpoint(
     Ok(with_backward(&[x], &y, Arc::new(backward))?)
 }
 
-/// `loss.backward()`, plus the parameter gradients that [`checkpoint`]ed
-/// layers computed during it.
+/// Sets `grad` aside as (part of) the gradient of the trainable tensor
+/// `param`, for [`backward`] to add to the step's gradient store: how a
+/// graph node with a written backward hands back the gradients of
+/// parameters that are not among its inputs (a custom op has at most
+/// three, and each input costs Candle's backward a zero tensor and an add).
+pub(crate) fn defer_grad(param: &Tensor, grad: Tensor) {
+    DEFERRED.with(|d| d.borrow_mut().push((param.clone(), grad)));
+}
+
+/// Whether gradients set aside by [`defer_grad`] or [`checkpoint`] are
+/// waiting: after a backward pass, they mean it was Candle's
+/// `Tensor::backward`, which never collects them, instead of [`backward`].
+pub(crate) fn deferred_waiting() -> bool {
+    DEFERRED.with(|d| !d.borrow().is_empty())
+}
+
+/// `loss.backward()`, plus the parameter gradients that nodes with written
+/// backward passes ([`defer_grad`], [`checkpoint`]) set aside during it.
 ///
 /// # Errors
 /// Tensor errors.

@@ -15,6 +15,7 @@ use candle_core::{DType, Device, Tensor, D};
 use crate::backend::autograd::{needs_grad, with_backward};
 use crate::backend::kernels::{
     flash_attention, flash_attention_available, flash_attention_merged, flash_attention_supported,
+    flash_attention_taped, FlashTape,
 };
 use crate::error::{Error, Result};
 
@@ -96,6 +97,106 @@ pub fn attention(
         );
     }
     merge(composed_attention(q, k, v, mask.dense, scale)?)
+}
+
+/// What [`attention_taped`]'s backward needs.
+pub(crate) enum AttentionTape {
+    /// The fused kernel (which kept its log-sum-exp).
+    Flash(FlashTape),
+    /// The composed path: its inputs, output (`[b, heads, s, d]`) and mask.
+    Composed {
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        bias: Option<Tensor>,
+        scale: f64,
+    },
+}
+
+/// [`attention`] outside the autograd graph, for a layer that writes its
+/// own backward: the result (`[b, s, heads · d]`) and the tape for
+/// [`AttentionTape::backward`]. Same implementation choice as
+/// [`attention`].
+///
+/// # Errors
+/// As [`attention`].
+pub(crate) fn attention_taped(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Mask<'_>,
+    scale: f64,
+) -> candle_core::Result<(Tensor, AttentionTape)> {
+    let (b, heads, s, d) = q.dims4()?;
+    let merge = |o: &Tensor| o.transpose(1, 2)?.reshape((b, s, heads * d));
+    let (q, k, v) = (q.detach(), k.detach(), v.detach());
+    if flash_attention_supported(&q, &k, &v) {
+        let (causal, window) = match mask.kind {
+            MaskKind::Bidirectional => (false, None),
+            MaskKind::Causal => (true, None),
+            MaskKind::SlidingWindow(w) => (true, Some(w)),
+        };
+        let (o, tape) = flash_attention_taped(&q, &k, &v, mask.bias, scale, causal, window)?;
+        return Ok((merge(&o)?, AttentionTape::Flash(tape)));
+    }
+    let (heads_kv, t) = (k.dim(1)?, k.dim(2)?);
+    if heads_kv == 0 || heads % heads_kv != 0 {
+        candle_core::bail!("attention: {heads} query heads for {heads_kv} key/value heads");
+    }
+    if mask.kind.hides_keys(s, t) && mask.dense.is_none() {
+        candle_core::bail!(
+            "attention: the composed path needs the dense {:?} mask",
+            mask.kind
+        );
+    }
+    let bias = mask.dense.map(Tensor::detach);
+    let out = composed(&q, &k, &v, bias.as_ref(), scale)?;
+    let merged = merge(&out)?;
+    Ok((
+        merged,
+        AttentionTape::Composed {
+            q,
+            k,
+            v,
+            out,
+            bias,
+            scale,
+        },
+    ))
+}
+
+impl AttentionTape {
+    /// `(dq, dk, dv)` (shaped as q, k and v) for the gradient of the merged
+    /// output (`[b, s, heads · d]`).
+    ///
+    /// # Errors
+    /// Shape mismatch, backend errors.
+    pub(crate) fn backward(
+        &self,
+        d_merged: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let split = |shape: &[usize]| -> candle_core::Result<Tensor> {
+            let &[b, h, s, d] = shape else {
+                candle_core::bail!("attention backward: q is not 4-D");
+            };
+            d_merged
+                .reshape((b, s, h, d))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        match self {
+            Self::Flash(tape) => tape.backward(&split(tape.q_dims())?),
+            Self::Composed {
+                q,
+                k,
+                v,
+                out,
+                bias,
+                scale,
+            } => attention_backward(q, k, v, out, &split(q.dims())?, bias.as_ref(), *scale),
+        }
+    }
 }
 
 /// Whether attention over q/k/v of this device, dtype and head width takes

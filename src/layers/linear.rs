@@ -353,7 +353,106 @@ impl Linear {
     }
 }
 
+/// What [`Linear::backward_taped`] needs from [`Linear::forward_taped`]:
+/// with a low-rank adapter, the 2-D input and `scale · x Aᵀ` (`[m, r]`);
+/// nothing for a frozen layer, whose input gradient needs only the weight.
+#[derive(Debug, Clone)]
+pub(crate) struct LinearTape {
+    xt: Option<(Tensor, Tensor)>,
+}
+
 impl Linear {
+    /// Whether [`Self::forward_taped`] and [`Self::backward_taped`] stand
+    /// for this layer: a frozen base (dense or quantized) and bias, and no
+    /// adapter or a low-rank one.
+    pub(crate) fn tapeable(&self) -> bool {
+        let frozen = match &self.weight {
+            BaseWeight::Dense(w) => !w.track_op(),
+            BaseWeight::Quantized(_) => true,
+        } && self.bias.as_ref().is_none_or(|b| !b.track_op());
+        frozen && self.adapter.as_ref().is_none_or(|a| a.low_rank().is_some())
+    }
+
+    /// The adapter's low-rank update with `A` and `B` detached and in
+    /// `dtype` (`None` without an adapter).
+    fn low_rank_in(&self, dtype: DType) -> candle_core::Result<Option<(LowRank, Tensor, Tensor)>> {
+        let Some(lr) = self.adapter.as_ref().and_then(|a| a.low_rank()) else {
+            return Ok(None);
+        };
+        let a = lr.a.detach().to_dtype(dtype)?;
+        let b = lr.b.detach().to_dtype(dtype)?;
+        Ok(Some((lr, a, b)))
+    }
+
+    /// `x Wᵀ + b (+ scale · (x Aᵀ) Bᵀ)` for a 2-D `x` (`[m, in]`) outside
+    /// the autograd graph, and the tape for [`Self::backward_taped`]. For
+    /// layers where [`Self::tapeable`] holds; the products run in `x`'s
+    /// dtype, as [`lora_matmul`].
+    ///
+    /// # Errors
+    /// Shape or dtype mismatch.
+    pub(crate) fn forward_taped(&self, x: &Tensor) -> candle_core::Result<(Tensor, LinearTape)> {
+        let x = x.detach();
+        let mut y = match &self.weight {
+            BaseWeight::Dense(w) => x.matmul(&w.t()?)?,
+            BaseWeight::Quantized(q) => quantized_matmul(&x, q)?,
+        };
+        if let Some(bias) = &self.bias {
+            y = crate::backend::kernels::bias_act(
+                &y,
+                bias,
+                crate::backend::kernels::Activation::None,
+            )?;
+        }
+        let mut xt = None;
+        if let Some((lr, a, b)) = self.low_rank_in(x.dtype())? {
+            let h = (x.matmul(&a.t()?)? * lr.scale)?;
+            y = (y + h.matmul(&b.t()?)?)?;
+            xt = Some((x, h));
+        }
+        Ok((y, LinearTape { xt }))
+    }
+
+    /// The backward of [`Self::forward_taped`] for the output gradient `dy`
+    /// (`[m, out]`): the input gradient `dy W + scale · (dy B) A` when
+    /// `need_dx` (the input tracks gradients), and the adapter's
+    /// `dA = scale · (dy B)ᵀ x`, `dB = dyᵀ (scale · x Aᵀ)`, in their own
+    /// dtypes, set aside for `training::backward`.
+    ///
+    /// # Errors
+    /// Shape or dtype mismatch.
+    pub(crate) fn backward_taped(
+        &self,
+        tape: &LinearTape,
+        dy: &Tensor,
+        need_dx: bool,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let dtype = dy.dtype();
+        let mut dx = if need_dx {
+            let w = match &self.weight {
+                BaseWeight::Dense(w) => w.to_dtype(dtype)?,
+                BaseWeight::Quantized(q) => q.dequantize(&q.device())?.to_dtype(dtype)?,
+            };
+            Some(dy.matmul(&w)?)
+        } else {
+            None
+        };
+        if let Some((lr, a, b)) = self.low_rank_in(dtype)? {
+            let u = (dy.matmul(&b)? * lr.scale)?;
+            if let Some(d) = dx {
+                dx = Some((d + u.matmul(&a)?)?);
+            }
+            let Some((x, h)) = &tape.xt else {
+                candle_core::bail!("linear backward: the tape has no input for the adapter");
+            };
+            let da = u.t()?.matmul(x)?.to_dtype(lr.a.dtype())?;
+            let db = dy.t()?.matmul(h)?.to_dtype(lr.b.dtype())?;
+            crate::backend::autograd::defer_grad(&lr.a, da);
+            crate::backend::autograd::defer_grad(&lr.b, db);
+        }
+        Ok(dx)
+    }
+
     /// Training through a low-rank adapter over a frozen dense weight: the
     /// layer as one graph node (`lora_matmul`); `None` where that does not
     /// apply (no gradient needed, a quantized or trainable base, dropout).

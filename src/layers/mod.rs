@@ -14,7 +14,10 @@ mod norm;
 mod rotary;
 
 pub use attention::{attention, composed_attention, Mask, MaskKind};
-pub(crate) use attention::{attention_mask, dense_mask_needed, mask_rows, padding_bias};
+pub(crate) use attention::{
+    attention_mask, attention_taped, dense_mask_needed, mask_rows, padding_bias, AttentionTape,
+};
+pub(crate) use linear::LinearTape;
 pub use linear::{Linear, LinearAdapter, LowRank};
 pub use norm::{LayerNorm, RmsNorm};
 pub use rotary::{RopeScaling, RotaryEmbedding};

@@ -50,6 +50,24 @@ impl RmsNorm {
 }
 
 impl RmsNorm {
+    /// The norm through our kernel on every device (the rounding training
+    /// differentiates), outside the autograd graph: the forward of a layer
+    /// whose backward is written by hand ([`Self::backward_taped`]).
+    pub(crate) fn forward_taped(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        crate::backend::kernels::rms_norm(&x.detach(), &self.weight, self.eps as f32)
+    }
+
+    /// The input gradient of the norm at `x` for the output gradient `dy`
+    /// (the weight is frozen: no gradient for it).
+    pub(crate) fn backward_taped(&self, x: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
+        crate::backend::kernels::rms_norm_backward(x, &self.weight, dy, self.eps as f32)
+    }
+
+    /// Whether the weight is frozen (what [`Self::backward_taped`] assumes).
+    pub(crate) fn frozen(&self) -> bool {
+        !self.weight.track_op()
+    }
+
     /// `(x + delta, self(x + delta))`: a residual add and this norm after
     /// it, fused for inference ([`crate::backend::kernels::add_rms_norm`]).
     ///

@@ -61,12 +61,22 @@ pub trait CausalLm: Send + Sync + std::fmt::Debug {
     /// Activation recomputation ("gradient checkpointing"): when on, a
     /// training forward keeps only each decoder layer's input and the
     /// backward pass runs the layer again, trading about a third more
-    /// compute for most of the activation memory. The gradients of the
-    /// adapters inside such layers are then collected by
-    /// `metal_candle::training::backward`, which replaces `loss.backward()`
-    /// (the trainer does this). Off by default; a model that cannot
-    /// recompute ignores it.
+    /// compute for most of the activation memory. Off by default; a model
+    /// that cannot recompute ignores it.
+    ///
+    /// Training goes through `metal_candle::training::backward`, not
+    /// `loss.backward()`: decoder layers with written backward passes hand
+    /// their adapters' gradients to it (the trainer does this; the
+    /// optimizer refuses a gradient store that misses them).
     fn set_gradient_checkpointing(&mut self, on: bool) {
+        let _ = on;
+    }
+
+    /// Differentiate decoder layers op by op through Candle's autograd
+    /// instead of their written backward passes (the reference the tests
+    /// and benchmarks compare them with). Off by default.
+    #[doc(hidden)]
+    fn set_composed_backward(&mut self, on: bool) {
         let _ = on;
     }
 
@@ -177,6 +187,9 @@ impl<M: CausalLm + ?Sized> CausalLm for Box<M> {
     }
     fn set_gradient_checkpointing(&mut self, on: bool) {
         (**self).set_gradient_checkpointing(on);
+    }
+    fn set_composed_backward(&mut self, on: bool) {
+        (**self).set_composed_backward(on);
     }
     fn static_cache(&self, cache: &KvCache, capacity: usize) -> Result<Option<StaticCache>> {
         (**self).static_cache(cache, capacity)

@@ -21,8 +21,8 @@ use crate::backend::kernels::{flash_attention_cached, kv_write, split_heads, Hea
 use crate::error::{Error, Result};
 use crate::io::Weights;
 use crate::layers::{
-    attention, attention_mask as build_mask, dense_mask_needed, mask_rows, padding_bias, Linear,
-    Mask, MaskKind, RmsNorm, RotaryEmbedding,
+    attention, attention_mask as build_mask, attention_taped, dense_mask_needed, mask_rows,
+    padding_bias, AttentionTape, Linear, LinearTape, Mask, MaskKind, RmsNorm, RotaryEmbedding,
 };
 
 /// The stacked q/k/v projection of an [`Attention`].
@@ -379,6 +379,227 @@ impl DecoderLayer {
     }
 }
 
+/// What a taped layer's backward reads besides its tape (owned: the
+/// backward runs after the forward's borrows end).
+#[derive(Clone)]
+struct TapeCtx {
+    cos: Tensor,
+    sin: Tensor,
+    /// The dense mask of this layer's kind (composed attention only).
+    dense: Option<Tensor>,
+    padding: Option<Tensor>,
+}
+
+/// What [`DecoderLayer::backward_taped`] needs from the forward.
+struct LayerTape {
+    /// The layer's input, `[rows, hidden]`.
+    x: Tensor,
+    q: LinearTape,
+    k: LinearTape,
+    v: LinearTape,
+    /// q and k before their per-head norms (Qwen3), `[b, heads, s, d]`.
+    qk_pre: Option<(Tensor, Tensor)>,
+    attn: AttentionTape,
+    o: LinearTape,
+    /// The residual stream after attention, `[rows, hidden]`.
+    mid: Tensor,
+    gate: (Tensor, LinearTape),
+    up: (Tensor, LinearTape),
+    down: LinearTape,
+}
+
+impl DecoderLayer {
+    /// Whether [`Self::forward_taped`] stands for this layer: frozen norms
+    /// and linear layers with at most low-rank adapters.
+    fn tapeable(&self) -> bool {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ]
+        .iter()
+        .all(|l| l.tapeable())
+            && self.input_layernorm.frozen()
+            && self.post_attention_layernorm.frozen()
+            && a.qk_norm
+                .as_ref()
+                .is_none_or(|(q, k)| q.frozen() && k.frozen())
+    }
+
+    /// The layer for training as one autograd node with a written
+    /// backward: Candle's backward gives every edge of a graph a zero
+    /// tensor and an add, about forty activation-sized adds and as many
+    /// launches per layer for the composed layer (the LoRA step was bound
+    /// by the host launching them, BENCHMARKS.md); the node has one edge.
+    /// The adapters' gradients go to `training::backward` (`defer_grad`).
+    /// With `recompute`, only the input is kept and the backward runs the
+    /// forward again (activation recomputation).
+    fn forward_taped(&self, x: &Tensor, ctx: TapeCtx, recompute: bool) -> Result<Tensor> {
+        let (y, tape) = self.tape_forward(x, &ctx)?;
+        let params: Vec<Tensor> = self.parameters();
+        let anchor = params.first().cloned();
+        if !x.track_op() && anchor.is_none() {
+            return Ok(y);
+        }
+        let layer = self.clone();
+        let tape = if recompute { None } else { Some(tape) };
+        let backward = move |args: &[&Tensor], _: &Tensor, dy: &Tensor| {
+            let x = args[0];
+            let recomputed;
+            let tape = match &tape {
+                Some(t) => t,
+                None => {
+                    recomputed = layer
+                        .tape_forward(x, &ctx)
+                        .map_err(|e| candle_core::Error::Msg(e.to_string()))?
+                        .1;
+                    &recomputed
+                }
+            };
+            let dx = layer.backward_taped(tape, &ctx, dy, x.track_op())?;
+            let mut grads = vec![dx];
+            if args.len() > 1 {
+                // The anchor's gradient went to `defer_grad` with the rest.
+                grads.push(None);
+            }
+            Ok(grads)
+        };
+        // A first layer's input does not track gradients: a parameter as a
+        // second input makes Candle visit the node all the same.
+        let inputs: Vec<&Tensor> = match &anchor {
+            Some(p) if !x.track_op() => vec![x, p],
+            _ => vec![x],
+        };
+        Ok(with_backward(&inputs, &y, Arc::new(backward))?)
+    }
+
+    /// The forward of [`Self::forward_taped`] outside the graph: the
+    /// output and the tape.
+    fn tape_forward(&self, x: &Tensor, ctx: &TapeCtx) -> Result<(Tensor, LayerTape)> {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        let (b, s, hidden) = x.dims3()?;
+        let rows = b * s;
+        let d = a.head_dim;
+        let x2 = x.detach().contiguous()?.reshape((rows, hidden))?;
+        let h1 = self.input_layernorm.forward_taped(&x2)?;
+        let (q, q_t) = a.q_proj.forward_taped(&h1)?;
+        let (k, k_t) = a.k_proj.forward_taped(&h1)?;
+        let (v, v_t) = a.v_proj.forward_taped(&h1)?;
+        let heads = |t: &Tensor, n: usize| -> candle_core::Result<Tensor> {
+            t.reshape((b, s, n, d))?.transpose(1, 2)?.contiguous()
+        };
+        let (mut q4, mut k4, v4) = (
+            heads(&q, a.num_heads)?,
+            heads(&k, a.num_kv_heads)?,
+            heads(&v, a.num_kv_heads)?,
+        );
+        let mut qk_pre = None;
+        if let Some((qn, kn)) = &a.qk_norm {
+            let (qn_out, kn_out) = (qn.forward_taped(&q4)?, kn.forward_taped(&k4)?);
+            qk_pre = Some((q4, k4));
+            (q4, k4) = (qn_out, kn_out);
+        }
+        let q4 = candle_nn::rotary_emb::rope(&q4.contiguous()?, &ctx.cos, &ctx.sin)?;
+        let k4 = candle_nn::rotary_emb::rope(&k4.contiguous()?, &ctx.cos, &ctx.sin)?;
+        let mask = Mask {
+            kind: a.mask,
+            bias: ctx.padding.as_ref(),
+            dense: ctx.dense.as_ref(),
+        };
+        let scale = 1.0 / (d as f64).sqrt();
+        let (attn, attn_t) = attention_taped(&q4, &k4, &v4, &mask, scale)?;
+        let attn = attn.reshape((rows, a.num_heads * d))?;
+        let (o, o_t) = a.o_proj.forward_taped(&attn)?;
+        let (mid, h2) = self.post_attention_layernorm.add_forward(&x2, &o)?;
+        let (g, g_t) = m.gate_proj.forward_taped(&h2)?;
+        let (u, u_t) = m.up_proj.forward_taped(&h2)?;
+        let act = crate::backend::kernels::swiglu(&g, &u)?;
+        let (y, down_t) = m.down_proj.forward_taped(&act)?;
+        let out = (&mid + y)?.reshape((b, s, hidden))?;
+        Ok((
+            out,
+            LayerTape {
+                x: x2,
+                q: q_t,
+                k: k_t,
+                v: v_t,
+                qk_pre,
+                attn: attn_t,
+                o: o_t,
+                mid,
+                gate: (g, g_t),
+                up: (u, u_t),
+                down: down_t,
+            },
+        ))
+    }
+
+    /// The input gradient of the layer for the output gradient `dy`
+    /// (`None` unless `need_dx`); the adapters' gradients are deferred.
+    fn backward_taped(
+        &self,
+        t: &LayerTape,
+        ctx: &TapeCtx,
+        dy: &Tensor,
+        need_dx: bool,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        let (b, s, hidden) = dy.dims3()?;
+        let rows = b * s;
+        let d = a.head_dim;
+        let missing = || candle_core::Error::Msg("layer backward: missing input gradient".into());
+        let dy = dy.detach().contiguous()?.reshape((rows, hidden))?;
+        // MLP: out = mid + down(silu(gate(h2)) · up(h2)), h2 = norm2(mid).
+        let d_act = m
+            .down_proj
+            .backward_taped(&t.down, &dy, true)?
+            .ok_or_else(missing)?;
+        let (dg, du) = crate::backend::kernels::swiglu_backward(&t.gate.0, &t.up.0, &d_act)?;
+        let dh2 = (m
+            .gate_proj
+            .backward_taped(&t.gate.1, &dg, true)?
+            .ok_or_else(missing)?
+            + m.up_proj
+                .backward_taped(&t.up.1, &du, true)?
+                .ok_or_else(missing)?)?;
+        let d_mid = (&dy + self.post_attention_layernorm.backward_taped(&t.mid, &dh2)?)?;
+        // Attention: mid = x + o_proj(attention(rope(q), rope(k), v)).
+        let d_attn = a
+            .o_proj
+            .backward_taped(&t.o, &d_mid, true)?
+            .ok_or_else(missing)?;
+        let (dq, dk, dv) = t.attn.backward(&d_attn.reshape((b, s, a.num_heads * d))?)?;
+        let neg_sin = ctx.sin.neg()?;
+        let mut dq = candle_nn::rotary_emb::rope(&dq.contiguous()?, &ctx.cos, &neg_sin)?;
+        let mut dk = candle_nn::rotary_emb::rope(&dk.contiguous()?, &ctx.cos, &neg_sin)?;
+        if let (Some((qn, kn)), Some((q_pre, k_pre))) = (&a.qk_norm, &t.qk_pre) {
+            dq = qn.backward_taped(q_pre, &dq)?;
+            dk = kn.backward_taped(k_pre, &dk)?;
+        }
+        let flat = |g: &Tensor, n: usize| g.transpose(1, 2)?.reshape((rows, n * d));
+        let dq = a
+            .q_proj
+            .backward_taped(&t.q, &flat(&dq, a.num_heads)?, need_dx)?;
+        let dk = a
+            .k_proj
+            .backward_taped(&t.k, &flat(&dk, a.num_kv_heads)?, need_dx)?;
+        let dv = a
+            .v_proj
+            .backward_taped(&t.v, &flat(&dv, a.num_kv_heads)?, need_dx)?;
+        let (Some(dq), Some(dk), Some(dv)) = (dq, dk, dv) else {
+            return Ok(None);
+        };
+        let dh1 = ((dq + dk)? + dv)?;
+        let dx = (d_mid + self.input_layernorm.backward_taped(&t.x, &dh1)?)?;
+        Ok(Some(dx.reshape((b, s, hidden))?))
+    }
+}
+
 /// Per-forward state every layer reads.
 struct LayerCtx<'a> {
     cos: &'a Tensor,
@@ -402,6 +623,8 @@ pub struct Llama {
     /// Recompute each layer's activations in the backward pass instead of
     /// keeping them ([`CausalLm::set_gradient_checkpointing`]).
     checkpointing: bool,
+    /// Layers differentiated op by op ([`CausalLm::set_composed_backward`]).
+    composed_backward: bool,
 }
 
 impl Llama {
@@ -453,6 +676,7 @@ impl Llama {
                 w.device(),
             )?,
             checkpointing: false,
+            composed_backward: false,
         })
     }
 
@@ -628,6 +852,29 @@ impl CausalLm for Llama {
             .reshape((b, s, self.config.hidden_size))?;
         let mut pending: Option<Tensor> = None;
         for (i, layer) in self.layers.iter().enumerate() {
+            // Training (a layer with adapters, or a gradient coming in)
+            // through layers with written backward passes.
+            if cache.is_none()
+                && !self.composed_backward
+                && (x.track_op() || !layer.parameters().is_empty())
+                && layer.tapeable()
+            {
+                if let Some(mlp) = pending.take() {
+                    x = (x + mlp)?;
+                }
+                let dense = match layer.self_attn.mask {
+                    MaskKind::SlidingWindow(_) => window_mask.clone(),
+                    _ => mask.clone(),
+                };
+                let ctx = TapeCtx {
+                    cos: cos.clone(),
+                    sin: sin.clone(),
+                    dense,
+                    padding: padding.clone(),
+                };
+                x = layer.forward_taped(&x, ctx, self.checkpointing)?;
+                continue;
+            }
             if self.checkpointing && cache.is_none() {
                 if let Some(mlp) = pending.take() {
                     x = (x + mlp)?;
@@ -679,6 +926,10 @@ impl CausalLm for Llama {
 
     fn set_gradient_checkpointing(&mut self, on: bool) {
         self.checkpointing = on;
+    }
+
+    fn set_composed_backward(&mut self, on: bool) {
+        self.composed_backward = on;
     }
 
     /// On CUDA with the fused attention kernel's dtypes and head widths,

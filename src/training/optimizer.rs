@@ -287,12 +287,24 @@ impl AdamW {
     }
 
     /// The gradients of this optimizer's vars in `grads`, in var order.
-    #[must_use]
-    pub fn collect_grads(&self, grads: &GradStore) -> Vec<Option<Tensor>> {
-        self.vars
+    ///
+    /// # Errors
+    /// `grads` came from Candle's `Tensor::backward`, which misses the
+    /// adapter gradients of decoder layers with written backward passes:
+    /// use [`crate::training::backward`].
+    pub fn collect_grads(&self, grads: &GradStore) -> Result<Vec<Option<Tensor>>> {
+        if crate::backend::autograd::deferred_waiting() {
+            return Err(Error::InvalidInput(
+                "adapter gradients were left out of this gradient store: compute it with \
+                 metal_candle::training::backward(&loss), not loss.backward()"
+                    .into(),
+            ));
+        }
+        Ok(self
+            .vars
             .iter()
             .map(|v| grads.get(v.as_tensor()).cloned())
-            .collect()
+            .collect())
     }
 }
 
@@ -304,9 +316,18 @@ impl candle_nn::Optimizer for AdamW {
     }
 
     fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
-        let g = self.collect_grads(grads);
+        let g = self
+            .collect_grads(grads)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         self.step_with(&g)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))
+    }
+
+    /// Through [`crate::training::backward`], which also collects the
+    /// adapter gradients of layers with written backward passes.
+    fn backward_step(&mut self, loss: &Tensor) -> candle_core::Result<()> {
+        let grads = crate::backend::autograd::backward(loss)?;
+        self.step(&grads)
     }
 
     fn learning_rate(&self) -> f64 {

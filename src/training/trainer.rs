@@ -570,8 +570,13 @@ impl<'a> Trainer<'a> {
             let (loss, k) = self.batch_loss(b)?;
             let launched = t0.elapsed();
             let value = f64::from(loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?);
-            phases.forward = t0.elapsed();
-            phases.forward_launched = launched;
+            // With accumulation the forward times are the first
+            // micro-batch's; the backward time covers them all.
+            if phases.micro_batches == 0 {
+                phases.forward = t0.elapsed();
+                phases.forward_launched = launched;
+            }
+            phases.micro_batches += 1;
             if !value.is_finite() {
                 bad_loss = Some(value as f32);
                 if self.group.is_none() {
@@ -586,7 +591,7 @@ impl<'a> Trainer<'a> {
             // ranks' shares) equal one batch.
             let weighted = (loss * (k as f64 / total_targets as f64))?;
             let store = super::backward(&weighted)?;
-            for (g, new) in grads.iter_mut().zip(self.optimizer.collect_grads(&store)) {
+            for (g, new) in grads.iter_mut().zip(self.optimizer.collect_grads(&store)?) {
                 *g = match (g.take(), new) {
                     (Some(a), Some(b)) => Some((a + b)?),
                     (a, b) => a.or(b),
@@ -666,6 +671,7 @@ impl<'a> Trainer<'a> {
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
         tracing::debug!(
             step = self.step,
+            micro_batches = phases.micro_batches,
             forward_launched = ms(phases.forward_launched),
             forward = ms(phases.forward),
             backward_launched = ms(phases.backward_launched),
@@ -1022,6 +1028,9 @@ fn flatten(values: &[Option<Tensor>], vars: &[candle_core::Var]) -> Result<Tenso
 /// Host times into a step (see the debug event in [`Trainer::train_step`]).
 #[derive(Default)]
 struct StepPhases {
+    /// Micro-batches with targets that ran a forward pass.
+    micro_batches: usize,
+    /// The first micro-batch's forward: launched, and its loss read back.
     forward_launched: std::time::Duration,
     forward: std::time::Duration,
     backward_launched: std::time::Duration,

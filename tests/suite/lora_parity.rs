@@ -76,7 +76,7 @@ fn run(adapter: &LoRAAdapter, b: &Batch) -> (f32, Tensor, candle_core::backprop:
     let logits = model.forward(&b.ids, Some(&b.mask), None).unwrap();
     // The training loss: fused with the output projection, chunked.
     let (loss, _) = lm_loss(&model, &b.ids, Some(&b.mask), &b.labels).unwrap();
-    let grads = loss.backward().unwrap();
+    let grads = metal_candle::training::backward(&loss).unwrap();
     (scalar(&loss), logits, grads)
 }
 

@@ -179,6 +179,10 @@ impl candle_core::CustomOp2 for BiasAct {
             // bias_act sends gradient-tracking inputs to Candle's ops.
             candle_core::bail!("bias_act: no backward through {:?}", self.act);
         }
+        // A frozen bias (q/k/v biases under LoRA) needs no reduction.
+        if !bias.track_op() {
+            return Ok((Some(dy.clone()), None));
+        }
         let n = bias.dim(0)?;
         let db = dy.reshape(((), n))?.sum(0)?;
         Ok((Some(dy.clone()), Some(db)))

@@ -152,6 +152,92 @@ fn flash(
     }
 }
 
+/// What [`flash_attention_taped`]'s backward needs: the op (which holds
+/// the forward's log-sum-exp), its inputs and output.
+pub(crate) struct FlashTape {
+    op: FlashAttn,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+}
+
+/// [`flash_attention`] outside the autograd graph, for a caller that
+/// writes its own backward ([`FlashTape::backward`]): the output
+/// `[b, heads, s, d]` and the tape.
+///
+/// # Errors
+/// As [`flash_attention`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn flash_attention_taped(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+    scale: f64,
+    causal: bool,
+    window: Option<usize>,
+) -> candle_core::Result<(Tensor, FlashTape)> {
+    let dims = Dims::new(q, k, v)?;
+    if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
+        candle_core::bail!("flash_attention: q, k, v dtypes differ");
+    }
+    let on_cuda = q.device().is_cuda();
+    if on_cuda && !flash_attention_supported(q, k, v) {
+        candle_core::bail!("flash_attention: not a kernel shape/dtype");
+    }
+    let window = window_keys(window, dims.t)?;
+    let bias = bias
+        .map(|b| dims.bias(&b.to_device(q.device())?))
+        .transpose()?;
+    let op = FlashAttn {
+        p: Params {
+            dims,
+            bias,
+            scale: scale as f32,
+            causal,
+            window,
+            out_bshd: false,
+            keys: None,
+        },
+        lse: Mutex::new(None),
+    };
+    let (q, k, v) = (
+        input(&q.detach(), on_cuda)?,
+        input(&k.detach(), on_cuda)?,
+        input(&v.detach(), on_cuda)?,
+    );
+    let o = q.apply_op3_no_bwd(&k, &v, &op)?;
+    Ok((o.clone(), FlashTape { op, q, k, v, o }))
+}
+
+impl FlashTape {
+    /// The shape of q (and of the output).
+    pub(crate) fn q_dims(&self) -> &[usize] {
+        self.q.dims()
+    }
+
+    /// `(dq, dk, dv)` for the output gradient `d_o` (`[b, heads, s, d]`),
+    /// shaped as q, k and v.
+    ///
+    /// # Errors
+    /// Shape mismatch, backend errors.
+    pub(crate) fn backward(&self, d_o: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let (dq, dk, dv) = candle_core::CustomOp3::bwd(
+            &self.op,
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.o,
+            &d_o.detach(),
+        )?;
+        match (dq, dk, dv) {
+            (Some(dq), Some(dk), Some(dv)) => Ok((dq, dk, dv)),
+            _ => candle_core::bail!("flash_attention backward: a gradient is missing"),
+        }
+    }
+}
+
 /// [`flash_attention`] for inference with the heads merged: the output as
 /// `[b, s, hq · d]`, ready for the output projection, written so by the
 /// kernel (the `[b, hq, s, d]` result would need a transposing copy, 15% of

@@ -37,7 +37,9 @@ pub use flash_attn::{
     flash_attention, flash_attention_available, flash_attention_cached, flash_attention_merged,
     flash_attention_supported,
 };
+pub(crate) use flash_attn::{flash_attention_taped, FlashTape};
 pub use kv_write::kv_write;
+pub(crate) use rms_norm::rms_norm_backward;
 pub use rms_norm::{add_rms_norm, rms_norm};
 #[cfg(feature = "cuda")]
 pub(crate) use rope_cache::qkv_rope_cache;

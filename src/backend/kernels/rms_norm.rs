@@ -69,6 +69,25 @@ pub fn add_rms_norm(
     Ok((out.get(0)?, out.get(1)?))
 }
 
+/// The input gradient of [`rms_norm`] (`x` and `dy` `[.., hidden]`, `w`
+/// `[hidden]`, one kernel), for backward passes written by hand; the
+/// weight's gradient is not formed.
+///
+/// # Errors
+/// Shape or dtype mismatch.
+pub(crate) fn rms_norm_backward(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    eps: f32,
+) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op3_no_bwd(
+        &w.contiguous()?,
+        &dy.contiguous()?,
+        &RmsNormBackward { eps },
+    )
+}
+
 struct RmsNorm {
     eps: f32,
 }
@@ -259,6 +278,12 @@ impl candle_core::CustomOp2 for RmsNorm {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
         let dx = x.apply_op3_no_bwd(w, &dy, &RmsNormBackward { eps: self.eps })?;
+        // A frozen weight (every norm under LoRA) needs no gradient: its
+        // reduction was ten launches and four f32 activation-sized
+        // temporaries per norm, thrown away.
+        if !w.track_op() {
+            return Ok((Some(dx), None));
+        }
         // dw = Σ_rows dy · x̂, in f32.
         let hidden = w.dim(0)?;
         let xf = x.to_dtype(DType::F32)?.reshape(((), hidden))?;
