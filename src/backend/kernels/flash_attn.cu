@@ -633,6 +633,7 @@ __device__ __forceinline__ void decode_split(const T* __restrict__ q, const T* _
   if (t_dev != nullptr) t = (int)*t_dev;
   __shared__ float sq[DEC_GMAX][D];
   __shared__ float sp[DEC_GMAX][DEC_CH];
+  __shared__ __align__(16) T sv[DEC_CH][D];
   const int split = blockIdx.x, hk = blockIdx.y, bi = blockIdx.z, splits = gridDim.x;
   const int G = hq / hkv, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int j0 = split * DEC_CH;
@@ -647,10 +648,22 @@ __device__ __forceinline__ void decode_split(const T* __restrict__ q, const T* _
     return;
   }
   const float scale_log2 = scale * LOG2E;
+  const size_t kv0 = ((size_t)bi * hkv + hk) * t_rows * D;
+  // The split's V rows start loading now (16-byte async copies, all in
+  // flight at once) and land while the scores are computed.
+  {
+    const T* vb = v + kv0;
+    for (int c = tid; c < DEC_CH * D / 8; c += DEC_CH) {
+      const int r = c / (D / 8), col = (c % (D / 8)) * 8;
+      const int j = j0 + r;
+      const bool ok = j >= begin && j < end;
+      cp_async16(&sv[r][col], vb + (ok ? (size_t)j * D + col : 0), ok);
+    }
+    cp_async_commit();
+  }
   const T* qb = q + ((size_t)bi * hq + (size_t)hk * G) * D;
   for (int i = tid; i < G * D; i += DEC_CH) sq[i / D][i % D] = to_f(qb[i]) * scale_log2;
   __syncthreads();
-  const size_t kv0 = ((size_t)bi * hkv + hk) * t_rows * D;
   // Scores: one key per thread, every query head of the group.
   {
     const int j = j0 + tid;
@@ -702,14 +715,14 @@ __device__ __forceinline__ void decode_split(const T* __restrict__ q, const T* _
       part_ml[(row0 + (size_t)g * splits) * 2 + 1] = sum;
     }
   }
+  cp_async_wait<0>();
   __syncthreads();
-  // Partial O = P V: thread per (head, column), V rows read coalesced.
-  const T* vb = v + kv0;
+  // Partial O = P V from shared memory: thread per (head, column).
   for (int i = tid; i < G * D; i += DEC_CH) {
     const int g = i / D, c = i % D;
     float acc = 0.f;
-#pragma unroll 4
-    for (int j = begin; j < end; ++j) acc += sp[g][j - j0] * to_f(vb[(size_t)j * D + c]);
+#pragma unroll 8
+    for (int j = begin; j < end; ++j) acc += sp[g][j - j0] * to_f(sv[j - j0][c]);
     part_o[(row0 + (size_t)g * splits) * D + c] = acc;
   }
 }
