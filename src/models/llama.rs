@@ -230,26 +230,65 @@ impl Attention {
     }
 }
 
+/// The stacked gate/up projection of an [`Mlp`] (see [`FusedQkv`]).
+#[derive(Debug, Clone)]
+struct FusedGateUp {
+    proj: Linear,
+    /// The parts' weights when it was built.
+    parts: [Option<candle_core::TensorId>; 2],
+}
+
 #[derive(Debug, Clone)]
 struct Mlp {
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
+    /// gate and up as one projection whose weight the two share (views):
+    /// inference runs one matmul and one SwiGLU over the halves of its
+    /// rows. `None` for quantized weights or biases.
+    gate_up: Option<FusedGateUp>,
 }
 
 impl Mlp {
     fn load(cfg: &DecoderConfig, w: &Weights, p: &str) -> Result<Self> {
         let (h, i, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        let mut gate_proj = Linear::load(w, &format!("{p}.gate_proj"), h, i, bias)?;
+        let mut up_proj = Linear::load(w, &format!("{p}.up_proj"), h, i, bias)?;
+        let gate_up = if bias {
+            None
+        } else {
+            Linear::stack_shared(&mut [&mut gate_proj, &mut up_proj])?.map(|proj| FusedGateUp {
+                proj,
+                parts: [gate_proj.weight_id(), up_proj.weight_id()],
+            })
+        };
         Ok(Self {
-            gate_proj: Linear::load(w, &format!("{p}.gate_proj"), h, i, bias)?,
-            up_proj: Linear::load(w, &format!("{p}.up_proj"), h, i, bias)?,
+            gate_proj,
+            up_proj,
             down_proj: Linear::load(w, &format!("{p}.down_proj"), i, h, bias)?,
+            gate_up,
+        })
+    }
+
+    /// The stacked gate/up projection when it stands for the two layers:
+    /// neither has an adapter or a replaced weight.
+    fn fused_gate_up(&self) -> Option<&FusedGateUp> {
+        let parts = [&self.gate_proj, &self.up_proj];
+        self.gate_up.as_ref().filter(|f| {
+            parts
+                .iter()
+                .zip(&f.parts)
+                .all(|(l, id)| l.adapter().is_none() && l.weight_id() == *id)
         })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         if needs_grad(&[x]) && self.is_frozen() {
             return self.forward_frozen(x);
+        }
+        if let (Some(f), false) = (self.fused_gate_up(), needs_grad(&[x])) {
+            let act = crate::backend::kernels::swiglu_packed(&f.proj.forward(x)?)?;
+            return self.down_proj.forward(&act);
         }
         // Our fused silu(gate) * up has a backward, so it serves training
         // too (one pass instead of two and an intermediate; 4x the composed

@@ -122,7 +122,8 @@ fn frozen_linear_backward_gives_the_input_gradient_only() {
 
 /// The training loss (fused with the output projection, several chunks of
 /// rows) equals the loss over the model's logits, value and every LoRA
-/// gradient, with masked labels.
+/// gradient, with masked labels: a few (every position through the head,
+/// ignored ones masked) and many (the kept rows selected first).
 #[test]
 fn fused_loss_matches_logits_loss() {
     let dev = device();
@@ -143,13 +144,24 @@ fn fused_loss_matches_logits_loss() {
     let (b, s) = (3, 100); // 297 predicted positions: two chunks
     let ids: Vec<u32> = (0..b * s).map(|i| ((i * 7919) % vocab) as u32).collect();
     let ids = Tensor::from_vec(ids, (b, s), &dev).unwrap();
-    let mut labels = ids.to_dtype(DType::I64).unwrap().to_vec2::<i64>().unwrap();
-    labels[0][..10].fill(-100); // a prompt
-    labels[2][s - 1] = -100;
-    let labels = Tensor::new(labels, &dev).unwrap();
-    let (fused, n1) = lm_loss(&model, &ids, None, &labels).unwrap();
-    let logits = model.forward(&ids, None, None).unwrap();
-    let (plain, n2) = shifted_causal_lm_loss(&logits, &labels).unwrap();
+    let all = ids.to_dtype(DType::I64).unwrap().to_vec2::<i64>().unwrap();
+    let mut few = all.clone();
+    few[0][..10].fill(-100); // a prompt
+    few[2][s - 1] = -100;
+    let mut many = all;
+    for row in &mut many {
+        row[..60].fill(-100);
+    }
+    for labels in [few, many] {
+        let labels = Tensor::new(labels, &dev).unwrap();
+        check_fused_loss(&model, &adapter, &ids, &labels);
+    }
+}
+
+fn check_fused_loss(model: &dyn CausalLm, adapter: &LoRAAdapter, ids: &Tensor, labels: &Tensor) {
+    let (fused, n1) = lm_loss(model, ids, None, labels).unwrap();
+    let logits = model.forward(ids, None, None).unwrap();
+    let (plain, n2) = shifted_causal_lm_loss(&logits, labels).unwrap();
     assert_eq!(n1, n2);
     let (f, p) = (
         fused.to_scalar::<f32>().unwrap(),

@@ -47,4 +47,4 @@ pub(crate) use rope_cache::qkv_rope_cache;
 pub(crate) use sample::{sample_rows, RowPenalties, SampleParams, NO_FINITE, POS_INF};
 pub use split_heads::{split_heads, Heads};
 pub use swiglu::swiglu;
-pub(crate) use swiglu::swiglu_backward;
+pub(crate) use swiglu::{swiglu_backward, swiglu_packed};

@@ -55,7 +55,89 @@ pub(crate) fn swiglu_backward(
     Ok((grads.get(0)?, grads.get(1)?))
 }
 
+/// [`swiglu`] of the two halves of each row of `gu` (`[.., 2w]`: gate in
+/// the first `w` columns, up in the last), as the stacked gate/up
+/// projection writes them: one matmul and one kernel for the MLP's first
+/// half, no copies of the halves. Inference only (no backward).
+///
+/// # Errors
+/// An odd last dimension, an input that tracks gradients, an unsupported
+/// dtype.
+pub(crate) fn swiglu_packed(gu: &Tensor) -> candle_core::Result<Tensor> {
+    let dims = gu.dims();
+    let Some((&two_w, lead)) = dims.split_last() else {
+        candle_core::bail!("swiglu_packed: a scalar input");
+    };
+    if two_w % 2 != 0 {
+        candle_core::bail!("swiglu_packed: the last dimension {two_w} is odd");
+    }
+    if gu.track_op() {
+        candle_core::bail!("swiglu_packed: inference only (the input tracks gradients)");
+    }
+    let mut out = lead.to_vec();
+    out.push(two_w / 2);
+    gu.contiguous()?.apply_op1_no_bwd(&SwigluPacked {
+        out: Shape::from(out),
+    })
+}
+
 struct Swiglu;
+
+/// [`swiglu_packed`]'s op: the output shape.
+struct SwigluPacked {
+    out: Shape,
+}
+
+impl CpuOp for SwigluPacked {
+    const NAME: &'static str = "swiglu_packed";
+
+    fn run<T: Float>(&self, inputs: &[&[T]], _: &Layout) -> candle_core::Result<Vec<T>> {
+        let &[gu] = inputs else {
+            candle_core::bail!("swiglu_packed: expected one input");
+        };
+        let w = self.out.dims().last().copied().unwrap_or(1).max(1);
+        let mut y = vec![T::from_f32(0.0); self.out.elem_count()];
+        for_rows(&mut y, w, |r, o| {
+            let row = &gu[2 * w * r..2 * w * (r + 1)];
+            let (g, u) = row.split_at(w);
+            for ((oi, g), u) in o.iter_mut().zip(g).zip(u) {
+                *oi = T::from_f32(silu_sigmoid(g.to_f32()).0 * u.to_f32());
+            }
+        });
+        Ok(y)
+    }
+}
+
+impl candle_core::CustomOp1 for SwigluPacked {
+    fn name(&self) -> &'static str {
+        "metal-candle-swiglu-packed"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        Ok((cpu_map(self, &[(s, l)])?, self.out.clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use super::launch::{elementwise_config, launch as launch_kernel, ptx, Arg};
+        let n = self.out.elem_count();
+        let w = self.out.dims().last().copied().unwrap_or(1);
+        let args = [Arg::U64(n as u64), Arg::U64(w as u64)];
+        let out = launch_kernel(
+            &ptx::SWIGLU,
+            "swiglu_packed_fwd",
+            &[(s, l)],
+            n,
+            elementwise_config(n),
+            &args,
+        )?;
+        Ok((out, self.out.clone()))
+    }
+}
 
 /// Backward: inputs gate, up, dy; output `[2, ..shape]`, d_gate stacked
 /// over d_up (a custom op returns one tensor).
