@@ -272,7 +272,13 @@ impl Mlp {
 
     /// The stacked gate/up projection when it stands for the two layers:
     /// neither has an adapter or a replaced weight.
+    /// `METAL_CANDLE_FUSED_GATE_UP=0` keeps the two products (A/B runs).
     fn fused_gate_up(&self) -> Option<&FusedGateUp> {
+        static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if *OFF.get_or_init(|| std::env::var("METAL_CANDLE_FUSED_GATE_UP").is_ok_and(|v| v == "0"))
+        {
+            return None;
+        }
         let parts = [&self.gate_proj, &self.up_proj];
         self.gate_up.as_ref().filter(|f| {
             parts
