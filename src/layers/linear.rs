@@ -497,6 +497,7 @@ fn dense_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     match dims.len() {
         0 | 1 => candle_core::bail!("linear: input must have at least 2 dims, got {dims:?}"),
         2 if frozen => frozen_matmul(&x.contiguous()?, w),
+        2 if split_columns(x) => split_matmul(x, w),
         2 => x.matmul(&w.t()?),
         _ if frozen => {
             let (lead, k) = dims.split_at(dims.len() - 1);
@@ -510,13 +511,46 @@ fn dense_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
             let rows: usize = lead.iter().product();
             let mut out = lead.to_vec();
             out.push(w.dim(0)?);
-            x.reshape((rows, k[0]))?.matmul(&w.t()?)?.reshape(out)
+            let x2 = x.reshape((rows, k[0]))?;
+            if split_columns(&x2) {
+                return split_matmul(&x2, w)?.reshape(out);
+            }
+            x2.matmul(&w.t()?)?.reshape(out)
         }
         _ => {
             let lead = &dims[..dims.len() - 2];
             x.matmul(&w.broadcast_left(lead)?.t()?)
         }
     }
+}
+
+/// Whether an inference product on the CPU is split over threads by
+/// output columns here (AVX-512 kernels: gemm leaves a few-hundred-row
+/// product on one thread, BENCHMARKS.md).
+fn split_columns(x: &Tensor) -> bool {
+    cfg!(feature = "avx512")
+        && x.device().is_cpu()
+        && !x.track_op()
+        && x.dim(0).is_ok_and(|r| r <= 512)
+        && rayon::current_num_threads() > 1
+}
+
+/// `x Wᵀ` as one product per thread over a share of W's rows (output
+/// columns), joined.
+fn split_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    use rayon::prelude::*;
+    let n = w.dim(0)?;
+    let t = rayon::current_num_threads().min(n.div_ceil(64)).max(1);
+    let chunk = n.div_ceil(t);
+    let parts = (0..t)
+        .into_par_iter()
+        .map(|i| {
+            let start = i * chunk;
+            let len = chunk.min(n - start);
+            x.matmul(&w.narrow(0, start, len)?.t()?)
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Tensor::cat(&parts, 1)
 }
 
 /// Inputs with at least this many rows multiply a quantized weight by
