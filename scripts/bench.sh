@@ -42,7 +42,9 @@ case "$cmd" in
     "$py" -c "import torch, transformers; print(f'torch {torch.__version__}, transformers {transformers.__version__}')" | tee -a "$out/cpu.txt"
     "$py" scripts/peers.py --prepare-only "$@" >/dev/null
     # Optimised for every crate, ours included (the release profile).
-    cargo run --release --example bench_compare -- --device cpu "$@" | tee "$out/ours.jsonl"
+    # FEATURES (e.g. avx512) and TARGET_DIR pick another build of ours.
+    cargo run --release ${FEATURES:+--features "$FEATURES"} ${TARGET_DIR:+--target-dir "$TARGET_DIR"} \
+      --example bench_compare -- --device cpu "$@" | tee "$out/ours.jsonl"
     "$py" scripts/peers.py --device cpu "$@" | tee "$out/peers.jsonl"
     python3 scripts/bench_table.py "$out/ours.jsonl" "$out/peers.jsonl" | tee "$out/table.md"
     ;;

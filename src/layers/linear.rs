@@ -139,7 +139,7 @@ impl Linear {
         }
         let weight = w.get(&name, &[out_dim, in_dim])?;
         match w.quantize_to() {
-            Some(format) if in_dim % format.block_size() == 0 => {
+            Some(format) if in_dim.is_multiple_of(format.block_size()) => {
                 Self::quantize(&weight, bias, format)
             }
             _ => Ok(Self::new(weight, bias)),
@@ -526,13 +526,28 @@ fn dense_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 
 /// Whether an inference product on the CPU is split over threads by
 /// output columns here (AVX-512 kernels: gemm leaves a few-hundred-row
-/// product on one thread, BENCHMARKS.md).
+/// product on one thread, BENCHMARKS.md). Only where gemm runs its
+/// AVX-512 kernels: the feature is on and the CPU has them.
 fn split_columns(x: &Tensor) -> bool {
     cfg!(feature = "avx512")
+        && avx512_cpu()
         && x.device().is_cpu()
         && !x.track_op()
         && x.dim(0).is_ok_and(|r| r <= 512)
         && rayon::current_num_threads() > 1
+}
+
+/// Whether this CPU has AVX-512F (gemm picks its kernels at run time).
+fn avx512_cpu() -> bool {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+    }
+    #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+    {
+        false
+    }
 }
 
 /// `x Wᵀ` as one product per thread over a share of W's rows (output

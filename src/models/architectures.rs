@@ -140,7 +140,7 @@ impl Architecture {
                 raw.hidden_act
             ));
         }
-        if raw.head_dim.is_none() && raw.hidden_size % raw.num_attention_heads != 0 {
+        if raw.head_dim.is_none() && !raw.hidden_size.is_multiple_of(raw.num_attention_heads) {
             return Err(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 raw.hidden_size, raw.num_attention_heads
@@ -537,7 +537,7 @@ fn unpermute_rows(q: &QTensor, heads: usize) -> candle_core::Result<QTensor> {
     }
     let cols: usize = dims[1..].iter().product();
     let block = q.dtype().block_size();
-    if cols % block != 0 {
+    if !cols.is_multiple_of(block) {
         candle_core::bail!("{cols} columns are not whole blocks of {block}");
     }
     let data = q.data()?;

@@ -73,7 +73,7 @@ pub(crate) struct EncoderLayer {
 
 impl EncoderLayer {
     pub(crate) fn load(w: &Weights, prefix: &str, n: &LayerNames, d: LayerDims) -> Result<Self> {
-        if d.heads == 0 || d.hidden % d.heads != 0 {
+        if d.heads == 0 || !d.hidden.is_multiple_of(d.heads) {
             return Err(Error::config(
                 "encoder config",
                 format!(

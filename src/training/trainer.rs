@@ -753,7 +753,7 @@ impl<'a> Trainer<'a> {
                     || self
                         .config
                         .eval_every
-                        .is_some_and(|n| n > 0 && self.step % n == 0)
+                        .is_some_and(|n| n > 0 && self.step.is_multiple_of(n))
                 {
                     m.eval_loss = Some(self.evaluate(e)?);
                 }
@@ -780,7 +780,7 @@ impl<'a> Trainer<'a> {
             let scheduled = self
                 .config
                 .save_every
-                .is_some_and(|n| n > 0 && self.step % n == 0);
+                .is_some_and(|n| n > 0 && self.step.is_multiple_of(n));
             if let Some(dir) = self.config.output_dir.clone().filter(|_| main) {
                 if scheduled || stop {
                     self.save_checkpoint(&dir.join(format!("checkpoint-{}", self.step)))?;
