@@ -270,11 +270,9 @@ pub(crate) fn lora_matmul(
     let (ad, bd) = (a.detach().to_dtype(dtype)?, b.detach().to_dtype(dtype)?);
     let mut y = xd.matmul(&w.t()?)?;
     if let Some(bias) = bias {
-        y = crate::backend::kernels::bias_act(
-            &y,
-            &bias.detach(),
-            crate::backend::kernels::Activation::None,
-        )?;
+        // Candle's add, not `kernels::bias_act`: the kernels build on this
+        // module (a dependency cycle otherwise); the launch count is equal.
+        y = y.broadcast_add(&bias.detach())?;
     }
     let h = (xd.matmul(&ad.t()?)? * scale)?;
     let value = (y + h.matmul(&bd.t()?)?)?;
