@@ -405,8 +405,8 @@ impl DecoderLayer {
         Ok((&x + self.mlp.forward(&h)?)?)
     }
 
-    /// The trainable tensors of the adapters attached to this layer.
-    fn parameters(&self) -> Vec<Tensor> {
+    /// The layer's seven projections.
+    fn linears(&self) -> [&Linear; 7] {
         let (a, m) = (&self.self_attn, &self.mlp);
         [
             &a.q_proj,
@@ -417,10 +417,15 @@ impl DecoderLayer {
             &m.up_proj,
             &m.down_proj,
         ]
-        .iter()
-        .filter_map(|l| l.adapter())
-        .flat_map(|a| a.parameters())
-        .collect()
+    }
+
+    /// The trainable tensors of the adapters attached to this layer.
+    fn parameters(&self) -> Vec<Tensor> {
+        self.linears()
+            .iter()
+            .filter_map(|l| l.adapter())
+            .flat_map(|a| a.parameters())
+            .collect()
     }
 }
 
@@ -457,18 +462,8 @@ impl DecoderLayer {
     /// Whether [`Self::forward_taped`] stands for this layer: frozen norms
     /// and linear layers with at most low-rank adapters.
     fn tapeable(&self) -> bool {
-        let (a, m) = (&self.self_attn, &self.mlp);
-        [
-            &a.q_proj,
-            &a.k_proj,
-            &a.v_proj,
-            &a.o_proj,
-            &m.gate_proj,
-            &m.up_proj,
-            &m.down_proj,
-        ]
-        .iter()
-        .all(|l| l.tapeable())
+        let a = &self.self_attn;
+        self.linears().iter().all(|l| l.tapeable())
             && self.input_layernorm.frozen()
             && self.post_attention_layernorm.frozen()
             && a.qk_norm

@@ -110,6 +110,28 @@ fn flash(
     window: Option<usize>,
     out_bshd: bool,
 ) -> candle_core::Result<Tensor> {
+    let op = flash_op(q, k, v, bias, scale, causal, window, out_bshd)?;
+    let on_cuda = q.device().is_cuda();
+    let (q, k, v) = (input(q, on_cuda)?, input(k, on_cuda)?, input(v, on_cuda)?);
+    if out_bshd {
+        q.apply_op3_no_bwd(&k, &v, &op)
+    } else {
+        q.apply_op3(&k, &v, op)
+    }
+}
+
+/// The checked op for [`flash`] and [`flash_attention_taped`].
+#[allow(clippy::too_many_arguments)]
+fn flash_op(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+    scale: f64,
+    causal: bool,
+    window: Option<usize>,
+    out_bshd: bool,
+) -> candle_core::Result<FlashAttn> {
     let dims = Dims::new(q, k, v)?;
     if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
         candle_core::bail!(
@@ -119,8 +141,7 @@ fn flash(
             v.dtype()
         );
     }
-    let on_cuda = q.device().is_cuda();
-    if on_cuda && !flash_attention_supported(q, k, v) {
+    if q.device().is_cuda() && !flash_attention_supported(q, k, v) {
         candle_core::bail!(
             "flash_attention: the CUDA kernel takes bf16/f16 with head dim 32, 64 or 128, \
              not {:?} with {} (use layers::attention)",
@@ -132,7 +153,7 @@ fn flash(
     let bias = bias
         .map(|b| dims.bias(&b.to_device(q.device())?))
         .transpose()?;
-    let op = FlashAttn {
+    Ok(FlashAttn {
         p: Params {
             dims,
             bias,
@@ -143,13 +164,7 @@ fn flash(
             keys: None,
         },
         lse: Mutex::new(None),
-    };
-    let (q, k, v) = (input(q, on_cuda)?, input(k, on_cuda)?, input(v, on_cuda)?);
-    if out_bshd {
-        q.apply_op3_no_bwd(&k, &v, &op)
-    } else {
-        q.apply_op3(&k, &v, op)
-    }
+    })
 }
 
 /// What [`flash_attention_taped`]'s backward needs: the op (which holds
@@ -178,30 +193,8 @@ pub(crate) fn flash_attention_taped(
     causal: bool,
     window: Option<usize>,
 ) -> candle_core::Result<(Tensor, FlashTape)> {
-    let dims = Dims::new(q, k, v)?;
-    if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
-        candle_core::bail!("flash_attention: q, k, v dtypes differ");
-    }
+    let op = flash_op(q, k, v, bias, scale, causal, window, false)?;
     let on_cuda = q.device().is_cuda();
-    if on_cuda && !flash_attention_supported(q, k, v) {
-        candle_core::bail!("flash_attention: not a kernel shape/dtype");
-    }
-    let window = window_keys(window, dims.t)?;
-    let bias = bias
-        .map(|b| dims.bias(&b.to_device(q.device())?))
-        .transpose()?;
-    let op = FlashAttn {
-        p: Params {
-            dims,
-            bias,
-            scale: scale as f32,
-            causal,
-            window,
-            out_bshd: false,
-            keys: None,
-        },
-        lse: Mutex::new(None),
-    };
     let (q, k, v) = (
         input(&q.detach(), on_cuda)?,
         input(&k.detach(), on_cuda)?,
