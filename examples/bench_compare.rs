@@ -199,6 +199,27 @@ fn bench_embeddings(args: &Args, device: &Device) -> Result<()> {
                 texts.len() as f64 / secs,
                 "docs/s",
             );
+            // A search query at a time, as a user's request would:
+            // tokenize, embed, the vector back on the host.
+            let queries = if args.quick { 50 } else { 500 };
+            model.encode_to_vecs(&TEXTS[..1])?;
+            let mut each: Vec<f64> = TEXTS
+                .iter()
+                .cycle()
+                .take(queries)
+                .map(|q| {
+                    let start = Instant::now();
+                    model.encode_to_vecs(&[q])?;
+                    Ok(start.elapsed().as_secs_f64())
+                })
+                .collect::<Result<_>>()?;
+            each.sort_by(f64::total_cmp);
+            let pct = |q: f64| each[((each.len() - 1) as f64 * q).round() as usize] * 1e3;
+            let shape = format!("{queries} queries, one at a time");
+            for (label, q) in [("p50", 0.5), ("p99", 0.99)] {
+                let row = format!("{name} single-query encode latency {label}");
+                emit("embeddings", &row, &shape, dtype, pct(q), "ms");
+            }
         }
     }
     Ok(())

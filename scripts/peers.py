@@ -204,6 +204,18 @@ def bench_embeddings(args):
             secs = timed(args.device, args.repeats, lambda: st.encode(texts, batch_size=32))
             emit("sentence-transformers", "embeddings", f"{name} encode (tokenize+embed)", "512 texts b32",
                  dtype, len(texts) / secs, "docs/s")
+            # A search query at a time: tokenize, embed, the vector on the host.
+            queries = 50 if args.quick else 500
+            st.encode(TEXTS[:1])
+            each = []
+            for q in (TEXTS * (queries // len(TEXTS) + 1))[:queries]:
+                start = time.perf_counter()
+                st.encode([q])
+                each.append(time.perf_counter() - start)
+            each.sort()
+            for label, p in (("p50", 0.5), ("p99", 0.99)):
+                emit("sentence-transformers", "embeddings", f"{name} single-query encode latency {label}",
+                     f"{queries} queries, one at a time", dtype, each[round((len(each) - 1) * p)] * 1e3, "ms")
             del st
 
 
