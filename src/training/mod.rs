@@ -30,11 +30,12 @@ pub use registry::AdapterRegistry;
 pub use scheduler::LRScheduler;
 pub use trainer::{SettingsCheck, StepMetrics, Trainer, TrainingConfig, TrainingMetrics};
 
-/// `loss.backward()`, plus the adapter gradients of decoder layers that
-/// were recomputed in the backward pass
-/// ([`crate::models::CausalLm::set_gradient_checkpointing`]): with
-/// checkpointing on, call this instead of `loss.backward()`, which would
-/// miss them. Without it, the same as `loss.backward()`.
+/// `loss.backward()`, plus the adapter gradients that decoder layers with
+/// written backward passes hand over (each layer is one autograd node in
+/// training, its adapters' gradients set aside, also when it is
+/// recomputed: [`crate::models::CausalLm::set_gradient_checkpointing`]).
+/// Call this instead of `loss.backward()`, which would miss them (and
+/// which [`AdamW::collect_grads`] then refuses).
 ///
 /// # Errors
 /// Tensor errors.
