@@ -231,69 +231,6 @@ impl candle_core::CustomOp3 for Precomputed {
     }
 }
 
-/// `x Wᵀ (+ bias) + scale · (x Aᵀ) Bᵀ` for a 2-D `x` (`[m, k]`), a frozen
-/// `w` (`[n, k]`) and bias, and a trainable low-rank pair `a` (`[r, k]`),
-/// `b` (`[n, r]`) of any float dtype (the products run in `x`'s): a LoRA
-/// linear layer as one graph node.
-///
-/// Composed, the layer is about ten autograd nodes (reshapes, casts,
-/// transposes, two matmuls, the scale, the sum), and Candle's backward
-/// gives every edge a zero tensor and an add: on CUDA each is a launch,
-/// and a LoRA step's backward was bound by the host launching them
-/// (BENCHMARKS.md, data-parallel section). One node with three edges,
-/// whose backward forms `dx = dy W + s (dy B) A`, `dA = s (dy B)ᵀ x` and
-/// `dB = s dyᵀ (x Aᵀ)` (in `a`'s and `b`'s dtypes), does the same math.
-///
-/// # Errors
-/// Shape or dtype mismatch.
-pub(crate) fn lora_matmul(
-    x: &Tensor,
-    w: &Tensor,
-    bias: Option<&Tensor>,
-    a: &Tensor,
-    b: &Tensor,
-    scale: f64,
-) -> candle_core::Result<Tensor> {
-    let (m, k) = x.dims2()?;
-    let (n, k2) = w.dims2()?;
-    let (r, k3) = a.dims2()?;
-    if k != k2 || k != k3 || b.dims() != [n, r] {
-        candle_core::bail!(
-            "lora_matmul: x [{m}, {k}], w {:?}, a {:?}, b {:?} do not fit",
-            w.dims(),
-            a.dims(),
-            b.dims()
-        );
-    }
-    let dtype = x.dtype();
-    let (xd, w) = (x.detach(), w.detach());
-    let (ad, bd) = (a.detach().to_dtype(dtype)?, b.detach().to_dtype(dtype)?);
-    let mut y = xd.matmul(&w.t()?)?;
-    if let Some(bias) = bias {
-        // Candle's add, not `kernels::bias_act`: the kernels build on this
-        // module (a dependency cycle otherwise); the launch count is equal.
-        y = y.broadcast_add(&bias.detach())?;
-    }
-    let h = (xd.matmul(&ad.t()?)? * scale)?;
-    let value = (y + h.matmul(&bd.t()?)?)?;
-    let backward = Arc::new(move |args: &[&Tensor], _: &Tensor, dy: &Tensor| {
-        let [x, a, b] = args else {
-            candle_core::bail!("lora_matmul: backward got {} inputs", args.len());
-        };
-        let x = x.detach();
-        let (a32, b32) = (a.dtype(), b.dtype());
-        let (a, b) = (a.detach().to_dtype(dtype)?, b.detach().to_dtype(dtype)?);
-        let dy = dy.detach();
-        let u = (dy.matmul(&b)? * scale)?;
-        let dx = (dy.matmul(&w)? + u.matmul(&a)?)?;
-        let da = u.t()?.matmul(&x)?.to_dtype(a32)?;
-        let h = (x.matmul(&a.t()?)? * scale)?;
-        let db = dy.t()?.matmul(&h)?.to_dtype(b32)?;
-        Ok(vec![Some(dx), Some(da), Some(db)])
-    });
-    with_backward(&[x, a, b], &value, backward)
-}
-
 /// `x Wᵀ` for a 2-D `x` (`[m, k]`) and a frozen `w` (`[n, k]`), whose
 /// backward computes only `dx = dy W`.
 ///

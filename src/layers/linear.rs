@@ -6,7 +6,7 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Tensor};
 
-use crate::backend::autograd::{frozen_matmul, lora_matmul, matmul_t, needs_grad};
+use crate::backend::autograd::{frozen_matmul, matmul_t, needs_grad, with_backward};
 use crate::error::{Error, Result};
 use crate::io::Weights;
 
@@ -386,8 +386,8 @@ impl Linear {
 
     /// `x Wᵀ + b (+ scale · (x Aᵀ) Bᵀ)` for a 2-D `x` (`[m, in]`) outside
     /// the autograd graph, and the tape for [`Self::backward_taped`]. For
-    /// layers where [`Self::tapeable`] holds; the products run in `x`'s
-    /// dtype, as [`lora_matmul`].
+    /// layers where [`Self::tapeable`] holds; the adapter's products run in
+    /// `x`'s dtype (A and B cast to it).
     ///
     /// # Errors
     /// Shape or dtype mismatch.
@@ -414,10 +414,9 @@ impl Linear {
     }
 
     /// The backward of [`Self::forward_taped`] for the output gradient `dy`
-    /// (`[m, out]`): the input gradient `dy W + scale · (dy B) A` when
-    /// `need_dx` (the input tracks gradients), and the adapter's
-    /// `dA = scale · (dy B)ᵀ x`, `dB = dyᵀ (scale · x Aᵀ)`, in their own
-    /// dtypes, set aside for `training::backward`.
+    /// (`[m, out]`): the input gradient when `need_dx` (the input tracks
+    /// gradients), and the adapter's gradients set aside for
+    /// `training::backward`.
     ///
     /// # Errors
     /// Shape or dtype mismatch.
@@ -427,35 +426,55 @@ impl Linear {
         dy: &Tensor,
         need_dx: bool,
     ) -> candle_core::Result<Option<Tensor>> {
-        let dtype = dy.dtype();
-        let mut dx = if need_dx {
-            let w = match &self.weight {
-                BaseWeight::Dense(w) => w.to_dtype(dtype)?,
-                BaseWeight::Quantized(q) => q.dequantize(&q.device())?.to_dtype(dtype)?,
-            };
-            Some(dy.matmul(&w)?)
-        } else {
-            None
-        };
-        if let Some((lr, a, b)) = self.low_rank_in(dtype)? {
-            let u = (dy.matmul(&b)? * lr.scale)?;
-            if let Some(d) = dx {
-                dx = Some((d + u.matmul(&a)?)?);
-            }
-            let Some((x, h)) = &tape.xt else {
-                candle_core::bail!("linear backward: the tape has no input for the adapter");
-            };
-            let da = u.t()?.matmul(x)?.to_dtype(lr.a.dtype())?;
-            let db = dy.t()?.matmul(h)?.to_dtype(lr.b.dtype())?;
+        let (dx, adapter) = self.taped_grads(tape, dy, need_dx)?;
+        if let Some((lr, da, db)) = adapter {
             crate::backend::autograd::defer_grad(&lr.a, da);
             crate::backend::autograd::defer_grad(&lr.b, db);
         }
         Ok(dx)
     }
 
+    /// The gradients of [`Self::forward_taped`] for `dy`: `dx = dy W +
+    /// scale · (dy B) A` (when `need_dx`), and with a low-rank adapter
+    /// `dA = scale · (dy B)ᵀ x` and `dB = dyᵀ (scale · x Aᵀ)` in their own
+    /// dtypes.
+    #[allow(clippy::type_complexity)]
+    fn taped_grads(
+        &self,
+        tape: &LinearTape,
+        dy: &Tensor,
+        need_dx: bool,
+    ) -> candle_core::Result<(Option<Tensor>, Option<(LowRank, Tensor, Tensor)>)> {
+        let dtype = dy.dtype();
+        let mut dx = if need_dx {
+            let w = self
+                .dense_weight(dtype)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            Some(dy.matmul(&w)?)
+        } else {
+            None
+        };
+        let Some((lr, a, b)) = self.low_rank_in(dtype)? else {
+            return Ok((dx, None));
+        };
+        let u = (dy.matmul(&b)? * lr.scale)?;
+        if let Some(d) = dx {
+            dx = Some((d + u.matmul(&a)?)?);
+        }
+        let Some((x, h)) = &tape.xt else {
+            candle_core::bail!("linear backward: the tape has no input for the adapter");
+        };
+        let da = u.t()?.matmul(x)?.to_dtype(lr.a.dtype())?;
+        let db = dy.t()?.matmul(h)?.to_dtype(lr.b.dtype())?;
+        Ok((dx, Some((lr, da, db))))
+    }
+
     /// Training through a low-rank adapter over a frozen dense weight: the
-    /// layer as one graph node (`lora_matmul`); `None` where that does not
-    /// apply (no gradient needed, a quantized or trainable base, dropout).
+    /// layer as one graph node ([`Self::forward_taped`] with its gradients
+    /// returned through the node's edges): Candle's backward costs a zero
+    /// tensor and an add per graph edge, and the composed layer had about
+    /// ten nodes. `None` where that does not apply (no gradient needed, a
+    /// quantized or trainable base, dropout).
     fn fused_low_rank(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let (BaseWeight::Dense(w), Some(adapter)) = (&self.weight, &self.adapter) else {
             return Ok(None);
@@ -478,7 +497,17 @@ impl Linear {
         let mut out = lead.to_vec();
         out.push(w.dim(0)?);
         let x2 = x.contiguous()?.reshape((rows, k))?;
-        let y = lora_matmul(&x2, w, self.bias.as_ref(), &lr.a, &lr.b, lr.scale)?;
+        let (y, tape) = self.forward_taped(&x2)?;
+        let layer = self.clone();
+        let backward = move |args: &[&Tensor], _: &Tensor, dy: &Tensor| {
+            let (dx, adapter) = layer.taped_grads(&tape, &dy.detach(), args[0].track_op())?;
+            let (da, db) = match adapter {
+                Some((_, da, db)) => (Some(da), Some(db)),
+                None => (None, None),
+            };
+            Ok(vec![dx, da, db])
+        };
+        let y = with_backward(&[&x2, &lr.a, &lr.b], &y, Arc::new(backward))?;
         Ok(Some(y.reshape(out)?))
     }
 }
