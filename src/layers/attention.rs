@@ -36,6 +36,30 @@ pub struct Mask<'a> {
     pub dense: Option<&'a Tensor>,
 }
 
+impl Mask<'_> {
+    /// The composed path reads the dense mask: `s` queries over `t` keys
+    /// that this kind hides from some of them need it. A caller skips it
+    /// only when it expects the kernel (`dense_mask_needed`): never attend
+    /// without it.
+    fn check_composed(&self, s: usize, t: usize) -> candle_core::Result<()> {
+        if self.kind.hides_keys(s, t) && self.dense.is_none() {
+            candle_core::bail!(
+                "attention: the composed path needs the dense {:?} mask",
+                self.kind
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `heads` query heads share `kv_heads` key/value heads evenly.
+fn check_groups(heads: usize, kv_heads: usize) -> candle_core::Result<()> {
+    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+        candle_core::bail!("attention: {heads} query heads for {kv_heads} key/value heads");
+    }
+    Ok(())
+}
+
 impl<'a> Mask<'a> {
     /// Bidirectional attention with an optional additive bias (encoders).
     #[must_use]
@@ -77,25 +101,13 @@ pub fn attention(
     let (b, heads, s, d) = q.dims4()?;
     let merge = |o: Tensor| o.transpose(1, 2)?.reshape((b, s, heads * d));
     if flash_attention_supported(q, k, v) {
-        let (causal, window) = match mask.kind {
-            MaskKind::Bidirectional => (false, None),
-            MaskKind::Causal => (true, None),
-            MaskKind::SlidingWindow(w) => (true, Some(w)),
-        };
+        let (causal, window) = mask.kind.kernel_flags();
         if !needs_grad(&[q, k, v]) {
             return flash_attention_merged(q, k, v, mask.bias, scale, causal, window);
         }
         return merge(flash_attention(q, k, v, mask.bias, scale, causal, window)?);
     }
-    let t = k.dim(2)?;
-    if mask.kind.hides_keys(s, t) && mask.dense.is_none() {
-        // The caller skipped the dense mask expecting the kernel
-        // (`dense_mask_needed`): never attend without it.
-        candle_core::bail!(
-            "attention: the composed path needs the dense {:?} mask",
-            mask.kind
-        );
-    }
+    mask.check_composed(s, k.dim(2)?)?;
     merge(composed_attention(q, k, v, mask.dense, scale)?)
 }
 
@@ -132,24 +144,12 @@ pub(crate) fn attention_taped(
     let merge = |o: &Tensor| o.transpose(1, 2)?.reshape((b, s, heads * d));
     let (q, k, v) = (q.detach(), k.detach(), v.detach());
     if flash_attention_supported(&q, &k, &v) {
-        let (causal, window) = match mask.kind {
-            MaskKind::Bidirectional => (false, None),
-            MaskKind::Causal => (true, None),
-            MaskKind::SlidingWindow(w) => (true, Some(w)),
-        };
+        let (causal, window) = mask.kind.kernel_flags();
         let (o, tape) = flash_attention_taped(&q, &k, &v, mask.bias, scale, causal, window)?;
         return Ok((merge(&o)?, AttentionTape::Flash(tape)));
     }
-    let (heads_kv, t) = (k.dim(1)?, k.dim(2)?);
-    if heads_kv == 0 || heads % heads_kv != 0 {
-        candle_core::bail!("attention: {heads} query heads for {heads_kv} key/value heads");
-    }
-    if mask.kind.hides_keys(s, t) && mask.dense.is_none() {
-        candle_core::bail!(
-            "attention: the composed path needs the dense {:?} mask",
-            mask.kind
-        );
-    }
+    check_groups(heads, k.dim(1)?)?;
+    mask.check_composed(s, k.dim(2)?)?;
     let bias = mask.dense.map(Tensor::detach);
     let out = composed(&q, &k, &v, bias.as_ref(), scale)?;
     let merged = merge(&out)?;
@@ -233,10 +233,7 @@ pub fn composed_attention(
     bias: Option<&Tensor>,
     scale: f64,
 ) -> candle_core::Result<Tensor> {
-    let (heads, kv_heads) = (q.dim(1)?, k.dim(1)?);
-    if kv_heads == 0 || heads % kv_heads != 0 {
-        candle_core::bail!("attention: {heads} query heads for {kv_heads} key/value heads");
-    }
+    check_groups(q.dim(1)?, k.dim(1)?)?;
     if !needs_grad(&[q, k, v]) {
         return composed(q, k, v, bias, scale);
     }
@@ -352,6 +349,15 @@ pub enum MaskKind {
 }
 
 impl MaskKind {
+    /// The fused kernel's flags for this kind: causal, and the window.
+    fn kernel_flags(self) -> (bool, Option<usize>) {
+        match self {
+            MaskKind::Bidirectional => (false, None),
+            MaskKind::Causal => (true, None),
+            MaskKind::SlidingWindow(w) => (true, Some(w)),
+        }
+    }
+
     /// Whether `q_len` queries, the last of `kv_len` positions, have keys
     /// this kind hides from some of them (so the composed path needs a
     /// dense mask).
