@@ -46,23 +46,39 @@ fn kept_labels(
             labels.len()
         )));
     }
-    let keep: Vec<u32> = (0..n as u32)
-        .filter(|&i| labels[i as usize] != IGNORE_INDEX)
-        .collect();
-    if keep.is_empty() {
+    selected_labels(&labels, v, device)
+}
+
+/// Checks `labels`: at least one kept (not [`IGNORE_INDEX`]), each kept one
+/// inside a vocabulary of `v`. Returns how many are kept.
+fn check_labels(labels: &[i64], v: usize) -> Result<usize> {
+    let kept = labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
+    if kept == 0 {
         return Err(Error::InvalidInput("every label is masked (-100)".into()));
     }
-    if let Some(&bad) = keep
+    if let Some(&bad) = labels
         .iter()
-        .map(|&i| &labels[i as usize])
-        .find(|&&l| l < 0 || l >= v as i64)
+        .find(|&&l| l != IGNORE_INDEX && (l < 0 || l >= v as i64))
     {
         return Err(Error::InvalidInput(format!(
             "label {bad} is outside the vocabulary ({v})"
         )));
     }
+    Ok(kept)
+}
+
+/// The indices of the kept rows of `labels` and their labels, checked
+/// ([`check_labels`]), both as u32 tensors on `device`.
+fn selected_labels(
+    labels: &[i64],
+    v: usize,
+    device: &candle_core::Device,
+) -> Result<(Tensor, Tensor)> {
+    let k = check_labels(labels, v)?;
+    let keep: Vec<u32> = (0..labels.len() as u32)
+        .filter(|&i| labels[i as usize] != IGNORE_INDEX)
+        .collect();
     let targets: Vec<u32> = keep.iter().map(|&i| labels[i as usize] as u32).collect();
-    let k = keep.len();
     Ok((
         Tensor::from_vec(keep, k, device)?,
         Tensor::from_vec(targets, k, device)?,
@@ -205,9 +221,8 @@ pub fn lm_loss(
             kept,
         ));
     }
-    let hidden = hidden.narrow(1, 0, s - 1)?.reshape((b * (s - 1), h))?;
-    let labels = labels.narrow(1, 1, s - 1)?.flatten_all()?;
-    let (keep, targets) = kept_labels(&labels, b * (s - 1), head.out_features(), hidden.device())?;
+    let hidden = hidden.reshape((b * s, h))?;
+    let (keep, targets) = selected_labels(&next, head.out_features(), hidden.device())?;
     let kept = keep.dim(0)?;
     let hidden = hidden.index_select(&keep, 0)?;
     Ok((
@@ -217,24 +232,13 @@ pub fn lm_loss(
 }
 
 /// Every row's target (0 for an ignored row), a mask (f32, 1 for a kept
-/// row) and the kept count, checked as [`kept_labels`] checks.
+/// row) and the kept count, checked ([`check_labels`]).
 fn masked_labels(
     labels: &[i64],
     v: usize,
     device: &candle_core::Device,
 ) -> Result<(Tensor, Tensor, usize)> {
-    let kept = labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
-    if kept == 0 {
-        return Err(Error::InvalidInput("every label is masked (-100)".into()));
-    }
-    if let Some(&bad) = labels
-        .iter()
-        .find(|&&l| l != IGNORE_INDEX && (l < 0 || l >= v as i64))
-    {
-        return Err(Error::InvalidInput(format!(
-            "label {bad} is outside the vocabulary ({v})"
-        )));
-    }
+    let kept = check_labels(labels, v)?;
     let n = labels.len();
     let targets: Vec<u32> = labels
         .iter()
