@@ -96,31 +96,23 @@ pub fn flash_attention(
     causal: bool,
     window: Option<usize>,
 ) -> candle_core::Result<Tensor> {
-    flash(q, k, v, bias, scale, causal, window, false)
+    let op = flash_op(q, k, v, bias, scale, causal, window, false)?;
+    apply_flash(op, q, k, v)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn flash(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    bias: Option<&Tensor>,
-    scale: f64,
-    causal: bool,
-    window: Option<usize>,
-    out_bshd: bool,
-) -> candle_core::Result<Tensor> {
-    let op = flash_op(q, k, v, bias, scale, causal, window, out_bshd)?;
+/// Runs `op` (from [`flash_op`]) on q, k and v: a graph node with a
+/// backward, unless it writes the merged layout (inference).
+fn apply_flash(op: FlashAttn, q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
     let on_cuda = q.device().is_cuda();
     let (q, k, v) = (input(q, on_cuda)?, input(k, on_cuda)?, input(v, on_cuda)?);
-    if out_bshd {
+    if op.p.out_bshd {
         q.apply_op3_no_bwd(&k, &v, &op)
     } else {
         q.apply_op3(&k, &v, op)
     }
 }
 
-/// The checked op for [`flash`] and [`flash_attention_taped`].
+/// The checked op for [`apply_flash`] and [`flash_attention_taped`].
 #[allow(clippy::too_many_arguments)]
 fn flash_op(
     q: &Tensor,
@@ -250,9 +242,20 @@ pub fn flash_attention_merged(
 ) -> candle_core::Result<Tensor> {
     let (b, hq, s, d) = q.dims4()?;
     let o = if q.device().is_cuda() {
-        flash(q, k, v, bias, scale, causal, window, true)?
+        apply_flash(
+            flash_op(q, k, v, bias, scale, causal, window, true)?,
+            q,
+            k,
+            v,
+        )?
     } else {
-        flash(q, k, v, bias, scale, causal, window, false)?.transpose(1, 2)?
+        apply_flash(
+            flash_op(q, k, v, bias, scale, causal, window, false)?,
+            q,
+            k,
+            v,
+        )?
+        .transpose(1, 2)?
     };
     o.reshape((b, s, hq * d))
 }
