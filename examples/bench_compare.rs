@@ -33,9 +33,11 @@ struct Args {
     /// cpu, cuda, cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Which rows: generation, latency, kernels, lora, embeddings, quantized, all; or a
-    /// profile: lora-profile, decode-profile, prefill-profile, embeddings-profile;
-    /// lora-dp (data-parallel, under examples/launch.rs).
+    /// Which rows: generation, latency, kernels, lora, embeddings, quantized, all;
+    /// embeddings-corpus (encode of `--texts`, not in all); or a profile:
+    /// lora-profile, decode-profile, prefill-profile, embeddings-profile
+    /// (`--embed-names`' first model, shape `--profile-shape`); lora-dp
+    /// (data-parallel, under examples/launch.rs).
     #[arg(long, default_value = "all")]
     suite: String,
     /// Timed repeats per row (median reported).
@@ -60,6 +62,15 @@ struct Args {
     /// (both sides load the same files).
     #[arg(long, default_value = ".dev/bench-models")]
     embed_models: String,
+    /// Comma-separated embedding models (default: all of EMBED_MODELS).
+    #[arg(long)]
+    embed_names: Option<String>,
+    /// The embeddings-corpus suite's texts (scripts/make_bench_inputs.py).
+    #[arg(long, default_value = ".dev/bench-texts.jsonl")]
+    texts: String,
+    /// The embeddings-profile shape, BATCHxSEQ.
+    #[arg(long, default_value = "512x128")]
+    profile_shape: String,
     /// Only the first N rows of the LoRA suite (e.g. 1 with many repeats).
     #[arg(long)]
     lora_rows: Option<usize>,
@@ -78,7 +89,39 @@ struct Args {
     gguf: Vec<String>,
 }
 
-const EMBED_MODELS: [&str; 2] = ["all-MiniLM-L6-v2", "all-mpnet-base-v2"];
+/// scripts/peers.py's EMBED_MODELS: BGE and E5 are BERT at the base and
+/// large shapes (CLS and mean pooling, read from the folders).
+const EMBED_MODELS: [&str; 6] = [
+    "all-MiniLM-L6-v2",
+    "all-mpnet-base-v2",
+    "bge-base-en-v1.5",
+    "bge-large-en-v1.5",
+    "e5-base-v2",
+    "e5-large-v2",
+];
+
+/// The models with encode and single-query latency rows (and the corpus
+/// rows), with their real `max_seq_length`; the others have forward+pool
+/// rows only.
+const FULL_ROWS: [(&str, usize); 2] = [("all-MiniLM-L6-v2", 256), ("all-mpnet-base-v2", 384)];
+
+/// The embedding models `--embed-names` picks (default: all).
+fn embed_names(args: &Args) -> Result<Vec<&'static str>> {
+    let Some(list) = &args.embed_names else {
+        return Ok(EMBED_MODELS.to_vec());
+    };
+    list.split(',')
+        .map(|n| {
+            EMBED_MODELS
+                .iter()
+                .find(|m| **m == n)
+                .copied()
+                .ok_or_else(|| {
+                    anyhow::anyhow!("unknown --embed-names `{n}` (known: {EMBED_MODELS:?})")
+                })
+        })
+        .collect()
+}
 
 /// The same texts as scripts/peers.py's TEXTS.
 const TEXTS: [&str; 8] = [
@@ -106,7 +149,7 @@ fn bench_embeddings(args: &Args, device: &Device) -> Result<()> {
         &[(1, 128), (32, 128), (512, 128), (128, 512)]
     };
     let peer = stock_device(device)?;
-    for name in EMBED_MODELS {
+    for name in embed_names(args)? {
         let dir = std::path::Path::new(&args.embed_models).join(name);
         if !dir.join("model.safetensors").exists() {
             anyhow::bail!(
@@ -185,6 +228,9 @@ fn bench_embeddings(args: &Args, device: &Device) -> Result<()> {
                     );
                 }
             }
+            if !FULL_ROWS.iter().any(|(n, _)| *n == name) {
+                continue;
+            }
             let texts: Vec<&str> = TEXTS.iter().cycle().take(512).copied().collect();
             let secs = time(device, args.repeats, || {
                 model.encode(&texts)?;
@@ -223,6 +269,72 @@ fn bench_embeddings(args: &Args, device: &Device) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// scripts/peers.py's CORPUS_BATCHES.
+const CORPUS_BATCHES: [usize; 3] = [32, 128, 512];
+
+/// `EmbeddingModel::encode` of the real-text set (`--texts`, written by
+/// scripts/make_bench_inputs.py) with the real models' `max_seq_length`,
+/// the vectors on the host, for each dtype and batch size; then the best
+/// batch per dtype (as scripts/peers.py times `SentenceTransformer.encode`).
+fn bench_embeddings_corpus(args: &Args, device: &Device) -> Result<()> {
+    use metal_candle::embeddings::EmbeddingModel;
+    use metal_candle::io::ModelRepo;
+    let texts: Vec<String> = std::fs::read_to_string(&args.texts)
+        .map_err(|e| anyhow::anyhow!("{}: {e} (run scripts/make_bench_inputs.py)", args.texts))?
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(serde_json::from_str)
+        .collect::<std::result::Result<_, _>>()?;
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let dtypes: &[DType] = if device.is_cuda() {
+        &[DType::F32, DType::F16, DType::BF16]
+    } else {
+        &[DType::F32]
+    };
+    let batches = if args.quick {
+        &CORPUS_BATCHES[..1]
+    } else {
+        &CORPUS_BATCHES[..]
+    };
+    for name in embed_names(args)? {
+        let Some(&(_, max_seq)) = FULL_ROWS.iter().find(|(n, _)| *n == name) else {
+            continue;
+        };
+        let dir = std::path::Path::new(&args.embed_models).join(name);
+        let row = format!("{name} encode {} real texts", thousands(texts.len()));
+        for &dtype in dtypes {
+            let mut model = EmbeddingModel::load(&ModelRepo::from_dir(&dir), Some(dtype), device)?;
+            model.set_max_seq_length(max_seq)?;
+            let mut best = 0f64;
+            for &bs in batches {
+                model.set_batch_size(bs);
+                let secs = time(device, args.repeats, || {
+                    model.encode_to_vecs(&texts)?;
+                    Ok(())
+                })?;
+                let rate = texts.len() as f64 / secs;
+                best = best.max(rate);
+                emit("embeddings", &row, &format!("b{bs}"), dtype, rate, "docs/s");
+            }
+            emit("embeddings", &row, "best batch", dtype, best, "docs/s");
+        }
+    }
+    Ok(())
+}
+
+/// `10000` as `10,000` (the row names scripts/peers.py writes).
+fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 const STOCK: &str = "candle-transformers (stock Candle)";
@@ -1268,9 +1380,14 @@ fn profile_prefill(args: &Args, device: &Device) -> Result<()> {
 fn profile_embeddings(args: &Args, device: &Device) -> Result<()> {
     use metal_candle::embeddings::{normalize, EmbeddingModel};
     use metal_candle::io::ModelRepo;
-    let dir = std::path::Path::new(&args.embed_models).join(EMBED_MODELS[0]);
+    let name = embed_names(args)?[0];
+    let dir = std::path::Path::new(&args.embed_models).join(name);
     let model = EmbeddingModel::load(&ModelRepo::from_dir(&dir), Some(DType::BF16), device)?;
-    let (b, s) = (512, 128);
+    let (b, s) = args
+        .profile_shape
+        .split_once('x')
+        .and_then(|(b, s)| Some((b.parse::<usize>().ok()?, s.parse::<usize>().ok()?)))
+        .ok_or_else(|| anyhow::anyhow!("--profile-shape: BATCHxSEQ, e.g. 128x512"))?;
     let v: Vec<u32> = (0..b * s)
         .map(|k| ((k as u64 * 2_654_435_761) % 2600) as u32)
         .collect();
@@ -1293,7 +1410,7 @@ fn profile_embeddings(args: &Args, device: &Device) -> Result<()> {
     })?;
     let all = time(device, args.repeats, full)?;
     eprintln!(
-        "MiniLM b512 s128 bf16: forward {:.2} ms, forward+pool {:.2} ms",
+        "{name} b{b} s{s} bf16: forward {:.2} ms, forward+pool {:.2} ms",
         fwd * 1e3,
         all * 1e3
     );
@@ -1528,6 +1645,9 @@ fn main() -> Result<()> {
     }
     if args.suite == "decode-profile" {
         profile_decode(&args, &device)?;
+    }
+    if args.suite == "embeddings-corpus" {
+        bench_embeddings_corpus(&args, &device)?;
     }
     if args.suite == "embeddings-profile" {
         profile_embeddings(&args, &device)?;

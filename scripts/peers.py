@@ -114,15 +114,30 @@ def bench_kernels(args):
     emit("pytorch eager", "kernels", "rms_norm fwd+bwd", "8x512x896", dtype, secs / (n // 5) * 1e6, "us")
 
 
+BERT_BASE = dict(model_type="bert", vocab_size=30522, hidden_size=768, num_hidden_layers=12,
+                 num_attention_heads=12, intermediate_size=3072, max_position_embeddings=512)
+BERT_LARGE = dict(BERT_BASE, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                  intermediate_size=4096)
 EMBED_MODELS = {
-    # name: (fixture folder whose tokenizer / pooling files are reused, config)
-    "all-MiniLM-L6-v2": ("embed-tiny-minilm", dict(model_type="bert", vocab_size=30522, hidden_size=384,
-                         num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
-                         max_position_embeddings=512)),
-    "all-mpnet-base-v2": ("embed-tiny-mpnet", dict(model_type="mpnet", vocab_size=30527, hidden_size=768,
-                          num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                          max_position_embeddings=514)),
+    # name: (fixture folder whose pooling files are reused, real tokenizer
+    # in .dev/bench-tokenizers (make_bench_inputs.py), config). BGE and E5
+    # are BERT with the bert-base-uncased vocabulary, as MiniLM: its
+    # tokenizer serves them; BGE pools the CLS token, E5 the mean.
+    "all-MiniLM-L6-v2": ("embed-tiny-minilm", "all-MiniLM-L6-v2", dict(BERT_BASE, hidden_size=384,
+                         num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)),
+    "all-mpnet-base-v2": ("embed-tiny-mpnet", "all-mpnet-base-v2", dict(BERT_BASE, model_type="mpnet",
+                          vocab_size=30527, max_position_embeddings=514)),
+    "bge-base-en-v1.5": ("embed-tiny-bge", "all-MiniLM-L6-v2", BERT_BASE),
+    "bge-large-en-v1.5": ("embed-tiny-bge", "all-MiniLM-L6-v2", BERT_LARGE),
+    "e5-base-v2": ("embed-tiny-e5", "all-MiniLM-L6-v2", BERT_BASE),
+    "e5-large-v2": ("embed-tiny-e5", "all-MiniLM-L6-v2", BERT_LARGE),
 }
+# The models with encode and single-query latency rows; the others have
+# forward+pool rows only.
+FULL_ROWS = ("all-MiniLM-L6-v2", "all-mpnet-base-v2")
+# max_seq_length of the real models' sentence_bert_config.json (the corpus
+# rows truncate there, as the real models do).
+REAL_MAX_SEQ = {"all-MiniLM-L6-v2": 256, "all-mpnet-base-v2": 384}
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
     "Retrieval-augmented generation grounds answers in documents.",
@@ -135,30 +150,42 @@ TEXTS = [
 ]
 
 
-def prepare_embedding_models(root):
+def prepare_embedding_models(root, names=None, tokenizers=".dev/bench-tokenizers"):
     """Random-weight sentence-transformers folders with the real models'
-    shapes (tokenizer and pooling files from the tiny fixtures), which both
-    sides of the benchmark load: same weights on both sides."""
+    shapes, which both sides of the benchmark load: same weights on both
+    sides. Tokenizer files: the real ones where `tokenizers` has them
+    (scripts/make_bench_inputs.py), else the tiny fixtures'."""
     import os
     import shutil
     from transformers import AutoConfig, AutoModel
     fixtures = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
-    for name, (fixture, cfg) in EMBED_MODELS.items():
+    for name in names or EMBED_MODELS:
+        fixture, tok, cfg = EMBED_MODELS[name]
         out = os.path.join(root, name)
-        if os.path.exists(os.path.join(out, "model.safetensors")):
-            continue
-        torch.manual_seed(0)
-        kind = cfg.pop("model_type")
-        config = AutoConfig.for_model(kind, **cfg)
-        cfg["model_type"] = kind
-        AutoModel.from_config(config).save_pretrained(out)
         src = os.path.join(fixtures, fixture)
-        for f in ["tokenizer.json", "tokenizer_config.json", "modules.json", "config_sentence_transformers.json"]:
-            if os.path.exists(os.path.join(src, f)):
-                shutil.copy(os.path.join(src, f), out)
-        for d in ["1_Pooling", "2_Normalize"]:
-            if os.path.isdir(os.path.join(src, d)):
-                shutil.copytree(os.path.join(src, d), os.path.join(out, d), dirs_exist_ok=True)
+        if not os.path.exists(os.path.join(out, "model.safetensors")):
+            torch.manual_seed(0)
+            cfg = dict(cfg)
+            kind = cfg.pop("model_type")
+            config = AutoConfig.for_model(kind, **cfg)
+            AutoModel.from_config(config).save_pretrained(out)
+            for f in ["modules.json", "config_sentence_transformers.json"]:
+                if os.path.exists(os.path.join(src, f)):
+                    shutil.copy(os.path.join(src, f), out)
+            for d in ["1_Pooling", "2_Normalize"]:
+                if os.path.isdir(os.path.join(src, d)):
+                    shutil.copytree(os.path.join(src, d), os.path.join(out, d), dirs_exist_ok=True)
+            pc = os.path.join(out, "1_Pooling", "config.json")
+            with open(pc) as f:
+                p = json.load(f)
+            p["embedding_dimension"] = cfg["hidden_size"]
+            with open(pc, "w") as f:
+                json.dump(p, f)
+        real = os.path.join(tokenizers, tok)
+        tok_src = real if os.path.exists(os.path.join(real, "tokenizer.json")) else src
+        for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"]:
+            if os.path.exists(os.path.join(tok_src, f)):
+                shutil.copy(os.path.join(tok_src, f), out)
         with open(os.path.join(out, "sentence_bert_config.json"), "w") as f:
             json.dump({"max_seq_length": 512, "do_lower_case": False}, f)
         tc = os.path.join(out, "tokenizer_config.json")
@@ -175,11 +202,12 @@ def bench_embeddings(args):
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel
     root = args.embed_models
-    prepare_embedding_models(root)
+    prepare_embedding_models(root, embed_names(args))
     dtypes = ["f32", "bf16"] if args.device.startswith("cuda") else ["f32"]
     shapes = [(1, 128), (32, 128)] if args.quick else [(1, 128), (32, 128), (512, 128), (128, 512)]
-    for name in EMBED_MODELS:
+    for name in embed_names(args):
         path = os.path.join(root, name)
+        cls = EMBED_MODELS[name][0] == "embed-tiny-bge"
         for dtype in dtypes:
             model = AutoModel.from_pretrained(path, dtype=DT[dtype]).to(args.device).eval()
             for b, s in shapes:
@@ -191,14 +219,19 @@ def bench_embeddings(args):
 
                 def run():
                     h = model(input_ids=x, attention_mask=mask).last_hidden_state
-                    m = mask.unsqueeze(-1).to(h.dtype)
-                    e = (h * m).sum(1) / m.sum(1)
+                    if cls:
+                        e = h[:, 0]
+                    else:
+                        m = mask.unsqueeze(-1).to(h.dtype)
+                        e = (h * m).sum(1) / m.sum(1)
                     return torch.nn.functional.normalize(e.float(), dim=-1)
                 with torch.no_grad():
                     secs = timed(args.device, args.repeats, run)
                 emit("pytorch (sentence-transformers-style)", "embeddings", f"{name} forward+pool",
                      f"b{b} s{s}", dtype, b / secs, "docs/s")
             del model
+            if name not in FULL_ROWS:
+                continue
             st = SentenceTransformer(path, device=args.device, model_kwargs={"dtype": DT[dtype]})
             texts = (TEXTS * 64)[:512]
             secs = timed(args.device, args.repeats, lambda: st.encode(texts, batch_size=32))
@@ -216,6 +249,46 @@ def bench_embeddings(args):
             for label, p in (("p50", 0.5), ("p99", 0.99)):
                 emit("sentence-transformers", "embeddings", f"{name} single-query encode latency {label}",
                      f"{queries} queries, one at a time", dtype, each[round((len(each) - 1) * p)] * 1e3, "ms")
+            del st
+
+
+def embed_names(args):
+    names = args.embed_names.split(",") if args.embed_names else list(EMBED_MODELS)
+    unknown = [n for n in names if n not in EMBED_MODELS]
+    if unknown:
+        raise SystemExit(f"unknown --embed-names {unknown} (known: {', '.join(EMBED_MODELS)})")
+    return names
+
+
+CORPUS_BATCHES = [32, 128, 512]
+
+
+def bench_embeddings_corpus(args):
+    """`SentenceTransformer.encode` of the real-text set (tokenization,
+    its length sort, batches, the vectors on the host), for each dtype and
+    batch size; then the best batch per dtype."""
+    import os
+    from sentence_transformers import SentenceTransformer
+    prepare_embedding_models(args.embed_models, embed_names(args))
+    with open(args.texts, encoding="utf-8") as f:
+        texts = [json.loads(line) for line in f if line.strip()]
+    dtypes = ["f32", "f16", "bf16"] if args.device.startswith("cuda") else ["f32"]
+    if args.dtype:
+        dtypes = [args.dtype]
+    batches = CORPUS_BATCHES[:1] if args.quick else CORPUS_BATCHES
+    names = [n for n in embed_names(args) if n in REAL_MAX_SEQ]
+    for name in names:
+        row = f"{name} encode {len(texts):,} real texts"
+        for dtype in dtypes:
+            st = SentenceTransformer(os.path.join(args.embed_models, name), device=args.device,
+                                     model_kwargs={"dtype": DT[dtype]})
+            st.max_seq_length = REAL_MAX_SEQ[name]
+            best = 0.0
+            for bs in batches:
+                secs = timed(args.device, args.repeats, lambda: st.encode(texts, batch_size=bs))
+                best = max(best, len(texts) / secs)
+                emit("sentence-transformers", "embeddings", row, f"b{bs}", dtype, len(texts) / secs, "docs/s")
+            emit("sentence-transformers", "embeddings", row, "best batch", dtype, best, "docs/s")
             del st
 
 
@@ -318,6 +391,10 @@ def main():
     ap.add_argument("--embed-models", default=".dev/bench-models",
                     help="where the random-weight embedding models are written (shared with ours)")
     ap.add_argument("--prepare-only", action="store_true", help="only write the embedding models")
+    ap.add_argument("--embed-names", default=None,
+                    help="comma-separated embedding models (default: all of EMBED_MODELS)")
+    ap.add_argument("--texts", default=".dev/bench-texts.jsonl",
+                    help="the embeddings-corpus suite's texts (scripts/make_bench_inputs.py)")
     ap.add_argument("--lora-rows", type=int, default=None, help="only the first N LoRA rows")
     ap.add_argument("--composed-backward", action="store_true",
                     help="(ours only: LoRA rows also through Candle's op-by-op backward)")
@@ -329,10 +406,12 @@ def main():
         torch.set_num_threads(os.cpu_count())
         print(f"# torch threads: {torch.get_num_threads()}", file=sys.stderr)
     if args.prepare_only:
-        prepare_embedding_models(args.embed_models)
+        prepare_embedding_models(args.embed_models, embed_names(args))
         return
     if args.suite in ("all", "embeddings"):
         bench_embeddings(args)
+    if args.suite == "embeddings-corpus":
+        bench_embeddings_corpus(args)
     if args.suite in ("all", "kernels"):
         bench_kernels(args)
     if args.suite in ("all", "lora"):

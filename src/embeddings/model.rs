@@ -674,7 +674,9 @@ impl EmbeddingModel {
                 m.resize(s, 0);
                 mask.push(m);
             }
-            let input = Tensor::from_vec(flat, (batch.len(), s), &self.device)?;
+            // On the host: the backbone checks the ids there before it
+            // uploads them (no device round trip per batch).
+            let input = Tensor::from_vec(flat, (batch.len(), s), &Device::Cpu)?;
             let hidden = self.backbone.forward_rows(&input, &mask)?;
             if prompt_len > 0 {
                 for m in &mut mask {
@@ -691,6 +693,9 @@ impl EmbeddingModel {
         }
         progress.finish_and_clear();
         let sorted = Tensor::cat(&pooled, 0)?;
+        if order.iter().enumerate().all(|(k, &i)| k == i) {
+            return Ok(sorted);
+        }
         // Row k of `sorted` is text order[k]: invert the permutation.
         let mut inverse = vec![0u32; order.len()];
         for (k, &i) in order.iter().enumerate() {

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use super::encoder::{
     check_config, check_inputs, padding_bias, parse_activation, EncoderLayer, LayerDims, LayerNames,
 };
-use crate::backend::kernels::{bias_act, Activation};
+use crate::backend::kernels::embed_sum;
 use crate::error::{Error, Result};
 use crate::io::Weights;
 use crate::layers::LayerNorm;
@@ -124,8 +124,12 @@ pub(crate) fn weight_prefix(w: &Weights, candidates: &[&'static str]) -> Result<
 #[derive(Debug, Clone)]
 pub struct BertModel {
     word: Tensor,
+    /// The position table with the segment-0 token-type row added at load
+    /// (inference embeds segment 0 only): one table for [`embed_sum`].
     position: Tensor,
-    token_type: Option<Tensor>,
+    /// `0..max_position_embeddings` (u32) on the device: one sequence's
+    /// position ids are a view of it, no upload.
+    position_ids: Tensor,
     norm: LayerNorm,
     layers: Vec<EncoderLayer>,
     config: BertConfig,
@@ -154,27 +158,29 @@ impl BertModel {
         let layers = (0..config.num_hidden_layers)
             .map(|i| EncoderLayer::load(w, &format!("{p}encoder.layer.{i}"), &LAYER_NAMES, dims))
             .collect::<Result<Vec<_>>>()?;
-        let token_type = if config.type_vocab_size > 0 {
-            // Segment 0 only: keep row 0 as `[1, 1, h]`.
-            w.get_opt(
+        let mut position = w.get(
+            &format!("{p}embeddings.position_embeddings.weight"),
+            &[config.max_position_embeddings, h],
+        )?;
+        if config.type_vocab_size > 0 {
+            if let Some(tt) = w.get_opt(
                 &format!("{p}embeddings.token_type_embeddings.weight"),
                 &[config.type_vocab_size, h],
-            )?
-            .map(|t| t.narrow(0, 0, 1)?.reshape((1, 1, h)))
-            .transpose()?
-        } else {
-            None
-        };
+            )? {
+                position = position.broadcast_add(&tt.narrow(0, 0, 1)?)?;
+            }
+        }
         Ok(Self {
             word: w.get(
                 &format!("{p}embeddings.word_embeddings.weight"),
                 &[config.vocab_size, h],
             )?,
-            position: w.get(
-                &format!("{p}embeddings.position_embeddings.weight"),
-                &[config.max_position_embeddings, h],
+            position_ids: Tensor::arange(
+                0u32,
+                config.max_position_embeddings as u32,
+                position.device(),
             )?,
-            token_type,
+            position,
             norm: LayerNorm::load(
                 w,
                 &format!("{p}embeddings.LayerNorm"),
@@ -212,20 +218,20 @@ impl BertModel {
                 limit: self.config.max_position_embeddings,
             });
         }
-        let ids = ids.to_dtype(DType::U32)?.to_device(self.device())?;
+        // Checked where they are: host ids (the `encode` path) need no
+        // device round trip.
+        let ids = ids.to_dtype(DType::U32)?;
         check_vocab(&ids, self.config.vocab_size)?;
+        let ids = ids.to_device(self.device())?;
         let h = self.config.hidden_size;
-        let words = self
-            .word
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, s * h))?;
-        // Position and token-type rows summed once ([s, h], small), then
-        // added to every sequence in one pass.
-        let mut extra = self.position.narrow(0, 0, s)?;
-        if let Some(tt) = &self.token_type {
-            extra = extra.broadcast_add(tt)?;
-        }
-        let x = bias_act(&words, &extra.flatten_all()?, Activation::None)?.reshape((b, s, h))?;
+        let positions = if b == 1 {
+            self.position_ids.narrow(0, 0, s)?
+        } else {
+            let positions: Vec<u32> = (0..b * s).map(|k| (k % s) as u32).collect();
+            Tensor::from_vec(positions, b * s, self.device())?
+        };
+        let x = embed_sum(&self.word, &ids.flatten_all()?, &self.position, &positions)?
+            .reshape((b, s, h))?;
         let mut x = self.norm.forward(&x)?;
         let bias = padding_bias(mask, self.device())?;
         for layer in &self.layers {

@@ -17,6 +17,7 @@ use super::bert::{check_vocab, weight_prefix};
 use super::encoder::{
     check_config, check_inputs, padding_bias, parse_activation, EncoderLayer, LayerDims, LayerNames,
 };
+use crate::backend::kernels::embed_sum;
 use crate::error::{Error, Result};
 use crate::io::Weights;
 use crate::layers::LayerNorm;
@@ -242,8 +243,8 @@ impl MpnetModel {
         }
         let ids = ids.to_dtype(DType::U32)?;
         let id_rows = ids.to_vec2::<u32>()?;
-        let ids = ids.to_device(self.device())?;
         check_vocab(&ids, self.config.vocab_size)?;
+        let ids = ids.to_device(self.device())?;
         // Positions from the ids, like transformers' create_position_ids_from_input_ids.
         let mut positions = Vec::with_capacity(b * s);
         for row in &id_rows {
@@ -259,9 +260,8 @@ impl MpnetModel {
         }
         let positions = Tensor::from_vec(positions, b * s, self.device())?;
         let h = self.config.hidden_size;
-        let words = self.word.index_select(&ids.flatten_all()?, 0)?;
-        let pos = self.position.index_select(&positions, 0)?;
-        let x = (words + pos)?.reshape((b, s, h))?;
+        let x = embed_sum(&self.word, &ids.flatten_all()?, &self.position, &positions)?
+            .reshape((b, s, h))?;
         let mut x = self.norm.forward(&x)?;
 
         let bias = self.position_bias(s)?;

@@ -8,8 +8,8 @@
 use crate::common::{abs_max, device, rel_diff};
 use candle_core::{DType, Device, Tensor, Var, D};
 use metal_candle::backend::kernels::{
-    add_layer_norm, add_rms_norm, bias_act, flash_attention, flash_attention_merged, rms_norm,
-    split_heads, swiglu, Activation, Heads,
+    add_layer_norm, add_rms_norm, bias_act, embed_sum, flash_attention, flash_attention_merged,
+    rms_norm, split_heads, swiglu, Activation, Heads,
 };
 use metal_candle::layers::composed_attention;
 
@@ -117,7 +117,9 @@ const KERNELS: &[Row] = &[
         fused: |t| bias_act(&t[0], &t[1], Activation::GeluErf),
         composed: |t| t[0].broadcast_add(&t[1])?.gelu_erf(),
         inputs: bias_inputs,
-        shapes: &[&[7], &[3, 100], &[300, 1536]],
+        // [800, 3000]: more 16-byte chunks than one elementwise grid has
+        // threads, so the grid-stride loop and its column step run.
+        shapes: &[&[7], &[3, 100], &[300, 1536], &[800, 3000]],
         grads: 0,
         runs_on: everywhere,
         tolerances: TOLERANCES,
@@ -141,6 +143,23 @@ const KERNELS: &[Row] = &[
         // one 1024-thread block.
         // (50 x 768: enough rows for the CPU path's threads.)
         shapes: &[&[5, 7], &[3, 4, 384], &[2, 768], &[50, 768], &[2, 1500]],
+        grads: 0,
+        runs_on: everywhere,
+        tolerances: TOLERANCES,
+    },
+    // [rows of a, rows of b, ids, width]; inference-only.
+    Row {
+        name: "embed_sum",
+        fused: |t| embed_sum(&t[0], &t[1], &t[2], &t[3]),
+        composed: |t| t[0].index_select(&t[1], 0)? + t[2].index_select(&t[3], 0)?,
+        inputs: embed_sum_inputs,
+        // Widths below and not a multiple of 8 (the scalar path), MiniLM's
+        // 384; more ids than one elementwise grid covers.
+        shapes: &[
+            &[10, 5, 7, 3],
+            &[100, 40, 300, 384],
+            &[3000, 512, 6000, 384],
+        ],
         grads: 0,
         runs_on: everywhere,
         tolerances: TOLERANCES,
@@ -440,6 +459,25 @@ fn bias_inputs(shape: &[usize], dtype: DType, dev: &Device) -> Vec<Tensor> {
     ]
 }
 
+/// Tables `[va, h]`, `[vb, h]` and ids into each (every row reached).
+fn embed_sum_inputs(shape: &[usize], dtype: DType, dev: &Device) -> Vec<Tensor> {
+    let &[va, vb, n, h] = shape else {
+        panic!("embed_sum shape is [va, vb, n, h], got {shape:?}")
+    };
+    let ids = |v: usize, mul: u64| {
+        let ids: Vec<u32> = (0..n as u64)
+            .map(|k| ((k * mul) % v as u64) as u32)
+            .collect();
+        Tensor::from_vec(ids, n, dev).unwrap()
+    };
+    vec![
+        randn(0.0, 1.0, &[va, h], dtype, dev),
+        ids(va, 2_654_435_761),
+        randn(0.0, 0.5, &[vb, h], dtype, dev),
+        ids(vb, 7),
+    ]
+}
+
 /// x, residual `[.., n]` and params `[3, n]` (projection bias, weight, bias).
 fn add_layer_norm_inputs(shape: &[usize], dtype: DType, dev: &Device) -> Vec<Tensor> {
     let n = *shape.last().unwrap();
@@ -660,6 +698,32 @@ fn rms_norm_rejects_mismatched_inputs() {
     let x = Tensor::zeros((2, 8), DType::F32, &dev).unwrap();
     assert!(rms_norm(&x, &Tensor::ones(7, DType::F32, &dev).unwrap(), 1e-6).is_err());
     assert!(rms_norm(&x, &Tensor::ones(8, DType::F16, &dev).unwrap(), 1e-6).is_err());
+}
+
+#[test]
+fn embed_sum_rejects_bad_inputs_and_never_reads_outside_a_table() {
+    let dev = device();
+    let table = |rows: usize, dtype| Tensor::ones((rows, 16), dtype, &dev).unwrap();
+    let ids = |v: &[u32]| Tensor::new(v, &dev).unwrap();
+    let (a, b) = (table(4, DType::F32), table(3, DType::F32));
+    assert!(embed_sum(&a, &ids(&[0, 1]), &table(3, DType::F16), &ids(&[0, 1])).is_err());
+    assert!(embed_sum(&a, &ids(&[0, 1]), &b, &ids(&[0])).is_err());
+    assert!(embed_sum(
+        &a,
+        &ids(&[0, 1]),
+        &Tensor::ones((3, 8), DType::F32, &dev).unwrap(),
+        &ids(&[0, 1])
+    )
+    .is_err());
+    // An id past a table: an error on the CPU; NaN rows from the CUDA
+    // kernel (which does not copy the ids back to check them).
+    match embed_sum(&a, &ids(&[0, 4]), &b, &ids(&[0, 2])) {
+        Err(_) => assert!(!dev.is_cuda()),
+        Ok(out) => {
+            let rows = out.to_vec2::<f32>().unwrap();
+            assert!(rows[0].iter().all(|&v| v == 2.0) && rows[1].iter().all(|v| v.is_nan()));
+        }
+    }
 }
 
 #[test]

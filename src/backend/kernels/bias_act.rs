@@ -143,8 +143,7 @@ impl candle_core::CustomOp2 for BiasAct {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use super::launch::{launch, ptx, Arg};
-        use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+        use super::launch::{elementwise_config, launch, ptx, Arg};
         let total = l1.shape().elem_count();
         let n = l2.shape().elem_count().max(1);
         let rows = total / n;
@@ -157,13 +156,8 @@ impl candle_core::CustomOp2 for BiasAct {
             Arg::I32(self.act.code()),
         ];
         let inputs = [(s1, l1), (s2, l2)];
-        // One block per row (the kernel strides past 65,535 x 1024 rows),
-        // up to 256 threads over its columns.
-        let cfg = LaunchConfig {
-            grid_dim: (rows.clamp(1, 1 << 26) as u32, 1, 1),
-            block_dim: (n.next_multiple_of(32).min(256) as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        // A grid-stride loop over 8-element chunks (bf16/f16; 4 for f32).
+        let cfg = elementwise_config(total.div_ceil(8));
         let out = launch(&ptx::BIAS_ACT, "bias_act", &inputs, total, cfg, &args)?;
         Ok((out, l1.shape().clone()))
     }

@@ -49,6 +49,17 @@ constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 constexpr float SCORE_FLOOR = -16384.f;
 
+// 2^x in one MUFU.EX2, denormal results flushed to zero: exp2f without
+// fast math adds a range test and two predicated multiplies per call to
+// keep denormals, and the ALU pipe those tests use was the forward's
+// busiest (46% at d = 32, Nsight Compute, H200). Softmax weights below
+// 2^-126 are zero either way once summed with the row's maximum's 1.
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Shared-memory rows are padded by 8 elements (16 bytes) so that the eight
 // rows one ldmatrix phase reads fall in distinct banks for d = 32, 64, 128.
 template <int D> struct Pad { static constexpr int LD = D + 8; };
@@ -137,6 +148,8 @@ __device__ __forceinline__ bool visible(int j, int qpos, int t, int causal, int 
 
 // ---------------------------------------------------------------- forward --
 
+// (Tiles of 128 keys were tried: 3% faster at d = 32 without a bias, 16%
+// slower for MPNet's d = 64 with its position bias; H200, 2026-11-28.)
 template <int D> struct FwdCfg {
   static constexpr int WARPS = 4;
   static constexpr int BM = 16 * WARPS;
@@ -182,6 +195,11 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
   const int n_begin = (n_lo / BN) * BN;
 
   const float scale_log2 = scale * LOG2E;
+  // Unbiased scores are scaled inside the exponent (one FMA per score); a
+  // scale that is not positive would turn -inf into NaN there, so it scales
+  // first like a biased one.
+  const bool prescaled = HAS_BIAS || !(scale_log2 > 0.f);
+  const float exp_scale = prescaled ? 1.f : scale_log2;
   float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};
   float oacc[D / 8][4];
 #pragma unroll
@@ -218,20 +236,25 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
     }
     // Scores in log2 units, bias added, invisible keys at -inf. Only tiles
     // that cross the end of the keys, the causal diagonal or the window edge
-    // need the per-element test.
+    // need the per-element test. Without a bias the scores stay unscaled
+    // here and the scale joins the exponent's subtraction as one FMA
+    // (`prescaled` false); a bias is added in log2 units, so it scales first.
     const bool need_mask = n0 + BN > t || (causal && n0 + BN - 1 > m0 + off) ||
                            (window > 0 && n0 < m0 + BM - 1 + off - window + 1);
+    if (prescaled || need_mask) {
 #pragma unroll
-    for (int nt = 0; nt < BN / 8; ++nt) {
+      for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int row = m0 + warp * 16 + g + (e >> 1) * 8;
-        const int col = n0 + nt * 8 + 2 * tq + (e & 1);
-        float x = sacc[nt][e] * scale_log2;
-        if (HAS_BIAS && row < s && col < t)
-          x = fmaxf(x + biasb[(long long)row * bias_rs + col] * LOG2E, SCORE_FLOOR);
-        if (need_mask && !visible(col, row + off, t, causal, window)) x = -INFINITY;
-        sacc[nt][e] = x;
+        for (int e = 0; e < 4; ++e) {
+          const int row = m0 + warp * 16 + g + (e >> 1) * 8;
+          const int col = n0 + nt * 8 + 2 * tq + (e & 1);
+          float x = sacc[nt][e];
+          if (prescaled) x *= scale_log2;
+          if (HAS_BIAS && row < s && col < t)
+            x = fmaxf(x + biasb[(long long)row * bias_rs + col] * LOG2E, SCORE_FLOOR);
+          if (need_mask && !visible(col, row + off, t, causal, window)) x = -INFINITY;
+          sacc[nt][e] = x;
+        }
       }
     }
     // Online softmax: each row lives in the 4 lanes of a quad.
@@ -243,11 +266,11 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
       for (int nt = 0; nt < BN / 8; ++nt) mx = fmaxf(mx, fmaxf(sacc[nt][2 * r], sacc[nt][2 * r + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-      const float m_new = fmaxf(m_r[r], mx);
+      const float m_new = fmaxf(m_r[r], mx * exp_scale);
       // A row with nothing visible yet keeps max -inf; subtract 0 instead so
       // exp2 gives 0 rather than NaN.
       mu[r] = m_new == -INFINITY ? 0.f : m_new;
-      const float alpha = exp2f(m_r[r] - mu[r]);
+      const float alpha = ex2(m_r[r] - mu[r]);
       m_r[r] = m_new;
       l_r[r] *= alpha;
 #pragma unroll
@@ -260,7 +283,7 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
     for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float p = exp2f(sacc[nt][e] - mu[e >> 1]);
+        const float p = ex2(fmaf(sacc[nt][e], exp_scale, -mu[e >> 1]));
         l_r[e >> 1] += p;
         sacc[nt][e] = p;
       }
@@ -755,11 +778,16 @@ __device__ __forceinline__ void decode_combine(const float* __restrict__ part_o,
 // Entry points, `{name}_d{32|64|128}_{bf16|f16}`; the bias flag picks a
 // specialisation so unbiased attention carries no bias code. Launch:
 //   fwd:  grid (ceil(s / 64), hq, b), 128 threads, FwdCfg<D>::SMEM bytes
+//         (fwd_nb: the same, bias ignored)
 //   bwd:  grid (ceil(t / 64), hq, b), 128 threads, BwdCfg<D>::SMEM bytes;
 //         dq_acc zeroed; dk_acc/dv_acc zeroed when hq != hkv
 //   dot:  rows * D / 8 threads, any block size that is a multiple of 32
 //   decode: grid (ceil(t_rows / 128), hkv, b), 128 threads, s = 1, no bias,
 //           hq / hkv <= 16; combine: grid b * hq, D threads
+// Blocks per SM the no-bias forward is register-capped for: 6 at d = 32
+// (80 registers, 52 bytes of spill stores), 4 at d = 64 (128 registers,
+// 48 bytes), none at d = 128 (a cap spills 432 bytes); ptxas, sm_90.
+#define FWD_NB_MIN_BLOCKS(D) ((D) == 32 ? 6 : (D) == 64 ? 4 : 1)
 #define FLASH_ATTN_OPS(T, SUFFIX, D)                                                               \
   extern "C" __global__ void __launch_bounds__(128) flash_attn_fwd_d##D##_##SUFFIX(              \
       const T* q, const T* k, const T* v, const float* bias, T* o, float* lse, int hq, int hkv,   \
@@ -771,6 +799,16 @@ __device__ __forceinline__ void decode_combine(const float* __restrict__ part_o,
     else                                                                                          \
       flash::fwd<T, D, false>(q, k, v, bias, o, lse, hq, hkv, s, t, scale, causal, window,       \
                               bias_bs, bias_hs, bias_rs, o_bshd, t_dev);                          \
+  }                                                                                               \
+  /* Without a bias, at a register cap that fits more blocks per SM (the    \
+     combined entry's bias path needs 125 registers at d = 32: 4 blocks). */ \
+  extern "C" __global__ void __launch_bounds__(128, FWD_NB_MIN_BLOCKS(D))                       \
+      flash_attn_fwd_nb_d##D##_##SUFFIX(                                                          \
+          const T* q, const T* k, const T* v, const float* bias, T* o, float* lse, int hq,       \
+          int hkv, int s, int t, float scale, int causal, int window, long long bias_bs,          \
+          long long bias_hs, long long bias_rs, int o_bshd, const unsigned int* t_dev) {          \
+    flash::fwd<T, D, false>(q, k, v, nullptr, o, lse, hq, hkv, s, t, scale, causal, window,      \
+                            bias_bs, bias_hs, bias_rs, o_bshd, t_dev);                            \
   }                                                                                               \
   extern "C" __global__ void __launch_bounds__(128) flash_attn_bwd_d##D##_##SUFFIX(              \
       const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* dsum,    \

@@ -765,6 +765,14 @@ mod cuda {
         (TILE + 2 * TILE) * (d + 8) * 2
     }
 
+    /// Whether an unbiased forward takes `flash_attn_fwd_nb_*` (register-
+    /// capped for more blocks per SM); `METAL_CANDLE_FLASH_NB=0` takes the
+    /// combined entry instead (an A/B switch).
+    fn no_bias_entry() -> bool {
+        static NB: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *NB.get_or_init(|| std::env::var("METAL_CANDLE_FLASH_NB").as_deref() != Ok("0"))
+    }
+
     /// `BwdCfg<D>::SMEM`: K and V tiles, double-buffered Q and dO tiles of
     /// `bm` rows, the dSᵀ tile and two f32 rows per query, twice.
     fn bwd_smem(d: usize) -> usize {
@@ -904,7 +912,12 @@ mod cuda {
             decode_t::<T>(p, (&qv, &kv, &vv), &out, &lse, dev)?;
         } else if rows > 0 {
             let smem = fwd_smem(d);
-            let f = func(dev, &format!("flash_attn_fwd_d{d}_{}", T::SUFFIX), smem)?;
+            let entry = if p.bias.is_none() && no_bias_entry() {
+                "fwd_nb"
+            } else {
+                "fwd"
+            };
+            let f = func(dev, &format!("flash_attn_{entry}_d{d}_{}", T::SUFFIX), smem)?;
             let guard = p.bias.as_ref().map(Tensor::storage_and_layout);
             let bias = match &guard {
                 Some((s, l)) => Some(bias_arg(s, l)?),

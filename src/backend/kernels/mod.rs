@@ -19,6 +19,7 @@ mod adamw;
 mod add_layer_norm;
 mod bias_act;
 mod cross_entropy;
+mod embed_sum;
 mod flash_attn;
 mod kv_write;
 mod rms_norm;
@@ -33,6 +34,7 @@ pub(crate) use adamw::{adamw_update, AdamWStep};
 pub use add_layer_norm::add_layer_norm;
 pub use bias_act::{bias_act, Activation};
 pub(crate) use cross_entropy::{cross_entropy_grad, cross_entropy_stats};
+pub use embed_sum::embed_sum;
 pub use flash_attn::{
     flash_attention, flash_attention_available, flash_attention_cached, flash_attention_merged,
     flash_attention_supported,
