@@ -292,3 +292,64 @@ fn q5_0_weights_on_the_cpu_keep_their_values() {
         assert!(rel <= bound, "{rows} rows: {rel}");
     }
 }
+
+/// Q8_0 products of a few rows (decoding) on the CPU: the activations
+/// rounded to 8 bits per 32 values as llama.cpp and Candle's AVX2 loop do
+/// (scale `max|x| / 127` rounded to f16), then exact integer block sums.
+/// Computed here in f64 from the dequantized weight. At widths that are
+/// not whole 256-value superblocks (896, Qwen2.5-0.5B's), where Candle runs
+/// its per-32 loop on every x86 CPU, the result must also be bit-equal to
+/// Candle's `QMatMul` (our AVX-512 VNNI kernel forms the same partial sums
+/// in the same lanes and order: a kernel that only matched the f64 sums
+/// to 1e-5 moved the real Qwen2.5-Coder's logits by 0.1). At 512 Candle's
+/// VNNI tiles round activations per 256 values instead; ours keeps 32.
+/// Output counts with and without a tail of 4.
+#[test]
+fn q8_0_products_round_activations_per_32_values() {
+    use candle_core::quantized::QTensor;
+    let dev = Device::Cpu;
+    for (n, k) in [(96, 896), (38, 896), (64, 512)] {
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let q = std::sync::Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap());
+        let dense: Vec<Vec<f32>> = q.dequantize(&dev).unwrap().to_vec2().unwrap();
+        let layer = metal_candle::layers::Linear::quantized(q.clone(), None, DType::F32).unwrap();
+        for rows in [1, 3, 7] {
+            let x = Tensor::randn(0f32, 1.0, (rows, k), &dev).unwrap();
+            let ours: Vec<Vec<f32>> = layer.forward(&x).unwrap().to_vec2().unwrap();
+            if k % 256 != 0 {
+                use candle_core::Module;
+                let candle = candle_core::quantized::QMatMul::from_arc(q.clone()).unwrap();
+                let theirs: Vec<Vec<f32>> = candle.forward(&x).unwrap().to_vec2().unwrap();
+                assert_eq!(
+                    ours, theirs,
+                    "[{n}, {k}], {rows} rows: not Candle's numbers"
+                );
+            }
+            for (r, xr) in x.to_vec2::<f32>().unwrap().iter().enumerate() {
+                let mut want = vec![0f64; n];
+                for (b, xb) in xr.chunks(32).enumerate() {
+                    let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let d = amax / 127.0;
+                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    let dx = f64::from(half::f16::from_f32(d).to_f32());
+                    for (j, wj) in want.iter_mut().enumerate() {
+                        let s: f64 = xb
+                            .iter()
+                            .zip(&dense[j][b * 32..(b + 1) * 32])
+                            .map(|(&v, &wv)| f64::from((v * id).round()) * f64::from(wv))
+                            .sum();
+                        *wj += dx * s;
+                    }
+                }
+                let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+                for (j, (&o, &t)) in ours[r].iter().zip(&want).enumerate() {
+                    let rel = (f64::from(o) - t).abs() / scale;
+                    assert!(
+                        rel <= 1e-5,
+                        "[{n}, {k}], {rows} rows: row {r} out {j}: {o} vs {t}"
+                    );
+                }
+            }
+        }
+    }
+}
