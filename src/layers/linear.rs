@@ -694,14 +694,14 @@ impl candle_core::CustomOp1 for QuantizedMatMul {
                 _ => None,
             });
         }
-        // Q8_0 (and Q5_0, held as Q8_0) on AVX-512 VNNI: our kernel, the
-        // same numbers as Candle's AVX2 loop and llama.cpp, faster.
+        // Q8_0 (and Q5_0, held as Q8_0) and Q4_1 on AVX-512 VNNI: our
+        // kernels, Candle's numbers bit for bit, faster.
         if let (candle_core::CpuStorage::F32(x), Some((a, b))) = (s, l.contiguous_offsets()) {
             let dims = l.dims();
             if let Some((_, lead)) = dims.split_last() {
                 let m: usize = lead.iter().product();
                 if let Some(x) = x.get(a..b) {
-                    let y = crate::backend::quant::q8_0_matmul(x, m, &self.w)
+                    let y = crate::backend::quant::vnni_matmul(x, m, &self.w)
                         .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
                     if let Some(y) = y {
                         let n = self.w.shape().dims2()?.0;

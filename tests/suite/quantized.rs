@@ -353,3 +353,26 @@ fn q8_0_products_round_activations_per_32_values() {
         }
     }
 }
+
+/// Q4_1 products of a few rows on the CPU (SmolLM2's format; Candle has
+/// only its scalar loop for it on x86): bit-equal to Candle's `QMatMul`,
+/// whichever kernel runs (ours on AVX-512 VNNI repeats that loop's f32
+/// operations after exact integer block sums).
+#[test]
+fn q4_1_products_equal_candles() {
+    use candle_core::quantized::{QMatMul, QTensor};
+    use candle_core::Module;
+    let dev = Device::Cpu;
+    for (n, k) in [(96, 576), (38, 576), (64, 512)] {
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let q = std::sync::Arc::new(QTensor::quantize(&w, GgmlDType::Q4_1).unwrap());
+        let layer = metal_candle::layers::Linear::quantized(q.clone(), None, DType::F32).unwrap();
+        let candle = QMatMul::from_arc(q).unwrap();
+        for rows in [1, 3, 7] {
+            let x = Tensor::randn(0f32, 1.0, (rows, k), &dev).unwrap();
+            let ours: Vec<Vec<f32>> = layer.forward(&x).unwrap().to_vec2().unwrap();
+            let theirs: Vec<Vec<f32>> = candle.forward(&x).unwrap().to_vec2().unwrap();
+            assert_eq!(ours, theirs, "[{n}, {k}], {rows} rows");
+        }
+    }
+}

@@ -16,7 +16,7 @@
 //! form and stay as stored; so does everything on CUDA, where memory is
 //! the point and Candle's kernels take Q5_0 directly.
 
-pub(crate) mod q8_0_cpu;
+pub(crate) mod cpu_vnni;
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -66,30 +66,36 @@ pub(crate) fn for_device_kernels(w: Arc<QTensor>) -> Result<Arc<QTensor>> {
     Ok(Arc::new(QTensor::new(storage, w.shape().clone())?))
 }
 
-/// `x Wᵀ` for a Q8_0 weight on the CPU through [`q8_0_cpu`] (`x`: `[m, k]`
-/// f32, contiguous), when this CPU runs that kernel; `None` otherwise (and
-/// with `METAL_CANDLE_Q8_0_KERNEL=0`, an A/B switch), for Candle's kernels.
+/// `x Wᵀ` for a Q8_0 or Q4_1 weight on the CPU through [`cpu_vnni`] (`x`:
+/// `[m, k]` f32, contiguous), when this CPU runs those kernels; `None`
+/// otherwise (and with `METAL_CANDLE_VNNI_KERNELS=0`, an A/B switch), for
+/// Candle's kernels.
 ///
 /// # Errors
 /// Reading the weight's bytes.
-pub(crate) fn q8_0_matmul(x: &[f32], m: usize, w: &QTensor) -> Result<Option<Vec<f32>>> {
+pub(crate) fn vnni_matmul(x: &[f32], m: usize, w: &QTensor) -> Result<Option<Vec<f32>>> {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let on = *ON.get_or_init(|| std::env::var("METAL_CANDLE_Q8_0_KERNEL").as_deref() != Ok("0"));
-    if !on || w.dtype() != GgmlDType::Q8_0 || !q8_0_cpu::available() {
+    let on = *ON.get_or_init(|| std::env::var("METAL_CANDLE_VNNI_KERNELS").as_deref() != Ok("0"));
+    let format = match w.dtype() {
+        GgmlDType::Q8_0 => cpu_vnni::Format::Q8_0,
+        GgmlDType::Q4_1 => cpu_vnni::Format::Q4_1,
+        _ => return Ok(None),
+    };
+    if !on || !cpu_vnni::available() {
         return Ok(None);
     }
     let Ok((n, k)) = w.shape().dims2() else {
         return Ok(None);
     };
     let data = w.data()?;
-    if !k.is_multiple_of(q8_0_cpu::BLOCK)
+    if !k.is_multiple_of(cpu_vnni::BLOCK)
         || x.len() != m * k
-        || data.len() != n * (k / q8_0_cpu::BLOCK) * q8_0_cpu::BLOCK_BYTES
+        || data.len() != n * (k / cpu_vnni::BLOCK) * format.block_bytes()
     {
         return Ok(None);
     }
     #[cfg(target_arch = "x86_64")]
-    return Ok(Some(q8_0_cpu::matmul(x, m, k, &data, n)));
+    return Ok(Some(cpu_vnni::matmul(x, m, k, (&data, format), n)));
     #[cfg(not(target_arch = "x86_64"))]
     Ok(None)
 }
