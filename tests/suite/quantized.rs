@@ -376,3 +376,49 @@ fn q4_1_products_equal_candles() {
         }
     }
 }
+
+/// Q5_0 products of a few rows on the CPU equal, bit for bit, those of the
+/// same weight written as Q8_0 by hand here (the same integers in bytes):
+/// the Q5_0 weight is converted at load (`backend::quant`) and runs on the
+/// Q8_0 kernels. (Unpacking Q5_0 inside the AVX-512 VNNI kernel instead
+/// gave the same numbers but decoded slower: BENCHMARKS.md, 2026-11-28.)
+#[test]
+fn q5_0_products_equal_those_of_its_q8_0_twin() {
+    use candle_core::quantized::{QStorage, QTensor};
+    use std::borrow::Cow;
+    let dev = Device::Cpu;
+    for (n, k) in [(96, 896), (38, 896), (64, 512)] {
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let q5 = QTensor::quantize(&w, GgmlDType::Q5_0).unwrap();
+        // ggml's dequantize_row_q5_0, as bytes: value j from the low nibble
+        // of byte j and bit j, value j + 16 from the high nibble and bit j + 16.
+        let mut bytes = Vec::new();
+        for b in q5.data().unwrap().chunks_exact(22) {
+            bytes.extend_from_slice(&b[..2]);
+            let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+            let (mut lo, mut hi) = (Vec::new(), Vec::new());
+            for j in 0..16 {
+                let l = u32::from(b[6 + j] & 0x0F) | ((qh >> j) & 1) << 4;
+                let h = u32::from(b[6 + j] >> 4) | ((qh >> (j + 16)) & 1) << 4;
+                lo.push(((l as i32 - 16) as i8).to_le_bytes()[0]);
+                hi.push(((h as i32 - 16) as i8).to_le_bytes()[0]);
+            }
+            bytes.extend(lo);
+            bytes.extend(hi);
+        }
+        let storage = QStorage::from_data(Cow::Owned(bytes), &dev, GgmlDType::Q8_0).unwrap();
+        let q8 = QTensor::new(storage, (n, k)).unwrap();
+        let a = metal_candle::layers::Linear::quantized(std::sync::Arc::new(q5), None, DType::F32)
+            .unwrap();
+        let b = metal_candle::layers::Linear::quantized(std::sync::Arc::new(q8), None, DType::F32)
+            .unwrap();
+        for rows in [1, 3, 7] {
+            let x = Tensor::randn(0f32, 1.0, (rows, k), &dev).unwrap();
+            let (ya, yb): (Vec<Vec<f32>>, Vec<Vec<f32>>) = (
+                a.forward(&x).unwrap().to_vec2().unwrap(),
+                b.forward(&x).unwrap().to_vec2().unwrap(),
+            );
+            assert_eq!(ya, yb, "[{n}, {k}], {rows} rows");
+        }
+    }
+}
