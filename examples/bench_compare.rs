@@ -303,7 +303,7 @@ fn bench_embeddings_corpus(args: &Args, device: &Device) -> Result<()> {
             continue;
         };
         let dir = std::path::Path::new(&args.embed_models).join(name);
-        let row = format!("{name} encode {} real texts", thousands(texts.len()));
+        let row = format!("{name} encode {} real texts", texts.len());
         for &dtype in dtypes {
             let mut model = EmbeddingModel::load(&ModelRepo::from_dir(&dir), Some(dtype), device)?;
             model.set_max_seq_length(max_seq)?;
@@ -322,19 +322,6 @@ fn bench_embeddings_corpus(args: &Args, device: &Device) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// `10000` as `10,000` (the row names scripts/peers.py writes).
-fn thousands(n: usize) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 const STOCK: &str = "candle-transformers (stock Candle)";

@@ -278,7 +278,7 @@ def bench_embeddings_corpus(args):
     batches = CORPUS_BATCHES[:1] if args.quick else CORPUS_BATCHES
     names = [n for n in embed_names(args) if n in REAL_MAX_SEQ]
     for name in names:
-        row = f"{name} encode {len(texts):,} real texts"
+        row = f"{name} encode {len(texts)} real texts"
         for dtype in dtypes:
             st = SentenceTransformer(os.path.join(args.embed_models, name), device=args.device,
                                      model_kwargs={"dtype": DT[dtype]})

@@ -172,25 +172,16 @@ impl Pooling {
         // f32 copies of the tokens only for the modes that need them (CLS
         // converts the rows it gathers, mean pooling is one matmul).
         let x_f32 = std::cell::OnceCell::new();
-        let x = || -> Result<&Tensor> {
-            if x_f32.get().is_none() {
-                let _ = x_f32.set(tokens.to_dtype(DType::F32)?);
-            }
-            x_f32
-                .get()
-                .ok_or_else(|| Error::InvalidInput("pooling: no f32 tokens".into()))
-        };
+        let x = || lazy(&x_f32, || Ok(tokens.to_dtype(DType::F32)?));
         // Nothing padded (one text, or a batch of equal lengths): the
         // masks are all ones and need no upload.
         let unpadded = mask.iter().flatten().all(|&m| m != 0);
-        let m = std::cell::OnceCell::new();
-        let m = || -> Result<&Tensor> {
-            if m.get().is_none() {
+        let m_f32 = std::cell::OnceCell::new();
+        let m = || {
+            lazy(&m_f32, || {
                 let flat: Vec<f32> = mask.iter().flatten().map(|&v| f32::from(v != 0)).collect();
-                let _ = m.set(Tensor::from_vec(flat, (b, s, 1), dev)?);
-            }
-            m.get()
-                .ok_or_else(|| Error::InvalidInput("pooling: no mask".into()))
+                Ok(Tensor::from_vec(flat, (b, s, 1), dev)?)
+            })
         };
         let lengths: Vec<usize> = mask
             .iter()
@@ -267,6 +258,19 @@ impl Pooling {
 }
 
 /// Rows `x[i, idx[i], :]` of `[b, s, h]` as `[b, h]`.
+/// The tensor in `cell`, made by `make` the first time (a tensor only some
+/// pooling modes need).
+fn lazy(
+    cell: &std::cell::OnceCell<Tensor>,
+    make: impl FnOnce() -> Result<Tensor>,
+) -> Result<&Tensor> {
+    if cell.get().is_none() {
+        let _ = cell.set(make()?);
+    }
+    cell.get()
+        .ok_or_else(|| Error::InvalidInput("pooling: a lazily made tensor is missing".into()))
+}
+
 fn gather_rows(x: &Tensor, idx: &[u32]) -> Result<Tensor> {
     let (b, s, h) = x.dims3()?;
     let flat: Vec<u32> = idx

@@ -696,21 +696,8 @@ impl candle_core::CustomOp1 for QuantizedMatMul {
         }
         // Q8_0 (and Q5_0, held as Q8_0) and Q4_1 on AVX-512 VNNI: our
         // kernels, Candle's numbers bit for bit, faster.
-        if let (candle_core::CpuStorage::F32(x), Some((a, b))) = (s, l.contiguous_offsets()) {
-            let dims = l.dims();
-            if let Some((_, lead)) = dims.split_last() {
-                let m: usize = lead.iter().product();
-                if let Some(x) = x.get(a..b) {
-                    let y = crate::backend::quant::vnni_matmul(x, m, &self.w)
-                        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-                    if let Some(y) = y {
-                        let n = self.w.shape().dims2()?.0;
-                        let mut out = lead.to_vec();
-                        out.push(n);
-                        return Ok((candle_core::CpuStorage::F32(y), out.into()));
-                    }
-                }
-            }
+        if let Some(out) = crate::backend::quant::vnni_matmul(s, l, &self.w)? {
+            return Ok(out);
         }
         candle_core::CustomOp1::cpu_fwd(self.w.as_ref(), s, l)
     }

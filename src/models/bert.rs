@@ -221,7 +221,10 @@ impl BertModel {
         // Checked where they are: host ids (the `encode` path) need no
         // device round trip.
         let ids = ids.to_dtype(DType::U32)?;
-        check_vocab(&ids, self.config.vocab_size)?;
+        check_vocab(
+            ids.flatten_all()?.max(0)?.to_scalar::<u32>()?,
+            self.config.vocab_size,
+        )?;
         let ids = ids.to_device(self.device())?;
         let h = self.config.hidden_size;
         let positions = if b == 1 {
@@ -241,10 +244,9 @@ impl BertModel {
     }
 }
 
-/// Fails with a clear error (instead of an index panic or garbage) on ids
-/// outside the embedding table.
-pub(crate) fn check_vocab(ids: &Tensor, vocab: usize) -> Result<()> {
-    let max = ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
+/// Fails with a clear error (instead of an index panic or garbage) when
+/// `max` (a batch's largest token id) is outside the embedding table.
+pub(crate) fn check_vocab(max: u32, vocab: usize) -> Result<()> {
     if max as usize >= vocab {
         return Err(Error::InvalidInput(format!(
             "token id {max} is outside the vocabulary of {vocab}"

@@ -243,7 +243,9 @@ impl MpnetModel {
         }
         let ids = ids.to_dtype(DType::U32)?;
         let id_rows = ids.to_vec2::<u32>()?;
-        check_vocab(&ids, self.config.vocab_size)?;
+        // On the host rows already read for the positions: one pass.
+        let max = id_rows.iter().flatten().copied().max().unwrap_or(0);
+        check_vocab(max, self.config.vocab_size)?;
         let ids = ids.to_device(self.device())?;
         // Positions from the ids, like transformers' create_position_ids_from_input_ids.
         let mut positions = Vec::with_capacity(b * s);

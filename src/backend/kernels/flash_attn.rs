@@ -241,22 +241,12 @@ pub fn flash_attention_merged(
     window: Option<usize>,
 ) -> candle_core::Result<Tensor> {
     let (b, hq, s, d) = q.dims4()?;
-    let o = if q.device().is_cuda() {
-        apply_flash(
-            flash_op(q, k, v, bias, scale, causal, window, true)?,
-            q,
-            k,
-            v,
-        )?
-    } else {
-        apply_flash(
-            flash_op(q, k, v, bias, scale, causal, window, false)?,
-            q,
-            k,
-            v,
-        )?
-        .transpose(1, 2)?
-    };
+    // The CUDA kernel writes the merged layout itself; the CPU path
+    // transposes after.
+    let in_kernel = q.device().is_cuda();
+    let op = flash_op(q, k, v, bias, scale, causal, window, in_kernel)?;
+    let o = apply_flash(op, q, k, v)?;
+    let o = if in_kernel { o } else { o.transpose(1, 2)? };
     o.reshape((b, s, hq * d))
 }
 

@@ -7,9 +7,10 @@
 //! (Q5_0's in -16..=15, packed in 5 bits). Rewriting the integers as bytes
 //! keeps every dequantized value exactly and moves the matmul onto the
 //! vector kernels, for 8.5 instead of 5.5 bits per weight. The products of
-//! a few rows (decoding) still round the activations to 8 bits, per 32
-//! values on AVX2 as before, but per 256 values in Candle's AVX-512 VNNI
-//! Q8_0 kernel (its Q8_K activations): slightly coarser there. Real GGUF
+//! a few rows (decoding) still round the activations to 8 bits per 32
+//! values, as Candle's Q5_0 loop does: on AVX2 in Candle's Q8_0 loop, on
+//! AVX-512 VNNI in ours ([`cpu_vnni`]; Candle's own VNNI tiles would round
+//! per 256 values). Real GGUF
 //! files are full of Q5_0: Qwen2.5-Coder-0.5B's "Q4_K_M" stores 133 of its
 //! 170 quantized tensors so (rows of 896 values are not whole 256-value
 //! k-quant blocks). Q4_1 / Q5_1 (an offset per block) have no exact Q8_0
@@ -66,14 +67,19 @@ pub(crate) fn for_device_kernels(w: Arc<QTensor>) -> Result<Arc<QTensor>> {
     Ok(Arc::new(QTensor::new(storage, w.shape().clone())?))
 }
 
-/// `x Wᵀ` for a Q8_0 or Q4_1 weight on the CPU through [`cpu_vnni`] (`x`:
-/// `[m, k]` f32, contiguous), when this CPU runs those kernels; `None`
-/// otherwise (and with `METAL_CANDLE_VNNI_KERNELS=0`, an A/B switch), for
-/// Candle's kernels.
+/// `x Wᵀ` for a Q8_0 or Q4_1 weight `w` on the CPU through [`cpu_vnni`]
+/// (`x`: f32 `[.., k]`, contiguous), when this CPU runs those kernels;
+/// `None` otherwise (and with `METAL_CANDLE_VNNI_KERNELS=0`, an A/B
+/// switch), for Candle's kernels. The body of a quantized matmul's
+/// `cpu_fwd`.
 ///
 /// # Errors
 /// Reading the weight's bytes.
-pub(crate) fn vnni_matmul(x: &[f32], m: usize, w: &QTensor) -> Result<Option<Vec<f32>>> {
+pub(crate) fn vnni_matmul(
+    x: &candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    w: &QTensor,
+) -> candle_core::Result<Option<(candle_core::CpuStorage, candle_core::Shape)>> {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let on = *ON.get_or_init(|| std::env::var("METAL_CANDLE_VNNI_KERNELS").as_deref() != Ok("0"));
     let format = match w.dtype() {
@@ -84,9 +90,15 @@ pub(crate) fn vnni_matmul(x: &[f32], m: usize, w: &QTensor) -> Result<Option<Vec
     if !on || !cpu_vnni::available() {
         return Ok(None);
     }
-    let Ok((n, k)) = w.shape().dims2() else {
+    let (candle_core::CpuStorage::F32(x), Some((start, end))) = (x, l.contiguous_offsets()) else {
         return Ok(None);
     };
+    let (Ok((n, k)), Some((_, lead)), Some(x)) =
+        (w.shape().dims2(), l.dims().split_last(), x.get(start..end))
+    else {
+        return Ok(None);
+    };
+    let m: usize = lead.iter().product();
     let data = w.data()?;
     if !k.is_multiple_of(cpu_vnni::BLOCK)
         || x.len() != m * k
@@ -95,7 +107,12 @@ pub(crate) fn vnni_matmul(x: &[f32], m: usize, w: &QTensor) -> Result<Option<Vec
         return Ok(None);
     }
     #[cfg(target_arch = "x86_64")]
-    return Ok(Some(cpu_vnni::matmul(x, m, k, (&data, format), n)));
+    {
+        let y = cpu_vnni::matmul(x, m, k, (&data, format), n);
+        let mut out = lead.to_vec();
+        out.push(n);
+        Ok(Some((candle_core::CpuStorage::F32(y), out.into())))
+    }
     #[cfg(not(target_arch = "x86_64"))]
     Ok(None)
 }
