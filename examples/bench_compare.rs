@@ -74,6 +74,9 @@ struct Args {
     /// Only the first N rows of the LoRA suite (e.g. 1 with many repeats).
     #[arg(long)]
     lora_rows: Option<usize>,
+    /// Only these rows of the LoRA suite, by index (0-based, comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    lora_only: Vec<usize>,
     /// The `lora-dp` and `lora-profile` suites' shape: 0.5B (b8 x 512 per
     /// process) or 1.5B (b4 x 1024 per process), as the LoRA rows.
     #[arg(long, default_value = "0.5B")]
@@ -84,7 +87,9 @@ struct Args {
     composed_backward: bool,
     /// Time these GGUF files (quantized as stored) instead of a suite:
     /// prefill of `--prompts` (default 128) and decode of `--new-tokens`
-    /// (default 128) from an empty cache, batch 1.
+    /// (default 128) from an empty cache, batch 1. With `--suite
+    /// quantized`: these files instead of the random Q4_0/Q8_0 ones, against
+    /// stock Candle's quantized Qwen2 (Qwen2 files only).
     #[arg(long)]
     gguf: Vec<String>,
 }
@@ -744,10 +749,14 @@ fn bench_kernels(args: &Args, device: &Device) -> Result<()> {
 
 /// Polls the device's used memory (cuMemGetInfo: the whole device, the same
 /// measure scripts/peers.py takes with torch.cuda.mem_get_info) every 2 ms
-/// while `f` runs; returns `f`'s result and the peak in bytes.
-fn with_peak_memory<T>(device: &Device, f: impl FnOnce() -> Result<T>) -> Result<(T, usize)> {
+/// while `f` runs; returns `f`'s result, the peak and the memory in use
+/// before `f` (the process's CUDA context, libraries' workspaces), in bytes.
+fn with_peak_memory<T>(
+    device: &Device,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<(T, usize, usize)> {
     // Memory the pool kept from an earlier row would count as in use.
-    metal_candle::backend::release_freed_memory(device)?;
+    let idle = used_memory(device)?;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Arc;
     let stop = Arc::new(AtomicBool::new(false));
@@ -767,7 +776,7 @@ fn with_peak_memory<T>(device: &Device, f: impl FnOnce() -> Result<T>) -> Result
     synchronize(device)?;
     stop.store(true, Ordering::Relaxed);
     let _ = poller.join();
-    Ok((out?, peak.load(Ordering::Relaxed)))
+    Ok((out?, peak.load(Ordering::Relaxed), idle))
 }
 
 /// Qwen2.5-1.5B's shape (hidden 1536, 28 layers, 12 heads / 2 KV heads).
@@ -840,6 +849,14 @@ fn bench_lora(args: &Args, device: &Device) -> Result<()> {
     };
     let mut rows = lora_rows(args.quick);
     rows.truncate(args.lora_rows.unwrap_or(usize::MAX));
+    if !args.lora_only.is_empty() {
+        rows = rows
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| args.lora_only.contains(i))
+            .map(|(_, r)| r)
+            .collect();
+    }
     let modes: &[bool] = if args.composed_backward {
         &[false, true]
     } else {
@@ -851,7 +868,7 @@ fn bench_lora(args: &Args, device: &Device) -> Result<()> {
             _ => qwen05b_config(args.quick),
         };
         let (b, s) = (row.batch, row.seq);
-        let (result, peak) = with_peak_memory(device, || {
+        let (result, peak, idle) = with_peak_memory(device, || {
             // QLoRA's base is made on the CPU and quantized layer by layer
             // as it moves to the device, so the dense copy never sits there.
             let made_on = if row.quantize.is_some() {
@@ -943,6 +960,16 @@ fn bench_lora(args: &Args, device: &Device) -> Result<()> {
                 &shape,
                 dtype,
                 peak as f64 / (1 << 20) as f64,
+                "MiB",
+            );
+            // The step's own memory: what a QLoRA base saves shows here
+            // undiluted by the CUDA context both sides pay.
+            emit(
+                "lora",
+                "peak device memory above idle",
+                &shape,
+                dtype,
+                peak.saturating_sub(idle) as f64 / (1 << 20) as f64,
                 "MiB",
             );
         }
@@ -1429,25 +1456,39 @@ fn stock_quantized_decode(
 
 /// Quantized decoding: a GGUF file at Qwen2.5-0.5B's shape (random weights,
 /// linear weights in Q4_0 and Q8_0: 896 columns are not whole Q4_K blocks,
-/// as in the real Q4_K_M file where llama.cpp falls back for them), loaded
-/// as stored by us and by stock Candle's quantized Qwen2; device memory
-/// taken by the loaded model, and greedy decoding speed.
+/// as in the real Q4_K_M file where llama.cpp falls back for them; the
+/// embedding table in the same format, as llama.cpp writes it), or the
+/// `--gguf` files, loaded as stored by us and by stock Candle's quantized
+/// Qwen2; device memory taken by the loaded model, and greedy decoding
+/// speed.
 fn bench_quantized(args: &Args, device: &Device) -> Result<()> {
     use candle_core::quantized::GgmlDType;
     use metal_candle::models::{load_decoder_with, LoadOptions, Quantization};
     let cfg = qwen05b_config(args.quick);
     let new_tokens = args.new_tokens.unwrap_or(if args.quick { 16 } else { 128 });
     let prompt = random_ids(1, 32, cfg.vocab_size, device)?;
-    for format in [GgmlDType::Q4_0, GgmlDType::Q8_0] {
-        let path = std::env::temp_dir().join(format!(
-            "metal-candle-bench-{}l-{format:?}.gguf",
-            cfg.num_hidden_layers
-        ));
-        if !path.exists() {
-            let t = random_model::random_weights(&cfg, 0.02, DType::F32, &Device::Cpu)?;
-            random_model::write_gguf(&t, &cfg, format, &path)?;
+    let mut files = Vec::new();
+    for path in &args.gguf {
+        let name = std::path::Path::new(path)
+            .file_name()
+            .map_or_else(|| path.clone(), |f| f.to_string_lossy().into_owned());
+        files.push((std::path::PathBuf::from(path), name));
+    }
+    if files.is_empty() {
+        for format in [GgmlDType::Q4_0, GgmlDType::Q8_0] {
+            let path = std::env::temp_dir().join(format!(
+                "metal-candle-bench-{}l-{format:?}-v2.gguf",
+                cfg.num_hidden_layers
+            ));
+            if !path.exists() {
+                let t = random_model::random_weights(&cfg, 0.02, DType::F32, &Device::Cpu)?;
+                random_model::write_gguf(&t, &cfg, format, &path)?;
+            }
+            files.push((path, format!("{format:?}")));
         }
-        let shape = format!("b1 prompt32 new{new_tokens} {format:?}");
+    }
+    for (path, label) in files {
+        let shape = format!("b1 prompt32 new{new_tokens} {label}");
         // Ours: dense parts (embeddings, norms) in --dtype (default: bf16
         // on CUDA).
         let dtype = match &args.dtype {
@@ -1607,7 +1648,7 @@ fn bench_gguf(args: &Args, device: &Device) -> Result<()> {
 fn main() -> Result<()> {
     let args = Args::parse();
     let device = parse_device(&args.device)?;
-    if !args.gguf.is_empty() {
+    if !args.gguf.is_empty() && args.suite != "quantized" {
         return bench_gguf(&args, &device);
     }
     let all = args.suite == "all";

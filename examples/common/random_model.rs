@@ -137,7 +137,8 @@ fn permute(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
 /// Writes `tensors` (Hugging Face names, any float dtype) of a `config`
 /// model as a GGUF file the way llama.cpp's converter lays it out: its
 /// names, its metadata keys, llama-arch q/k rows permuted, linear weights
-/// in `format` and everything else in f32. For tests and benchmarks.
+/// and the embedding table in `format`, everything else in f32. For tests
+/// and benchmarks.
 ///
 /// # Errors
 /// Quantization (a width that is not whole blocks) or I/O failures.
@@ -165,8 +166,17 @@ pub fn write_gguf(
                 t = permute(&t, config.num_key_value_heads)?;
             }
         }
+        // Linear weights and the embedding table in `format` (llama.cpp
+        // quantizes `token_embd` too, when its rows are whole blocks);
+        // norms and biases in f32.
         let linear = hf.ends_with("_proj.weight") || hf == "lm_head.weight";
-        let f = if linear { format } else { GgmlDType::F32 };
+        let table =
+            hf == "model.embed_tokens.weight" && t.dim(1)?.is_multiple_of(format.block_size());
+        let f = if linear || table {
+            format
+        } else {
+            GgmlDType::F32
+        };
         q.push((name, QTensor::quantize(&t, f)?));
     }
     // llama.cpp's converter writes Llama 3.1's RoPE scaling as one divisor

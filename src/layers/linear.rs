@@ -146,27 +146,13 @@ impl Linear {
         }
     }
 
-    /// A layer over `weight` (`[out, in]`, dense) quantized to `format`.
-    ///
-    /// The quantization runs on the CPU and the blocks are then uploaded:
-    /// Candle 0.11's CUDA `QTensor::quantize` leaves the row padding its
-    /// kernels read uninitialised (NaN logits seen on an H200), its upload
-    /// path zero-fills it.
+    /// A layer over `weight` (`[out, in]`, dense) quantized to `format`
+    /// ([`quantize_on_device`]: on the CPU, then uploaded).
     ///
     /// # Errors
     /// A width that is not a whole number of `format` blocks.
     pub fn quantize(weight: &Tensor, bias: Option<Tensor>, format: GgmlDType) -> Result<Self> {
-        let dtype = weight.dtype();
-        let q = QTensor::quantize(&weight.to_device(&candle_core::Device::Cpu)?, format)?;
-        let q = if weight.device().is_cpu() {
-            q
-        } else {
-            QTensor::new(
-                QStorage::from_data(q.data()?, weight.device(), format)?,
-                q.shape().clone(),
-            )?
-        };
-        Self::quantized(Arc::new(q), bias, dtype)
+        Self::quantized(quantize_on_device(weight, format)?, bias, weight.dtype())
     }
 
     /// `[out, in]`.
@@ -246,6 +232,15 @@ impl Linear {
     #[must_use]
     pub(crate) fn without_bias(self) -> Self {
         Self { bias: None, ..self }
+    }
+
+    /// The quantized base weight, if it is quantized.
+    #[must_use]
+    pub(crate) fn quantized_weight(&self) -> Option<&Arc<QTensor>> {
+        match &self.weight {
+            BaseWeight::Quantized(q) => Some(q),
+            BaseWeight::Dense(_) => None,
+        }
     }
 
     /// Whether the base weight is quantized.
@@ -595,6 +590,21 @@ fn split_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
     Tensor::cat(&parts, 1)
+}
+
+/// `t` quantized to `format` on the CPU, its blocks then uploaded to
+/// `t`'s device: Candle 0.11's CUDA `QTensor::quantize` leaves the row
+/// padding its kernels read uninitialised (NaN logits seen on an H200),
+/// its upload path zero-fills it.
+pub(crate) fn quantize_on_device(t: &Tensor, format: GgmlDType) -> Result<Arc<QTensor>> {
+    let q = QTensor::quantize(&t.to_device(&candle_core::Device::Cpu)?, format)?;
+    if t.device().is_cpu() {
+        return Ok(Arc::new(q));
+    }
+    Ok(Arc::new(QTensor::new(
+        QStorage::from_data(q.data()?, t.device(), format)?,
+        q.shape().clone(),
+    )?))
 }
 
 /// Inputs with at least this many rows multiply a quantized weight by

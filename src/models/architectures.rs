@@ -414,8 +414,9 @@ pub(crate) fn load_with_source(
 
 /// Reads a GGUF decoder: its config from the metadata, its tensors under
 /// Hugging Face names, and the metadata (tokenizer, chat template). With
-/// `keep_quantized`, linear weights stay in their block format (Candle's
-/// quantized matmuls run them); everything else is dequantized to `dtype`.
+/// `keep_quantized`, linear weights and the embedding table stay in their
+/// block format (Candle's quantized matmuls and row lookups run them);
+/// everything else is dequantized to `dtype`.
 ///
 /// # Errors
 /// Unreadable file, unsupported architecture, missing metadata.
@@ -495,11 +496,20 @@ pub(crate) fn load_gguf_from<R: std::io::Read + std::io::Seek>(
             quantized.insert(hf, Arc::new(q));
             continue;
         }
-        // A tied output projection multiplies by the quantized embedding
-        // table, as llama.cpp does (the lookup itself needs it dense).
-        if keep_quantized && tied && hf == "model.embed_tokens.weight" && block_format {
-            let on_device = quantized_on(&q, device).map_err(|e| bad(&name, e))?;
-            quantized.insert("lm_head.weight".to_string(), Arc::new(on_device));
+        // The embedding table stays quantized too: its rows are
+        // dequantized as they are looked up, and a tied output projection
+        // multiplies by the same blocks, as llama.cpp does.
+        if keep_quantized && hf == "model.embed_tokens.weight" && block_format {
+            let on_device = Arc::new(if device.is_cpu() {
+                q
+            } else {
+                quantized_on(&q, device).map_err(|e| bad(&name, e))?
+            });
+            if tied {
+                quantized.insert("lm_head.weight".to_string(), on_device.clone());
+            }
+            quantized.insert(hf, on_device);
+            continue;
         }
         let t = q.dequantize(&Device::Cpu)?;
         tensors.insert(hf, t.to_dtype(dtype)?.to_device(device)?);

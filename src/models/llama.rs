@@ -22,7 +22,8 @@ use crate::error::{Error, Result};
 use crate::io::Weights;
 use crate::layers::{
     attention, attention_mask as build_mask, attention_taped, dense_mask_needed, mask_rows,
-    padding_bias, AttentionTape, Linear, LinearTape, Mask, MaskKind, RmsNorm, RotaryEmbedding,
+    padding_bias, AttentionTape, Embedding, Linear, LinearTape, Mask, MaskKind, RmsNorm,
+    RotaryEmbedding,
 };
 
 /// The stacked q/k/v projection of an [`Attention`].
@@ -655,7 +656,7 @@ struct LayerCtx<'a> {
 #[derive(Debug, Clone)]
 pub struct Llama {
     config: DecoderConfig,
-    embed_tokens: Tensor,
+    embed_tokens: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -680,7 +681,25 @@ impl Llama {
         })?;
         let h = config.hidden_size;
         let eps = config.rms_norm_eps;
-        let embed_tokens = w.get("model.embed_tokens.weight", &[config.vocab_size, h])?;
+        let embed_tokens = match w.quantized("model.embed_tokens.weight") {
+            Some(q) => {
+                if q.shape().dims() != [config.vocab_size, h] {
+                    return Err(Error::ShapeMismatch {
+                        name: "model.embed_tokens.weight".into(),
+                        expected: vec![config.vocab_size, h],
+                        actual: q.shape().dims().to_vec(),
+                    });
+                }
+                Embedding::quantized(q, w.dtype())?
+            }
+            None => {
+                let table = w.get("model.embed_tokens.weight", &[config.vocab_size, h])?;
+                match w.quantize_to() {
+                    Some(format) => Embedding::quantize(&table, format)?,
+                    None => Embedding::new(table),
+                }
+            }
+        };
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -697,11 +716,21 @@ impl Llama {
             });
         }
         // A quantized file ties its output projection to the quantized
-        // embedding table (stored as `lm_head.weight` by the loader).
-        let lm_head = if config.tie_word_embeddings && w.quantized("lm_head.weight").is_none() {
-            Linear::new(embed_tokens.clone(), None)
-        } else {
-            Linear::load(w, "lm_head", h, config.vocab_size, false)?
+        // embedding table (stored as `lm_head.weight` by the loader too).
+        let tied = config.tie_word_embeddings && w.quantized("lm_head.weight").is_none();
+        let lm_head = match (embed_tokens.dense(), embed_tokens.quantized_table()) {
+            (Some(table), _) if tied => Linear::new(table.clone(), None),
+            (_, Some(q)) if tied => Linear::quantized(q.clone(), None, w.dtype())?,
+            _ => Linear::load(w, "lm_head", h, config.vocab_size, false)?,
+        };
+        // Tied and quantized: the lookup reads the head's blocks (on the
+        // CPU a Q5_0 head is held as the equal Q8_0, `backend::quant`), so
+        // the table is in memory once.
+        let embed_tokens = match (config.tie_word_embeddings, lm_head.quantized_weight()) {
+            (true, Some(q)) if embed_tokens.dense().is_none() => {
+                Embedding::quantized(q.clone(), w.dtype())?
+            }
+            _ => embed_tokens,
         };
         Ok(Self {
             config: config.clone(),
@@ -886,10 +915,7 @@ impl CausalLm for Llama {
                 "token id {max_id} is outside the vocabulary ({vocab})"
             )));
         }
-        let mut x = self
-            .embed_tokens
-            .index_select(&input_ids.flatten_all()?, 0)?
-            .reshape((b, s, self.config.hidden_size))?;
+        let mut x = self.embed_tokens.forward(input_ids)?;
         let mut pending: Option<Tensor> = None;
         for (i, layer) in self.layers.iter().enumerate() {
             // Training (a layer with adapters, or a gradient coming in)
@@ -1019,10 +1045,7 @@ impl CausalLm for Llama {
             pos: &pos,
             keys: &keys,
         };
-        let mut x =
-            self.embed_tokens
-                .index_select(&ids, 0)?
-                .reshape((b, 1, self.config.hidden_size))?;
+        let mut x = self.embed_tokens.forward(&ids.unsqueeze(1)?)?;
         let mut pending: Option<Tensor> = None;
         for (i, layer) in self.layers.iter().enumerate() {
             let (sum, mlp) =

@@ -22,6 +22,8 @@ pub const IGNORE_INDEX: i64 = -100;
 pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let (n, v) = logits.dims2()?;
     let (keep, targets) = kept_labels(labels, n, v, logits.device())?;
+    let k = targets.len();
+    let targets = Tensor::from_vec(targets, k, logits.device())?;
     let logits = logits.index_select(&keep, 0)?.to_dtype(DType::F32)?;
     let max = logits.max_keepdim(D::Minus1)?.detach();
     let shifted = logits.broadcast_sub(&max)?;
@@ -31,14 +33,14 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     Ok(picked.neg()?.mean_all()?)
 }
 
-/// The rows of `labels` (`[n]`) that are not [`IGNORE_INDEX`] and their
-/// labels, both as u32 tensors on `device`.
+/// The rows of `labels` (`[n]`) that are not [`IGNORE_INDEX`] (a u32
+/// tensor on `device`) and their labels.
 fn kept_labels(
     labels: &Tensor,
     n: usize,
     v: usize,
     device: &candle_core::Device,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<(Tensor, Vec<u32>)> {
     let labels = labels.to_dtype(DType::I64)?.to_vec1::<i64>()?;
     if labels.len() != n {
         return Err(Error::InvalidInput(format!(
@@ -67,35 +69,52 @@ fn check_labels(labels: &[i64], v: usize) -> Result<usize> {
     Ok(kept)
 }
 
-/// The indices of the kept rows of `labels` and their labels, checked
-/// ([`check_labels`]), both as u32 tensors on `device`.
+/// The indices of the kept rows of `labels` (a u32 tensor on `device`)
+/// and their labels, checked ([`check_labels`]).
 fn selected_labels(
     labels: &[i64],
     v: usize,
     device: &candle_core::Device,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<(Tensor, Vec<u32>)> {
     let k = check_labels(labels, v)?;
     let keep: Vec<u32> = (0..labels.len() as u32)
         .filter(|&i| labels[i as usize] != IGNORE_INDEX)
         .collect();
     let targets: Vec<u32> = keep.iter().map(|&i| labels[i as usize] as u32).collect();
-    Ok((
-        Tensor::from_vec(keep, k, device)?,
-        Tensor::from_vec(targets, k, device)?,
-    ))
+    Ok((Tensor::from_vec(keep, k, device)?, targets))
 }
 
-/// Logit elements one chunk of [`linear_cross_entropy`] forms at once
-/// (2²⁶ f32 = 256 MiB), and at most this many rows (256 rows of a 152k
-/// vocabulary are still a large, efficient matmul).
-const CHUNK_ELEMENTS: usize = 1 << 26;
-const CHUNK_ROWS: usize = 256;
+/// Rows of the head (words) the loss multiplies by at once. A quantized
+/// head is dequantized this many rows at a time (Candle's row lookup
+/// kernels), never whole: Qwen2.5-0.5B's 151,936-word head is 272 MB in
+/// bf16, more than its Q4 base layers together.
+const HEAD_SLICE_ROWS: usize = 8192;
+
+/// Logit elements one block of [`linear_cross_entropy`] forms at once
+/// (2²⁶ = 8,192 positions × one slice of 8,192 words; 128 MiB in bf16).
+const BLOCK_ELEMENTS: usize = 1 << 26;
+
+/// Rows `start..start + len` of the head's `[vocab, h]` weight in `dtype`:
+/// a view of a dense weight, or that slice of a quantized one dequantized.
+fn head_rows(
+    head: &Linear,
+    ids: Option<&Tensor>,
+    (start, len): (usize, usize),
+    dtype: DType,
+) -> Result<Tensor> {
+    Ok(match (head.quantized_weight(), ids) {
+        (Some(q), Some(ids)) => q.embedding(ids)?.to_dtype(dtype)?,
+        _ => head.dense_weight(dtype)?.narrow(0, start, len)?,
+    })
+}
 
 /// Mean softmax cross-entropy of `lm_head(hidden)` (`hidden` `[.., h]`,
-/// `n` rows) against `targets` (`[n]`, u32), without keeping the
-/// `[n, vocab]` logits: the forward forms them a chunk of rows at a time
-/// and keeps only each row's log-sum-exp; the backward forms each chunk
-/// again, turns it into `softmax − onehot` and multiplies by the weight.
+/// `n` rows) against `targets` (`[n]`, on the host), without keeping the
+/// `[n, vocab]` logits or a dense copy of a quantized head: the forward
+/// forms the logits a block of rows by a slice of words at a time and keeps
+/// only each row's log-sum-exp (the slices' merged) and its target's logit;
+/// the backward forms each block again, turns it into `softmax − onehot`
+/// and multiplies by the slice of the weight, summing the slices in f32.
 /// At the LoRA benchmark's shape (4,096 positions, 151,936 words) the
 /// composed loss kept about 12 GB of f32 logits and their derivatives.
 ///
@@ -104,12 +123,12 @@ const CHUNK_ROWS: usize = 256;
 /// zero gradient; the mean is over `count` kept rows.
 ///
 /// Math in f32 over logits in the head's dtype, as [`causal_lm_loss`], one
-/// kernel pass over each chunk each way (`backend::kernels::cross_entropy`).
+/// kernel pass over each block each way (`backend::kernels::cross_entropy`).
 /// The gradient flows to `hidden` only (the head is frozen).
 fn linear_cross_entropy(
     hidden: &Tensor,
     lm_head: &Linear,
-    targets: &Tensor,
+    targets: &[u32],
     mask: Option<&Tensor>,
     count: usize,
 ) -> Result<Tensor> {
@@ -117,56 +136,112 @@ fn linear_cross_entropy(
     let width = hidden.dim(D::Minus1)?;
     let n = hidden.elem_count() / width.max(1);
     let vocab = lm_head.out_features();
-    let chunk = (CHUNK_ELEMENTS / vocab.max(1)).clamp(1, CHUNK_ROWS);
-    let h = hidden.detach().reshape((n, width))?;
-    let mask = mask.map(|m| m.reshape((n, 1))).transpose()?;
-    // A quantized head is dequantized once here, not once per chunk.
-    let lm_head = &if lm_head.is_quantized() {
-        Linear::new(lm_head.dense_weight(h.dtype())?, None)
-    } else {
-        lm_head.clone()
-    };
-    let mut lses = Vec::with_capacity(n.div_ceil(chunk));
-    let mut total = Tensor::zeros((), DType::F32, hidden.device())?;
-    for start in (0..n).step_by(chunk) {
-        let len = chunk.min(n - start);
-        let logits = lm_head.forward(&h.narrow(0, start, len)?)?;
-        let stats = cross_entropy_stats(&logits, &targets.narrow(0, start, len)?)?;
-        let (lse, picked) = (stats.narrow(1, 0, 1)?, stats.narrow(1, 1, 1)?);
-        let mut nll = (&lse - picked)?;
-        if let Some(m) = &mask {
-            nll = (nll * m.narrow(0, start, len)?)?;
-        }
-        total = (total + nll.sum_all()?)?;
-        lses.push(lse.squeeze(1)?);
+    if targets.len() != n {
+        return Err(Error::InvalidInput(format!(
+            "{} targets for {n} rows",
+            targets.len()
+        )));
     }
-    let loss = (total / count as f64)?;
+    let device = hidden.device().clone();
+    let h = hidden.detach().reshape((n, width))?;
+    let dtype = h.dtype();
+    let mask = mask.map(|m| m.reshape((n, 1))).transpose()?;
+    let slices: Vec<(usize, usize)> = (0..vocab)
+        .step_by(HEAD_SLICE_ROWS)
+        .map(|s| (s, HEAD_SLICE_ROWS.min(vocab - s)))
+        .collect();
+    let block = (BLOCK_ELEMENTS / HEAD_SLICE_ROWS.min(vocab).max(1)).max(1);
+    // Per slice, each row's target inside it (`picks`: 0 when outside, a
+    // valid index for the statistics kernel; `hits`: 1 when inside) and
+    // for the gradient kernel the same with `len` when outside (no column
+    // matches it: no one-hot in that slice). One upload each, [slices, n].
+    let (mut picks, mut grads, mut hits) = (Vec::new(), Vec::new(), Vec::new());
+    for &(s0, len) in &slices {
+        for &t in targets {
+            let t = t as usize;
+            let inside = t >= s0 && t < s0 + len;
+            picks.push(if inside { (t - s0) as u32 } else { 0 });
+            grads.push(if inside { (t - s0) as u32 } else { len as u32 });
+            hits.push(f32::from(u8::from(inside)));
+        }
+    }
+    let k = slices.len();
+    let picks = Tensor::from_vec(picks, (k, n), &device)?;
+    let grads = Tensor::from_vec(grads, (k, n), &device)?;
+    let hits = Tensor::from_vec(hits, (k, n), &device)?;
+    // A quantized head's slices are read by id (the row lookup kernels).
+    let ids: Vec<Option<Tensor>> = match lm_head.quantized_weight() {
+        Some(_) => slices
+            .iter()
+            .map(|&(s0, len)| Tensor::arange(s0 as u32, (s0 + len) as u32, &device).map(Some))
+            .collect::<candle_core::Result<_>>()?,
+        None => vec![None; k],
+    };
+    let row_blocks: Vec<(usize, usize)> = (0..n)
+        .step_by(block)
+        .map(|r| (r, block.min(n - r)))
+        .collect();
+    // Forward: per block of rows, every slice's log-sum-exp and picked
+    // logit, merged over slices.
+    let mut lse_blocks = Vec::with_capacity(row_blocks.len());
+    let mut picked_blocks = Vec::with_capacity(row_blocks.len());
+    for &(r0, rn) in &row_blocks {
+        let hb = h.narrow(0, r0, rn)?;
+        let (mut lses, mut pickeds) = (Vec::with_capacity(k), Vec::with_capacity(k));
+        for (i, &slice) in slices.iter().enumerate() {
+            let w = head_rows(lm_head, ids[i].as_ref(), slice, dtype)?;
+            let logits = hb.matmul(&w.t()?)?;
+            let local = picks.get(i)?.narrow(0, r0, rn)?;
+            let stats = cross_entropy_stats(&logits, &local)?;
+            lses.push(stats.narrow(1, 0, 1)?);
+            pickeds.push(stats.narrow(1, 1, 1)?);
+        }
+        // log Σ_slices exp(lse_slice), from the largest.
+        let lses = Tensor::cat(&lses, 1)?;
+        let top = lses.max_keepdim(1)?;
+        let lse = (lses.broadcast_sub(&top)?.exp()?.sum_keepdim(1)?.log()? + top)?;
+        let inside = hits.narrow(1, r0, rn)?.t()?;
+        let picked = (Tensor::cat(&pickeds, 1)? * inside)?.sum_keepdim(1)?;
+        lse_blocks.push(lse);
+        picked_blocks.push(picked);
+    }
+    let lse = Tensor::cat(&lse_blocks, 0)?;
+    let mut nll = (&lse - Tensor::cat(&picked_blocks, 0)?)?;
+    if let Some(m) = &mask {
+        nll = (nll * m)?;
+    }
+    let loss = (nll.sum_all()? / count as f64)?;
     if !hidden.track_op() {
         return Ok(loss);
     }
-    let lse = Tensor::cat(&lses, 0)?;
-    let (head, targets) = (lm_head.clone(), targets.clone());
+    let lse = lse.squeeze(1)?;
+    let head = lm_head.clone();
     let backward = move |_: &[&Tensor], _: &Tensor, grad: &Tensor| {
-        let dtype = h.dtype();
-        let w = head
-            .dense_weight(dtype)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let g = (grad.to_dtype(DType::F32)? / count as f64)?;
-        let mut dh = Vec::with_capacity(n.div_ceil(chunk));
-        for start in (0..n).step_by(chunk) {
-            let len = chunk.min(n - start);
-            let logits = head.forward(&h.narrow(0, start, len)?)?;
-            let dlogits = cross_entropy_grad(
-                &logits,
-                &targets.narrow(0, start, len)?,
-                &lse.narrow(0, start, len)?,
-                &g,
-            )?;
-            let mut d = dlogits.matmul(&w)?;
-            if let Some(m) = &mask {
-                d = d.broadcast_mul(&m.narrow(0, start, len)?.to_dtype(dtype)?)?;
+        let mut dh = Vec::with_capacity(row_blocks.len());
+        for &(r0, rn) in &row_blocks {
+            let hb = h.narrow(0, r0, rn)?;
+            let lse_b = lse.narrow(0, r0, rn)?;
+            let mut sum: Option<Tensor> = None;
+            for (i, &slice) in slices.iter().enumerate() {
+                let w = head_rows(&head, ids[i].as_ref(), slice, dtype)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                let logits = hb.matmul(&w.t()?)?;
+                let local = grads.get(i)?.narrow(0, r0, rn)?;
+                let dlogits = cross_entropy_grad(&logits, &local, &lse_b, &g)?;
+                let d = dlogits.matmul(&w)?.to_dtype(DType::F32)?;
+                sum = Some(match sum {
+                    Some(s) => (s + d)?,
+                    None => d,
+                });
             }
-            dh.push(d);
+            let Some(mut d) = sum else {
+                candle_core::bail!("linear cross-entropy: a head with no rows");
+            };
+            if let Some(m) = &mask {
+                d = d.broadcast_mul(&m.narrow(0, r0, rn)?)?;
+            }
+            dh.push(d.to_dtype(dtype)?);
         }
         Ok(vec![Some(Tensor::cat(&dh, 0)?.reshape(&shape)?)])
     };
@@ -231,13 +306,13 @@ pub fn lm_loss(
     ))
 }
 
-/// Every row's target (0 for an ignored row), a mask (f32, 1 for a kept
-/// row) and the kept count, checked ([`check_labels`]).
+/// Every row's target (0 for an ignored row), a mask (f32 on `device`, 1
+/// for a kept row) and the kept count, checked ([`check_labels`]).
 fn masked_labels(
     labels: &[i64],
     v: usize,
     device: &candle_core::Device,
-) -> Result<(Tensor, Tensor, usize)> {
+) -> Result<(Vec<u32>, Tensor, usize)> {
     let kept = check_labels(labels, v)?;
     let n = labels.len();
     let targets: Vec<u32> = labels
@@ -248,11 +323,7 @@ fn masked_labels(
         .iter()
         .map(|&l| f32::from(u8::from(l != IGNORE_INDEX)))
         .collect();
-    Ok((
-        Tensor::from_vec(targets, n, device)?,
-        Tensor::from_vec(mask, n, device)?,
-        kept,
-    ))
+    Ok((targets, Tensor::from_vec(mask, n, device)?, kept))
 }
 
 /// Checks `labels` against `[b, s]` logits for a shifted loss.

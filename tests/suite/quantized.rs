@@ -422,3 +422,140 @@ fn q5_0_products_equal_those_of_its_q8_0_twin() {
         }
     }
 }
+
+/// A quantized embedding table gives the rows of its dequantized copy
+/// (Candle's `get_rows` on CUDA, its row dequantization on the CPU), in
+/// the model's dtype and the ids' shape; a table in a dense GGUF type is
+/// held dense.
+#[test]
+fn quantized_embedding_rows_equal_the_dequantized_tables() {
+    use metal_candle::layers::Embedding;
+    use std::sync::Arc;
+    let dev = device();
+    let table = Tensor::randn(0f32, 1.0, (50, 256), &Device::Cpu).unwrap();
+    let ids = Tensor::new(&[[3u32, 49, 0], [7, 7, 12]], &dev).unwrap();
+    for format in [
+        GgmlDType::Q8_0,
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q6K,
+    ] {
+        let q = candle_core::quantized::QTensor::quantize(&table, format).unwrap();
+        let dense = q.dequantize(&Device::Cpu).unwrap();
+        let q = candle_core::quantized::QTensor::new(
+            candle_core::quantized::QStorage::from_data(q.data().unwrap(), &dev, format).unwrap(),
+            (50, 256),
+        )
+        .unwrap();
+        let q = Arc::new(q);
+        for dtype in [DType::F32, DType::BF16] {
+            let e = Embedding::quantized(q.clone(), dtype).unwrap();
+            assert!(e.dense().is_none(), "{format:?} held dense");
+            let rows = e.forward(&ids).unwrap();
+            assert_eq!(rows.dims(), [2, 3, 256]);
+            assert_eq!(rows.dtype(), dtype);
+            let want = dense
+                .index_select(
+                    &ids.flatten_all().unwrap().to_device(&Device::Cpu).unwrap(),
+                    0,
+                )
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+                .reshape((2, 3, 256))
+                .unwrap()
+                .to_device(&dev)
+                .unwrap();
+            // Equal on the CPU; CUDA's kernels may fuse the scale products
+            // differently (an f32 ulp, or a bf16 one after rounding).
+            let bound = match (dev.is_cpu(), dtype) {
+                (true, _) => 0.0,
+                (false, DType::F32) => 1e-5 * abs_max(&want),
+                (false, _) => 1e-2 * abs_max(&want),
+            };
+            let d = max_abs_diff(&rows, &want);
+            assert!(d <= bound, "{format:?} {dtype:?}: rows differ by {d}");
+        }
+    }
+    // A table in a dense GGUF type (f16 here) is held dense.
+    let narrow = Tensor::randn(0f32, 1.0, (10, 96), &Device::Cpu).unwrap();
+    let q = candle_core::quantized::QTensor::quantize(&narrow, GgmlDType::F16).unwrap();
+    let e = Embedding::quantized(Arc::new(q), DType::F32).unwrap();
+    assert!(e.dense().is_some());
+}
+
+/// The training loss over a head of several vocabulary slices (20,000
+/// words; the loss forms logits 8,192 words at a time and dequantizes a
+/// quantized head one slice at a time) equals the loss over the model's
+/// logits, value and every LoRA gradient: a dense tied head and a Q8_0 one
+/// (in-situ quantization, which quantizes the tied table too), with a few
+/// and many ignored labels.
+#[test]
+fn the_loss_over_vocabulary_slices_equals_the_logits_loss() {
+    use metal_candle::io::Weights;
+    use metal_candle::models::{build_decoder, parse_decoder_config};
+    use metal_candle::training::{backward, lm_loss, shifted_causal_lm_loss};
+    let dev = device();
+    let cfg = parse_decoder_config(
+        &serde_json::json!({
+            "model_type": "qwen2", "vocab_size": 20000, "hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "max_position_embeddings": 256, "rope_theta": 10000.0,
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": true,
+        })
+        .to_string(),
+        "test config",
+    )
+    .unwrap();
+    let tensors = random_model::random_weights(&cfg, 0.5, DType::F32, &Device::Cpu).unwrap();
+    for quantize in [None, Some(GgmlDType::Q8_0)] {
+        let w = Weights::from_tensors(tensors.clone(), DType::F32, &dev, "random")
+            .quantize_linears(quantize);
+        let mut model = build_decoder(&cfg, &w).unwrap();
+        assert_eq!(model.lm_head().is_quantized(), quantize.is_some());
+        let lora = LoRAAdapterConfig {
+            rank: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            target_modules: vec![TargetModule::QProj, TargetModule::VProj],
+            use_rslora: false,
+        };
+        let adapter = LoRAAdapter::new(lora, &*model, &dev, 3).unwrap();
+        for (_, l) in adapter.layers() {
+            let b = l.b().as_tensor();
+            l.b()
+                .set(&(Tensor::randn(0f32, 0.1, b.dims(), b.device()).unwrap()))
+                .unwrap();
+        }
+        adapter.attach(&mut *model).unwrap();
+        let (b, s) = (2, 40);
+        let ids: Vec<u32> = (0..b * s).map(|i| ((i * 7919) % 20000) as u32).collect();
+        let ids = Tensor::from_vec(ids, (b, s), &dev).unwrap();
+        let all = ids.to_dtype(DType::I64).unwrap().to_vec2::<i64>().unwrap();
+        let mut few = all.clone();
+        few[0][..3].fill(-100);
+        let mut many = all;
+        for row in &mut many {
+            row[..25].fill(-100);
+        }
+        for labels in [few, many] {
+            let labels = Tensor::new(labels, &dev).unwrap();
+            let (fused, n1) = lm_loss(&*model, &ids, None, &labels).unwrap();
+            let logits = model.forward(&ids, None, None).unwrap();
+            let (plain, n2) = shifted_causal_lm_loss(&logits, &labels).unwrap();
+            assert_eq!(n1, n2);
+            let (f, p) = (
+                fused.to_scalar::<f32>().unwrap(),
+                plain.to_scalar::<f32>().unwrap(),
+            );
+            assert!(((f - p) / p).abs() < 1e-5, "{quantize:?}: {f} vs {p}");
+            let (g1, g2) = (backward(&fused).unwrap(), backward(&plain).unwrap());
+            for (name, var) in adapter.named_vars() {
+                let r = crate::common::rel_diff(g1.get(&var).unwrap(), g2.get(&var).unwrap());
+                assert!(r < 1e-4, "{quantize:?} {name}: rel {r:e}");
+            }
+        }
+    }
+}

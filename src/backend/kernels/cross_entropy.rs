@@ -31,7 +31,10 @@ pub(crate) fn cross_entropy_stats(
 /// `(softmax(logits) − onehot(targets)) · g` in `logits`' dtype: the
 /// gradient of `g · Σ cross-entropy` with respect to the logits, given the
 /// rows' log-sum-exp `lse` (`[n]`, f32, from [`cross_entropy_stats`]) and
-/// `g` (a scalar f32 tensor, read on the device).
+/// `g` (a scalar f32 tensor, read on the device). A target `>= v` matches
+/// no column: that row has no one-hot here (a slice of the vocabulary
+/// without the row's word, `training::loss`); the lse may be the whole
+/// row's, taken over more columns than `logits` has.
 ///
 /// # Errors
 /// Shapes or dtypes that do not fit.
