@@ -11,8 +11,10 @@ use serde::Deserialize;
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
 use super::pooling::{normalize, Pooling};
+use crate::backend::kernels::flash_attention_available;
 use crate::error::{Error, Result};
 use crate::io::{ModelLoader, ModelRepo};
+use crate::layers::PackedSeqs;
 use crate::models::bert::{BertConfig, BertModel};
 use crate::models::mpnet::{MpnetConfig, MpnetModel, PADDING_IDX};
 
@@ -159,6 +161,31 @@ impl Backbone {
             Self::Mpnet(m) => m.forward_rows(ids, mask),
         }
     }
+
+    fn forward_packed(&self, seqs: &[&[u32]]) -> Result<(Tensor, PackedSeqs)> {
+        match self {
+            Self::Bert(m) => m.forward_packed(seqs),
+            Self::Mpnet(m) => m.forward_packed(seqs),
+        }
+    }
+
+    /// Whether the packed attention kernel runs for this model in `dtype`
+    /// where it is (CUDA, bf16/f16, head dim 32/64/128).
+    fn packed_kernel(&self, dtype: DType) -> bool {
+        let (device, hidden, heads) = match self {
+            Self::Bert(m) => (
+                m.device(),
+                m.config().hidden_size,
+                m.config().num_attention_heads,
+            ),
+            Self::Mpnet(m) => (
+                m.device(),
+                m.config().hidden_size,
+                m.config().num_attention_heads,
+            ),
+        };
+        flash_attention_available(device, dtype, hidden / heads)
+    }
 }
 
 #[derive(Deserialize)]
@@ -267,6 +294,10 @@ pub struct EmbeddingModel {
     /// Draw a progress bar for long `encode` calls (off: the library
     /// prints nothing unless asked).
     progress: bool,
+    /// Whether `encode` packs each batch end to end (no padding); `None`:
+    /// where the packed attention kernel runs.
+    packed: Option<bool>,
+    dtype: DType,
     source: String,
     device: Device,
 }
@@ -405,6 +436,8 @@ impl EmbeddingModel {
             document_prefix: None,
             batch_size: DEFAULT_BATCH_SIZE,
             progress: false,
+            packed: None,
+            dtype,
             source: repo.describe(),
             device: device.clone(),
         };
@@ -543,6 +576,19 @@ impl EmbeddingModel {
         self.progress = on;
     }
 
+    /// Whether `encode` runs each batch packed end to end, with no padding
+    /// (text-embeddings-inference's variable-length batches; attention
+    /// stays within each text), or padded to the batch's longest text.
+    /// `None` (the default): packed where the packed attention kernel runs
+    /// (CUDA in bf16/f16), padded elsewhere: in f32 on an H200 packed
+    /// batches, whose attention runs on padded rows gathered from the
+    /// packed ones, were 10% slower (BENCHMARKS.md). Both give the same
+    /// vectors; this is for tests and A/B runs.
+    #[doc(hidden)]
+    pub fn set_packed_batches(&mut self, packed: Option<bool>) {
+        self.packed = packed;
+    }
+
     /// Sets the query and document prefixes (`None` or `""`: no prefix).
     pub fn set_prefixes(&mut self, query: Option<&str>, document: Option<&str>) {
         let own = |p: Option<&str>| p.filter(|p| !p.is_empty()).map(str::to_string);
@@ -625,13 +671,13 @@ impl EmbeddingModel {
         if texts.is_empty() {
             return Ok(Tensor::zeros((0, self.dim()), DType::F32, &self.device)?);
         }
-        let ids = match prefix {
+        let tokenize = |part: &[&str]| match prefix {
             Some(p) => {
-                let joined: Vec<String> = texts.iter().map(|t| format!("{p}{t}")).collect();
+                let joined: Vec<String> = part.iter().map(|t| format!("{p}{t}")).collect();
                 let refs: Vec<&str> = joined.iter().map(String::as_str).collect();
-                self.tokenize(&refs)?
+                self.tokenize(&refs)
             }
-            None => self.tokenize(texts)?,
+            None => self.tokenize(part),
         };
         // Tokens of the prompt left out of pooling when the Pooling module
         // says so: the prompt's tokens without its closing special token.
@@ -644,12 +690,31 @@ impl EmbeddingModel {
             }
             _ => 0,
         };
-
-        // Longest first, so each batch is padded to similar lengths.
-        let mut order: Vec<usize> = (0..ids.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(ids[i].len()));
-        let batches: Vec<&[usize]> = order.chunks(self.batch_size).collect();
-        let progress = if self.progress && batches.len() >= 8 {
+        let packed = self
+            .packed
+            .unwrap_or_else(|| self.backbone.packed_kernel(self.dtype));
+        // On a GPU the host tokenizes the next chunk of texts on another
+        // thread while the device embeds this one (kernel launches return
+        // at once), so tokenizing no longer adds to the device's time. The
+        // texts are first ordered by length in characters, longest first
+        // (as sentence-transformers orders them), so that each chunk's
+        // batches, sorted by tokens within the chunk, stay as tightly
+        // padded as a sort of all texts by tokens would make them. The
+        // first chunk is one batch, so the device starts early. On the CPU
+        // tokenizing and embedding would share the cores: one chunk.
+        let ahead = self.device.is_cuda() && tokenize_ahead() && texts.len() > self.batch_size;
+        let mut by_chars: Vec<usize> = (0..texts.len()).collect();
+        let mut chunks = vec![0];
+        if ahead {
+            by_chars.sort_by_key(|&i| std::cmp::Reverse(texts[i].len()));
+            let mut end = self.batch_size;
+            while end < texts.len() {
+                chunks.push(end);
+                end += self.batch_size * TOKENIZE_AHEAD_BATCHES;
+            }
+        }
+        chunks.push(texts.len());
+        let progress = if self.progress && texts.len() >= 8 * self.batch_size {
             let pb = indicatif::ProgressBar::new(texts.len() as u64);
             pb.set_style(
                 indicatif::ProgressStyle::with_template(
@@ -661,35 +726,46 @@ impl EmbeddingModel {
         } else {
             indicatif::ProgressBar::hidden()
         };
-        let mut pooled = Vec::with_capacity(batches.len());
-        for batch in batches {
-            let s = batch.iter().map(|&i| ids[i].len()).max().unwrap_or(0);
-            let mut flat = Vec::with_capacity(batch.len() * s);
-            let mut mask = Vec::with_capacity(batch.len());
-            for &i in batch {
-                let row = &ids[i];
-                flat.extend_from_slice(row);
-                flat.extend(std::iter::repeat_n(self.pad_id, s - row.len()));
-                let mut m = vec![1u32; row.len()];
-                m.resize(s, 0);
-                mask.push(m);
+        let mut order: Vec<usize> = Vec::with_capacity(texts.len());
+        let mut pooled = Vec::with_capacity(texts.len().div_ceil(self.batch_size));
+        let mut embed_chunk = |members: &[usize], ids: &[Vec<u32>]| -> Result<()> {
+            // Longest first, so each batch is padded to similar lengths
+            // (packed batches carry no padding; sorted, their sizes in
+            // tokens stay alike).
+            let mut local: Vec<usize> = (0..ids.len()).collect();
+            local.sort_by_key(|&i| std::cmp::Reverse(ids[i].len()));
+            for batch in local.chunks(self.batch_size) {
+                pooled.push(self.embed_batch(ids, batch, packed, prompt_len)?);
+                progress.inc(batch.len() as u64);
             }
-            // On the host: the backbone checks the ids there before it
-            // uploads them (no device round trip per batch).
-            let input = Tensor::from_vec(flat, (batch.len(), s), &Device::Cpu)?;
-            let hidden = self.backbone.forward_rows(&input, &mask)?;
-            if prompt_len > 0 {
-                for m in &mut mask {
-                    let n = prompt_len.min(m.len());
-                    m[..n].fill(0);
+            order.extend(local.iter().map(|&i| members[i]));
+            Ok(())
+        };
+        if !ahead {
+            embed_chunk(&by_chars, &tokenize(texts)?)?;
+        } else {
+            std::thread::scope(|scope| -> Result<()> {
+                let spawn = |k: usize| {
+                    let members = &by_chars[chunks[k]..chunks[k + 1]];
+                    let tokenize = &tokenize;
+                    let part: Vec<&str> = members.iter().map(|&i| texts[i]).collect();
+                    (members, scope.spawn(move || tokenize(&part)))
+                };
+                let mut next = Some(spawn(0));
+                for k in 1..chunks.len() {
+                    let Some((members, handle)) = next.take() else {
+                        break;
+                    };
+                    let ids = handle
+                        .join()
+                        .map_err(|_| Error::Tokenizer("the tokenizing thread panicked".into()))??;
+                    if k + 1 < chunks.len() {
+                        next = Some(spawn(k));
+                    }
+                    embed_chunk(members, &ids)?;
                 }
-            }
-            let mut v = self.pooling.pool(&hidden, &mask)?;
-            if self.normalize {
-                v = normalize(&v)?;
-            }
-            pooled.push(v);
-            progress.inc(batch.len() as u64);
+                Ok(())
+            })?;
         }
         progress.finish_and_clear();
         let sorted = Tensor::cat(&pooled, 0)?;
@@ -704,4 +780,77 @@ impl EmbeddingModel {
         let inverse = Tensor::from_vec(inverse, order.len(), &self.device)?;
         Ok(sorted.index_select(&inverse, 0)?)
     }
+
+    /// The pooled (and normalised) vectors `[batch.len(), dim]` of texts
+    /// `batch` (indices into `ids`), packed end to end or padded.
+    fn embed_batch(
+        &self,
+        ids: &[Vec<u32>],
+        batch: &[usize],
+        packed: bool,
+        prompt_len: usize,
+    ) -> Result<Tensor> {
+        let s = batch.iter().map(|&i| ids[i].len()).max().unwrap_or(0);
+        let mut mask = Vec::with_capacity(batch.len());
+        for &i in batch {
+            let mut m = vec![1u32; ids[i].len()];
+            m.resize(s, 0);
+            mask.push(m);
+        }
+        let hidden = if packed {
+            let rows: Vec<&[u32]> = batch.iter().map(|&i| ids[i].as_slice()).collect();
+            let (hidden, seqs) = self.backbone.forward_packed(&rows)?;
+            unpack(&hidden, &seqs, s)?
+        } else {
+            let mut flat = Vec::with_capacity(batch.len() * s);
+            for &i in batch {
+                flat.extend_from_slice(&ids[i]);
+                flat.extend(std::iter::repeat_n(self.pad_id, s - ids[i].len()));
+            }
+            // On the host: the backbone checks the ids there before it
+            // uploads them (no device round trip per batch).
+            let input = Tensor::from_vec(flat, (batch.len(), s), &Device::Cpu)?;
+            self.backbone.forward_rows(&input, &mask)?
+        };
+        if prompt_len > 0 {
+            for m in &mut mask {
+                let n = prompt_len.min(m.len());
+                m[..n].fill(0);
+            }
+        }
+        let mut v = self.pooling.pool(&hidden, &mask)?;
+        if self.normalize {
+            v = normalize(&v)?;
+        }
+        Ok(v)
+    }
+}
+
+/// Batches per chunk (after the first, of one batch) a GPU `encode`
+/// tokenizes ahead.
+const TOKENIZE_AHEAD_BATCHES: usize = 4;
+
+/// Whether a GPU `encode` tokenizes ahead on another thread;
+/// `METAL_CANDLE_TOKENIZE_AHEAD=0` tokenizes everything first (A/B runs).
+fn tokenize_ahead() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("METAL_CANDLE_TOKENIZE_AHEAD").as_deref() != Ok("0"))
+}
+
+/// Packed hidden states (`[1, tokens, h]`) as right-padded rows `[b, s, h]`
+/// for pooling: padding positions repeat a sequence's first token, which the
+/// pooling mask leaves out. One gather, against a forward whose matmuls
+/// and attention never saw the padding.
+fn unpack(hidden: &Tensor, seqs: &PackedSeqs, s: usize) -> Result<Tensor> {
+    let h = hidden.dim(2)?;
+    let mut index = Vec::with_capacity(seqs.len() * s);
+    for w in seqs.offsets().windows(2) {
+        let (start, n) = (w[0] as u32, (w[1] - w[0]) as u32);
+        index.extend((0..s as u32).map(|j| start + if j < n { j } else { 0 }));
+    }
+    let index = Tensor::from_vec(index, seqs.len() * s, hidden.device())?;
+    Ok(hidden
+        .squeeze(0)?
+        .index_select(&index, 0)?
+        .reshape((seqs.len(), s, h))?)
 }

@@ -14,8 +14,8 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::backend::autograd::{needs_grad, with_backward};
 use crate::backend::kernels::{
-    flash_attention, flash_attention_available, flash_attention_merged, flash_attention_supported,
-    flash_attention_taped, FlashTape,
+    flash_attention, flash_attention_available, flash_attention_merged, flash_attention_packed,
+    flash_attention_supported, flash_attention_taped, flash_packed_index, FlashTape,
 };
 use crate::error::{Error, Result};
 
@@ -109,6 +109,194 @@ pub fn attention(
     }
     mask.check_composed(s, k.dim(2)?)?;
     merge(composed_attention(q, k, v, mask.dense, scale)?)
+}
+
+/// Sequences packed end to end (text-embeddings-inference's variable-length
+/// batches): sequence `i` holds tokens `offsets[i]..offsets[i + 1]` of a
+/// `[tokens, ...]` tensor, so a batch of mixed lengths carries no padding.
+/// Made once per batch; [`attention_packed`] reads it in every layer.
+#[derive(Debug, Clone)]
+pub struct PackedSeqs {
+    offsets: Vec<usize>,
+    /// The kernel's device index, when the packed kernel can run here.
+    index: Option<Tensor>,
+    /// Where the kernel does not run: the gathers between the packed and
+    /// a padded layout, made on first use.
+    padded: std::sync::OnceLock<PaddedLayout>,
+}
+
+/// The gathers [`attention_packed`] runs attention through where its kernel
+/// does not: `[tokens]` rows to `[n, s]` slots (a padding slot repeats its
+/// sequence's first token) and back, and the padding bias `[n, 1, 1, s]`.
+#[derive(Debug, Clone)]
+struct PaddedLayout {
+    to_padded: Tensor,
+    to_packed: Tensor,
+    bias: Tensor,
+}
+
+impl PackedSeqs {
+    /// Sequences of `lengths` tokens (each at least 1), for attention with
+    /// `head_dim`-wide heads in `dtype` on `device`.
+    ///
+    /// # Errors
+    /// No sequences, an empty one, or the index upload failing.
+    pub fn new(lengths: &[usize], device: &Device, dtype: DType, head_dim: usize) -> Result<Self> {
+        if lengths.is_empty() || lengths.contains(&0) {
+            return Err(Error::InvalidInput(
+                "packed sequences: need at least one sequence and no empty one".into(),
+            ));
+        }
+        let mut offsets = Vec::with_capacity(lengths.len() + 1);
+        offsets.push(0);
+        for &n in lengths {
+            offsets.push(offsets[offsets.len() - 1] + n);
+        }
+        let index = if flash_attention_available(device, dtype, head_dim) {
+            Some(flash_packed_index(&offsets, device)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            offsets,
+            index,
+            padded: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// The [`PaddedLayout`] on `device`, made the first time.
+    fn padded(&self, device: &Device) -> Result<&PaddedLayout> {
+        if let Some(p) = self.padded.get() {
+            return Ok(p);
+        }
+        let (n, s) = (self.len(), self.max_len());
+        let mut to_padded = Vec::with_capacity(n * s);
+        let mut to_packed = Vec::with_capacity(self.tokens());
+        let mut mask = Vec::with_capacity(n);
+        for (i, w) in self.offsets.windows(2).enumerate() {
+            let (start, len) = (w[0], w[1] - w[0]);
+            to_padded.extend((0..s).map(|j| (start + if j < len { j } else { 0 }) as u32));
+            to_packed.extend((0..len).map(|j| (i * s + j) as u32));
+            let mut m = vec![1u32; len];
+            m.resize(s, 0);
+            mask.push(m);
+        }
+        let bias = match padding_bias(Some(&mask), device)? {
+            Some(b) => b,
+            None => Tensor::zeros((n, 1, 1, s), DType::F32, device)?,
+        };
+        let layout = PaddedLayout {
+            to_padded: Tensor::from_vec(to_padded, n * s, device)?,
+            to_packed: Tensor::from_vec(to_packed, self.tokens(), device)?,
+            bias,
+        };
+        Ok(self.padded.get_or_init(|| layout))
+    }
+
+    /// Token offsets: one more than there are sequences, from 0 to [`Self::tokens`].
+    #[must_use]
+    pub fn offsets(&self) -> &[usize] {
+        &self.offsets
+    }
+
+    /// How many sequences.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.offsets.len() - 1
+    }
+
+    /// Always false: [`Self::new`] refuses an empty batch.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Tokens of all sequences together.
+    #[must_use]
+    pub fn tokens(&self) -> usize {
+        self.offsets[self.offsets.len() - 1]
+    }
+
+    /// The longest sequence's length.
+    #[must_use]
+    pub fn max_len(&self) -> usize {
+        self.offsets
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// Bidirectional attention over [`PackedSeqs`]: `q`, `k`, `v` are `[1,
+/// heads, tokens, d]` (`heads` a multiple of `k`'s heads), each sequence
+/// attending to its own tokens only; `bias` (optional, f32) broadcasts to
+/// `[1, heads, n, n]` with `n` at least the longest sequence and is read by
+/// row and column within the sequence (MPNet's relative position bias).
+/// Returns `[1, tokens, heads · d]`. On CUDA in bf16/f16 with head dim 32,
+/// 64 or 128 the packed kernel ([`crate::backend::kernels::flash_attention_packed`])
+/// runs all sequences in one launch; elsewhere the sequences are gathered
+/// into padded rows for [`attention`] (with a padding mask) and back.
+/// Inference only (no backward).
+///
+/// # Errors
+/// Shape or dtype mismatches.
+pub fn attention_packed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seqs: &PackedSeqs,
+    bias: Option<&Tensor>,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let (b, heads, tokens, d) = q.dims4()?;
+    if b != 1 || tokens != seqs.tokens() {
+        candle_core::bail!(
+            "attention_packed: q {:?} is not [1, heads, {}, d]",
+            q.dims(),
+            seqs.tokens()
+        );
+    }
+    if let Some(index) = &seqs.index {
+        if flash_attention_supported(q, k, v) {
+            return flash_attention_packed(q, k, v, &seqs.offsets, index, bias, scale)?.reshape((
+                1,
+                tokens,
+                heads * d,
+            ));
+        }
+    }
+    // Elsewhere the sequences are gathered into padded rows for
+    // [`attention`] and the real rows gathered back: the projections and
+    // the MLP around it still see no padding.
+    let dev = q.device();
+    let pad = seqs
+        .padded(dev)
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let (n, s) = (seqs.len(), seqs.max_len());
+    let padded = |x: &Tensor| -> candle_core::Result<Tensor> {
+        let h = x.dim(1)?;
+        x.index_select(&pad.to_padded, 2)?
+            .reshape((h, n, s, d))?
+            .transpose(0, 1)?
+            .contiguous()
+    };
+    let bias = match bias {
+        Some(b) => pad
+            .bias
+            .broadcast_add(&b.narrow(2, 0, s)?.narrow(3, 0, s)?.to_dtype(DType::F32)?)?,
+        None => pad.bias.clone(),
+    };
+    let out = attention(
+        &padded(q)?,
+        &padded(k)?,
+        &padded(v)?,
+        &Mask::bidirectional(Some(&bias)),
+        scale,
+    )?;
+    out.reshape((n * s, heads * d))?
+        .index_select(&pad.to_packed, 0)?
+        .reshape((1, tokens, heads * d))
 }
 
 /// What [`attention_taped`]'s backward needs.

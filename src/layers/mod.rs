@@ -14,7 +14,7 @@ mod linear;
 mod norm;
 mod rotary;
 
-pub use attention::{attention, composed_attention, Mask, MaskKind};
+pub use attention::{attention, attention_packed, composed_attention, Mask, MaskKind, PackedSeqs};
 pub(crate) use attention::{
     attention_mask, attention_taped, dense_mask_needed, mask_rows, padding_bias, AttentionTape,
 };

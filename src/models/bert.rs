@@ -8,12 +8,12 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use super::encoder::{
-    check_config, check_inputs, padding_bias, parse_activation, EncoderLayer, LayerDims, LayerNames,
+    check_config, check_inputs, check_vocab, padding_bias, parse_activation, Batch, EncoderLayer,
+    EncoderStack, LayerDims, LayerNames,
 };
-use crate::backend::kernels::embed_sum;
 use crate::error::{Error, Result};
 use crate::io::Weights;
-use crate::layers::LayerNorm;
+use crate::layers::{LayerNorm, PackedSeqs};
 
 /// Hyper-parameters of a BERT encoder, as in `config.json`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -123,15 +123,12 @@ pub(crate) fn weight_prefix(w: &Weights, candidates: &[&'static str]) -> Result<
 /// A BERT encoder returning the last hidden states.
 #[derive(Debug, Clone)]
 pub struct BertModel {
-    word: Tensor,
-    /// The position table with the segment-0 token-type row added at load
-    /// (inference embeds segment 0 only): one table for [`embed_sum`].
-    position: Tensor,
+    /// Its position table has the segment-0 token-type row added at load
+    /// (inference embeds segment 0 only): one table for `embed_sum`.
+    stack: EncoderStack,
     /// `0..max_position_embeddings` (u32) on the device: one sequence's
     /// position ids are a view of it, no upload.
     position_ids: Tensor,
-    norm: LayerNorm,
-    layers: Vec<EncoderLayer>,
     config: BertConfig,
 }
 
@@ -171,23 +168,26 @@ impl BertModel {
             }
         }
         Ok(Self {
-            word: w.get(
-                &format!("{p}embeddings.word_embeddings.weight"),
-                &[config.vocab_size, h],
-            )?,
             position_ids: Tensor::arange(
                 0u32,
                 config.max_position_embeddings as u32,
                 position.device(),
             )?,
-            position,
-            norm: LayerNorm::load(
-                w,
-                &format!("{p}embeddings.LayerNorm"),
-                h,
-                config.layer_norm_eps,
-            )?,
-            layers,
+            stack: EncoderStack {
+                word: w.get(
+                    &format!("{p}embeddings.word_embeddings.weight"),
+                    &[config.vocab_size, h],
+                )?,
+                position,
+                norm: LayerNorm::load(
+                    w,
+                    &format!("{p}embeddings.LayerNorm"),
+                    h,
+                    config.layer_norm_eps,
+                )?,
+                layers,
+                heads: config.num_attention_heads,
+            },
             config: config.clone(),
         })
     }
@@ -201,7 +201,7 @@ impl BertModel {
     /// The device the weights live on.
     #[must_use]
     pub fn device(&self) -> &Device {
-        self.word.device()
+        self.stack.word.device()
     }
 
     /// Last hidden states `[b, s, hidden]` (model dtype) for `ids` (`[b, s]`)
@@ -226,31 +226,33 @@ impl BertModel {
             self.config.vocab_size,
         )?;
         let ids = ids.to_device(self.device())?;
-        let h = self.config.hidden_size;
         let positions = if b == 1 {
             self.position_ids.narrow(0, 0, s)?
         } else {
             let positions: Vec<u32> = (0..b * s).map(|k| (k % s) as u32).collect();
             Tensor::from_vec(positions, b * s, self.device())?
         };
-        let x = embed_sum(&self.word, &ids.flatten_all()?, &self.position, &positions)?
-            .reshape((b, s, h))?;
-        let mut x = self.norm.forward(&x)?;
         let bias = padding_bias(mask, self.device())?;
-        for layer in &self.layers {
-            x = layer.forward(&x, bias.as_ref())?;
-        }
-        Ok(x)
+        self.stack.run(
+            &ids.flatten_all()?,
+            &positions,
+            (b, s),
+            Batch::Padded(bias.as_ref()),
+        )
     }
-}
 
-/// Fails with a clear error (instead of an index panic or garbage) when
-/// `max` (a batch's largest token id) is outside the embedding table.
-pub(crate) fn check_vocab(max: u32, vocab: usize) -> Result<()> {
-    if max as usize >= vocab {
-        return Err(Error::InvalidInput(format!(
-            "token id {max} is outside the vocabulary of {vocab}"
-        )));
+    /// Last hidden states `[1, tokens, hidden]` of `seqs` (token ids, each
+    /// non-empty) packed end to end with no padding, and their layout.
+    ///
+    /// # Errors
+    /// An empty or too long sequence, or an id outside the vocabulary.
+    pub(crate) fn forward_packed(&self, seqs: &[&[u32]]) -> Result<(Tensor, PackedSeqs)> {
+        let (ids, packed) = self.stack.pack(seqs, self.config.max_position_embeddings)?;
+        let positions: Vec<u32> = seqs.iter().flat_map(|s| 0..s.len() as u32).collect();
+        let tokens = positions.len();
+        let positions = Tensor::from_vec(positions, tokens, self.device())?;
+        let batch = Batch::Packed(&packed, None);
+        let x = self.stack.run(&ids, &positions, (1, tokens), batch)?;
+        Ok((x, packed))
     }
-    Ok(())
 }

@@ -5,10 +5,25 @@
 
 use candle_core::{Tensor, D};
 
-use crate::backend::kernels::{add_layer_norm, bias_act, split_heads, Activation, Heads};
+use crate::backend::kernels::{
+    add_layer_norm, bias_act, embed_sum, split_heads, Activation, Heads,
+};
 use crate::error::{Error, Result};
 use crate::io::Weights;
-use crate::layers::{attention, LayerNorm, Linear, Mask};
+use crate::layers::{attention, attention_packed, LayerNorm, Linear, Mask, PackedSeqs};
+
+/// How a batch is laid out for the encoder layers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Batch<'a> {
+    /// `[b, s, hidden]`, rows padded to one length; the additive f32
+    /// attention bias (padding mask, position bias) broadcasts to
+    /// `[b, heads, s, s]`.
+    Padded(Option<&'a Tensor>),
+    /// `[1, tokens, hidden]`, sequences packed end to end (no padding);
+    /// the bias (position bias only) broadcasts to `[1, heads, n, n]` and is
+    /// read within each sequence.
+    Packed(&'a PackedSeqs, Option<&'a Tensor>),
+}
 
 /// The MLP's activation from `hidden_act` in `config.json`.
 pub(crate) fn parse_activation(name: &str) -> std::result::Result<Activation, String> {
@@ -119,9 +134,8 @@ impl EncoderLayer {
         })
     }
 
-    /// `x`: `[b, s, hidden]`; `bias`: additive f32 attention bias
-    /// broadcastable to `[b, heads, s, s]`.
-    pub(crate) fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    /// `x`: `[b, s, hidden]` laid out as `batch` says.
+    pub(crate) fn forward(&self, x: &Tensor, batch: Batch<'_>) -> candle_core::Result<Tensor> {
         let qkv = match self.qkv.as_slice() {
             [fused] => fused.forward(x)?,
             parts => {
@@ -139,11 +153,80 @@ impl EncoderLayer {
         };
         let (q, k, v) = split_heads(&qkv, &self.qkv_bias, heads)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let ctx = attention(&q, &k, &v, &Mask::bidirectional(bias), scale)?;
+        let ctx = match batch {
+            Batch::Padded(bias) => attention(&q, &k, &v, &Mask::bidirectional(bias), scale)?,
+            Batch::Packed(seqs, bias) => attention_packed(&q, &k, &v, seqs, bias, scale)?,
+        };
         let attn = add_layer_norm(&self.o.forward(&ctx)?, x, &self.attn_norm, self.eps)?;
         let up = bias_act(&self.up.forward(&attn)?, &self.up_bias, self.act)?;
         add_layer_norm(&self.down.forward(&up)?, &attn, &self.out_norm, self.eps)
     }
+}
+
+/// What BERT and MPNet share after their position ids: the word and
+/// position tables (summed by [`embed_sum`]), the embedding LayerNorm and
+/// the layers.
+#[derive(Debug, Clone)]
+pub(crate) struct EncoderStack {
+    pub word: Tensor,
+    pub position: Tensor,
+    pub norm: LayerNorm,
+    pub layers: Vec<EncoderLayer>,
+    pub heads: usize,
+}
+
+impl EncoderStack {
+    /// Last hidden states `[b, s, hidden]`: `ids` and `positions` flat on
+    /// the device, `(b, s)` the layout `batch` describes.
+    pub(crate) fn run(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        (b, s): (usize, usize),
+        batch: Batch<'_>,
+    ) -> Result<Tensor> {
+        let h = self.word.dim(1)?;
+        let x = embed_sum(&self.word, ids, &self.position, positions)?.reshape((b, s, h))?;
+        let mut x = self.norm.forward(&x)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, batch)?;
+        }
+        Ok(x)
+    }
+
+    /// `seqs` (token ids, each non-empty, at most `limit` long) packed end
+    /// to end: the ids on the device and their [`PackedSeqs`].
+    ///
+    /// # Errors
+    /// An empty or too long sequence, or an id outside the vocabulary.
+    pub(crate) fn pack(&self, seqs: &[&[u32]], limit: usize) -> Result<(Tensor, PackedSeqs)> {
+        let longest = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+        if longest > limit {
+            return Err(Error::ContextLengthExceeded {
+                requested: longest,
+                limit,
+            });
+        }
+        let (device, dtype) = (self.word.device(), self.word.dtype());
+        let head_dim = self.word.dim(1)? / self.heads;
+        let lengths: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
+        let packed = PackedSeqs::new(&lengths, device, dtype, head_dim)?;
+        let ids = seqs.concat();
+        check_vocab(ids.iter().copied().max().unwrap_or(0), self.word.dim(0)?)?;
+        let tokens = ids.len();
+        Ok((Tensor::from_vec(ids, tokens, device)?, packed))
+    }
+}
+
+/// Fails with a clear error (instead of an index panic or garbage) when
+/// `max` (a batch's largest token id) is outside the embedding table.
+pub(crate) fn check_vocab(max: u32, vocab: usize) -> Result<()> {
+    if max as usize >= vocab {
+        return Err(Error::InvalidInput(format!(
+            "token id {max} is outside the vocabulary of {vocab}"
+        )));
+    }
+    Ok(())
 }
 
 /// Checks `ids` is `[b, s]` and `mask` has the same shape; returns `(b, s)`.

@@ -13,14 +13,14 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
-use super::bert::{check_vocab, weight_prefix};
+use super::bert::weight_prefix;
 use super::encoder::{
-    check_config, check_inputs, padding_bias, parse_activation, EncoderLayer, LayerDims, LayerNames,
+    check_config, check_inputs, check_vocab, padding_bias, parse_activation, Batch, EncoderLayer,
+    EncoderStack, LayerDims, LayerNames,
 };
-use crate::backend::kernels::embed_sum;
 use crate::error::{Error, Result};
 use crate::io::Weights;
-use crate::layers::LayerNorm;
+use crate::layers::{LayerNorm, PackedSeqs};
 
 /// MPNet's padding id, hard-coded in transformers' `MPNetEmbeddings` (it
 /// also anchors the position ids).
@@ -151,15 +151,31 @@ const LAYER_NAMES: LayerNames = LayerNames {
     out_norm: "output.LayerNorm",
 };
 
+/// Position ids of each row, flat, like transformers'
+/// `create_position_ids_from_input_ids`: padding tokens get
+/// [`PADDING_IDX`], the others count up from `PADDING_IDX + 1`.
+fn positions(rows: &[&[u32]]) -> Vec<u32> {
+    let mut positions = Vec::with_capacity(rows.iter().map(|r| r.len()).sum());
+    for row in rows {
+        let mut count = 0;
+        for &id in *row {
+            if id == PADDING_IDX {
+                positions.push(PADDING_IDX);
+            } else {
+                count += 1;
+                positions.push(count + PADDING_IDX);
+            }
+        }
+    }
+    positions
+}
+
 /// An MPNet encoder returning the last hidden states.
 #[derive(Debug, Clone)]
 pub struct MpnetModel {
-    word: Tensor,
-    position: Tensor,
-    norm: LayerNorm,
+    stack: EncoderStack,
     /// `[num_buckets, heads]`, f32.
     relative_bias: Tensor,
-    layers: Vec<EncoderLayer>,
     config: MpnetConfig,
 }
 
@@ -187,20 +203,24 @@ impl MpnetModel {
             .map(|i| EncoderLayer::load(w, &format!("{p}encoder.layer.{i}"), &LAYER_NAMES, dims))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            word: w.get(
-                &format!("{p}embeddings.word_embeddings.weight"),
-                &[config.vocab_size, h],
-            )?,
-            position: w.get(
-                &format!("{p}embeddings.position_embeddings.weight"),
-                &[config.max_position_embeddings, h],
-            )?,
-            norm: LayerNorm::load(
-                w,
-                &format!("{p}embeddings.LayerNorm"),
-                h,
-                config.layer_norm_eps,
-            )?,
+            stack: EncoderStack {
+                word: w.get(
+                    &format!("{p}embeddings.word_embeddings.weight"),
+                    &[config.vocab_size, h],
+                )?,
+                position: w.get(
+                    &format!("{p}embeddings.position_embeddings.weight"),
+                    &[config.max_position_embeddings, h],
+                )?,
+                norm: LayerNorm::load(
+                    w,
+                    &format!("{p}embeddings.LayerNorm"),
+                    h,
+                    config.layer_norm_eps,
+                )?,
+                layers,
+                heads: config.num_attention_heads,
+            },
             relative_bias: w
                 .get(
                     &format!("{p}encoder.relative_attention_bias.weight"),
@@ -210,7 +230,6 @@ impl MpnetModel {
                     ],
                 )?
                 .to_dtype(DType::F32)?,
-            layers,
             config: config.clone(),
         })
     }
@@ -224,7 +243,7 @@ impl MpnetModel {
     /// The device the weights live on.
     #[must_use]
     pub fn device(&self) -> &Device {
-        self.word.device()
+        self.stack.word.device()
     }
 
     /// Last hidden states `[b, s, hidden]` (model dtype) for `ids` (`[b, s]`)
@@ -247,34 +266,36 @@ impl MpnetModel {
         let max = id_rows.iter().flatten().copied().max().unwrap_or(0);
         check_vocab(max, self.config.vocab_size)?;
         let ids = ids.to_device(self.device())?;
-        // Positions from the ids, like transformers' create_position_ids_from_input_ids.
-        let mut positions = Vec::with_capacity(b * s);
-        for row in &id_rows {
-            let mut count = 0;
-            for &id in row {
-                if id == PADDING_IDX {
-                    positions.push(PADDING_IDX);
-                } else {
-                    count += 1;
-                    positions.push(count + PADDING_IDX);
-                }
-            }
-        }
-        let positions = Tensor::from_vec(positions, b * s, self.device())?;
-        let h = self.config.hidden_size;
-        let x = embed_sum(&self.word, &ids.flatten_all()?, &self.position, &positions)?
-            .reshape((b, s, h))?;
-        let mut x = self.norm.forward(&x)?;
-
+        let rows: Vec<&[u32]> = id_rows.iter().map(Vec::as_slice).collect();
+        let positions = Tensor::from_vec(positions(&rows), b * s, self.device())?;
         let bias = self.position_bias(s)?;
         let bias = match padding_bias(mask, self.device())? {
             Some(mask) => bias.broadcast_add(&mask)?,
             None => bias,
         };
-        for layer in &self.layers {
-            x = layer.forward(&x, Some(&bias))?;
-        }
-        Ok(x)
+        self.stack.run(
+            &ids.flatten_all()?,
+            &positions,
+            (b, s),
+            Batch::Padded(Some(&bias)),
+        )
+    }
+
+    /// Last hidden states `[1, tokens, hidden]` of `seqs` (token ids, each
+    /// non-empty) packed end to end with no padding, and their layout.
+    ///
+    /// # Errors
+    /// An empty or too long sequence, or an id outside the vocabulary.
+    pub(crate) fn forward_packed(&self, seqs: &[&[u32]]) -> Result<(Tensor, PackedSeqs)> {
+        let (ids, packed) = self.stack.pack(seqs, self.config.max_tokens())?;
+        let positions = positions(seqs);
+        let tokens = positions.len();
+        let positions = Tensor::from_vec(positions, tokens, self.device())?;
+        // One bias for every sequence: it depends on relative positions only.
+        let bias = self.position_bias(packed.max_len())?;
+        let batch = Batch::Packed(&packed, Some(&bias));
+        let x = self.stack.run(&ids, &positions, (1, tokens), batch)?;
+        Ok((x, packed))
     }
 
     /// The relative attention bias `[1, heads, s, s]` (f32).

@@ -92,6 +92,14 @@ fn check_model(kind: EmbeddingModelType, name: &str) {
             diff_alone_batch = diff_alone_batch.max(d);
         }
     }
+    // Packed end to end (no padding) instead of padded: the same vectors.
+    m.set_packed_batches(Some(true));
+    let packed = m.encode(&texts).unwrap();
+    for (i, c) in cosines(&packed, &r["batched"]).iter().enumerate() {
+        assert!(*c >= MIN_COSINE, "{name}: sentence {i} packed: cosine {c}");
+    }
+    let diff_packed = max_abs_diff(&packed, &r["batched"]);
+    eprintln!("{name}: packed batches vs sentence-transformers: max abs diff {diff_packed:.2e}");
     eprintln!(
         "{name}: vs sentence-transformers: worst cosine alone {worst_alone:.9} (max abs diff \
          {diff_alone:.2e}), batched {worst_batch:.9} ({diff_batch:.2e}); ours alone vs batched: \

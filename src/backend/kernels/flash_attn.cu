@@ -27,6 +27,16 @@
 // -inf, which the floor also absorbs; masked keys of other rows still get
 // weight exp2(-16384 - max) = 0.
 //
+// Packed (variable-length) forward, as text-embeddings-inference batches
+// encoder inputs: with `seqs` non-null, q, k, v are [1, h, tokens, d] holding
+// `nseq` sequences end to end (s = t = tokens) and each attends only to
+// itself. `seqs` holds nseq + 1 token offsets, then nseq + 1 tile offsets
+// (prefix sums of ceil(len / 64)); block x of the grid (total tiles, hq, 1)
+// takes the tile its sequence's offsets give (a binary search). Masks and
+// bias apply within the sequence (bias indexed by its local row and column);
+// O is written as [tokens, hq, d] (o_bshd) and lse as [hq, tokens]. No
+// padding is read or computed.
+//
 // Forward, one block per (64 query rows, head, batch), 4 warps of 16 rows:
 // Q fragments stay in registers, K/V tiles stream through shared memory with
 // cp.async (the next K tile loads during P·V, the next V tile during Q·Kᵀ),
@@ -157,13 +167,14 @@ template <int D> struct FwdCfg {
   static constexpr int SMEM = (BM + 2 * BN) * Pad<D>::LD * 2;
 };
 
-template <typename T, int D, bool HAS_BIAS>
+template <typename T, int D, bool HAS_BIAS, bool PACKED = false>
 __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict__ k,
                                     const T* __restrict__ v, const float* __restrict__ bias,
                                     T* __restrict__ o, float* __restrict__ lse, int hq, int hkv,
                                     int s, int t, float scale, int causal, int window,
                                     long long bias_bs, long long bias_hs, long long bias_rs,
-                                    int o_bshd, const unsigned int* t_dev) {
+                                    int o_bshd, const unsigned int* t_dev,
+                                    const unsigned int* seqs, int nseq) {
   using C = FwdCfg<D>;
   // With t_dev, k and v hold t rows per head (a preallocated cache) of
   // which the first *t_dev are keys: the count lives on the device so a
@@ -178,13 +189,37 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
   T* sV = sK + BN * LD;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
-  // Heaviest (latest, under a causal mask) query tiles first.
-  const int m0 = (gridDim.x - 1 - blockIdx.x) * BM;
-  const int h = blockIdx.y, bi = blockIdx.z, hk = h / (hq / hkv);
-  const size_t bh = (size_t)bi * hq + h;
-  const T* qb = q + (bh * s + m0) * D;
-  const T* kb = k + ((size_t)bi * hkv + hk) * t_rows * D;
-  const T* vb = v + ((size_t)bi * hkv + hk) * t_rows * D;
+  const int h = blockIdx.y, hk = h / (hq / hkv);
+  int m0, bi;
+  // Rows (of D elements) where this block's sequence starts in q / lse and
+  // in k / v, and its first token in a [tokens, hq, D] output.
+  size_t q_row0, kv_row0, o_tok0;
+  if constexpr (!PACKED) {
+    // Heaviest (latest, under a causal mask) query tiles first.
+    m0 = (gridDim.x - 1 - blockIdx.x) * BM;
+    bi = blockIdx.z;
+    q_row0 = ((size_t)bi * hq + h) * s;
+    kv_row0 = ((size_t)bi * hkv + hk) * t_rows;
+    o_tok0 = (size_t)bi * s;
+  } else {
+    // Packed sequences (see the header): find the one this tile is in.
+    const unsigned int* tiles = seqs + nseq + 1;
+    int lo = 0, hi = nseq - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (tiles[mid] <= blockIdx.x) lo = mid; else hi = mid - 1;
+    }
+    const int start = (int)seqs[lo], total = s;
+    s = t = (int)(seqs[lo + 1] - seqs[lo]);
+    m0 = (int)(blockIdx.x - tiles[lo]) * BM;
+    bi = 0;
+    q_row0 = (size_t)h * total + start;
+    kv_row0 = (size_t)hk * total + start;
+    o_tok0 = start;
+  }
+  const T* qb = q + (q_row0 + m0) * D;
+  const T* kb = k + kv_row0 * D;
+  const T* vb = v + kv_row0 * D;
   const float* biasb = HAS_BIAS ? bias + bi * bias_bs + h * bias_hs : nullptr;
   const int off = t - s;
 
@@ -334,8 +369,8 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
   // O as [b, hq, s, D], or with o_bshd as [b, s, hq, D] (heads merged for
   // the output projection without a transposing copy).
   const size_t o_row = o_bshd ? (size_t)hq * D : D;
-  T* ob = o_bshd ? o + (((size_t)bi * s + m0 + warp * 16) * hq + h) * D
-                 : o + (bh * s + m0 + warp * 16) * D;
+  T* ob = o_bshd ? o + ((o_tok0 + m0 + warp * 16) * hq + h) * D
+                 : o + (q_row0 + m0 + warp * 16) * D;
 #pragma unroll
   for (int c = lane; c < 16 * D / 8; c += 32) {
     const int r = c / (D / 8), col = (c % (D / 8)) * 8;
@@ -347,7 +382,7 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = m0 + warp * 16 + g + 8 * r;
-      if (row < s) lse[bh * s + row] = l_r[r] > 0.f ? (m_r[r] + log2f(l_r[r])) * LN2 : INFINITY;
+      if (row < s) lse[q_row0 + row] = l_r[r] > 0.f ? (m_r[r] + log2f(l_r[r])) * LN2 : INFINITY;
     }
   }
 }
@@ -778,7 +813,8 @@ __device__ __forceinline__ void decode_combine(const float* __restrict__ part_o,
 // Entry points, `{name}_d{32|64|128}_{bf16|f16}`; the bias flag picks a
 // specialisation so unbiased attention carries no bias code. Launch:
 //   fwd:  grid (ceil(s / 64), hq, b), 128 threads, FwdCfg<D>::SMEM bytes
-//         (fwd_nb: the same, bias ignored)
+//         (fwd_nb: the same, bias ignored; seqs null); fwd_packed(_nb):
+//         seqs non-null, grid (total tiles, hq, 1), b = 1, o_bshd = 1
 //   bwd:  grid (ceil(t / 64), hq, b), 128 threads, BwdCfg<D>::SMEM bytes;
 //         dq_acc zeroed; dk_acc/dv_acc zeroed when hq != hkv
 //   dot:  rows * D / 8 threads, any block size that is a multiple of 32
@@ -792,13 +828,14 @@ __device__ __forceinline__ void decode_combine(const float* __restrict__ part_o,
   extern "C" __global__ void __launch_bounds__(128) flash_attn_fwd_d##D##_##SUFFIX(              \
       const T* q, const T* k, const T* v, const float* bias, T* o, float* lse, int hq, int hkv,   \
       int s, int t, float scale, int causal, int window, long long bias_bs, long long bias_hs,    \
-      long long bias_rs, int o_bshd, const unsigned int* t_dev) {                                 \
+      long long bias_rs, int o_bshd, const unsigned int* t_dev, const unsigned int* seqs,        \
+      int nseq) {                                                                                 \
     if (bias)                                                                                     \
       flash::fwd<T, D, true>(q, k, v, bias, o, lse, hq, hkv, s, t, scale, causal, window,        \
-                             bias_bs, bias_hs, bias_rs, o_bshd, t_dev);                           \
+                             bias_bs, bias_hs, bias_rs, o_bshd, t_dev, seqs, nseq);               \
     else                                                                                          \
       flash::fwd<T, D, false>(q, k, v, bias, o, lse, hq, hkv, s, t, scale, causal, window,       \
-                              bias_bs, bias_hs, bias_rs, o_bshd, t_dev);                          \
+                              bias_bs, bias_hs, bias_rs, o_bshd, t_dev, seqs, nseq);              \
   }                                                                                               \
   /* Without a bias, at a register cap that fits more blocks per SM (the    \
      combined entry's bias path needs 125 registers at d = 32: 4 blocks). */ \
@@ -806,9 +843,32 @@ __device__ __forceinline__ void decode_combine(const float* __restrict__ part_o,
       flash_attn_fwd_nb_d##D##_##SUFFIX(                                                          \
           const T* q, const T* k, const T* v, const float* bias, T* o, float* lse, int hq,       \
           int hkv, int s, int t, float scale, int causal, int window, long long bias_bs,          \
-          long long bias_hs, long long bias_rs, int o_bshd, const unsigned int* t_dev) {          \
+          long long bias_hs, long long bias_rs, int o_bshd, const unsigned int* t_dev,            \
+          const unsigned int* seqs, int nseq) {                                                   \
     flash::fwd<T, D, false>(q, k, v, nullptr, o, lse, hq, hkv, s, t, scale, causal, window,      \
-                            bias_bs, bias_hs, bias_rs, o_bshd, t_dev);                            \
+                            bias_bs, bias_hs, bias_rs, o_bshd, t_dev, seqs, nseq);                \
+  }                                                                                               \
+  /* Packed sequences (seqs non-null), with and without a bias. */                              \
+  extern "C" __global__ void __launch_bounds__(128) flash_attn_fwd_packed_d##D##_##SUFFIX(       \
+      const T* q, const T* k, const T* v, const float* bias, T* o, float* lse, int hq, int hkv,   \
+      int s, int t, float scale, int causal, int window, long long bias_bs, long long bias_hs,    \
+      long long bias_rs, int o_bshd, const unsigned int* t_dev, const unsigned int* seqs,        \
+      int nseq) {                                                                                 \
+    if (bias)                                                                                     \
+      flash::fwd<T, D, true, true>(q, k, v, bias, o, lse, hq, hkv, s, t, scale, causal, window,  \
+                                   bias_bs, bias_hs, bias_rs, o_bshd, t_dev, seqs, nseq);         \
+    else                                                                                          \
+      flash::fwd<T, D, false, true>(q, k, v, bias, o, lse, hq, hkv, s, t, scale, causal, window, \
+                                    bias_bs, bias_hs, bias_rs, o_bshd, t_dev, seqs, nseq);        \
+  }                                                                                               \
+  extern "C" __global__ void __launch_bounds__(128, FWD_NB_MIN_BLOCKS(D))                       \
+      flash_attn_fwd_packed_nb_d##D##_##SUFFIX(                                                   \
+          const T* q, const T* k, const T* v, const float* bias, T* o, float* lse, int hq,       \
+          int hkv, int s, int t, float scale, int causal, int window, long long bias_bs,          \
+          long long bias_hs, long long bias_rs, int o_bshd, const unsigned int* t_dev,            \
+          const unsigned int* seqs, int nseq) {                                                   \
+    flash::fwd<T, D, false, true>(q, k, v, nullptr, o, lse, hq, hkv, s, t, scale, causal,        \
+                                  window, bias_bs, bias_hs, bias_rs, o_bshd, t_dev, seqs, nseq);  \
   }                                                                                               \
   extern "C" __global__ void __launch_bounds__(128) flash_attn_bwd_d##D##_##SUFFIX(              \
       const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* dsum,    \

@@ -154,6 +154,7 @@ fn flash_op(
             window,
             out_bshd,
             keys: None,
+            packed: None,
         },
         lse: Mutex::new(None),
     })
@@ -298,11 +299,133 @@ pub fn flash_attention_cached(
             window,
             out_bshd: true,
             keys: Some(keys.contiguous()?),
+            packed: None,
         },
         lse: Mutex::new(None),
     };
     let (q, k, v) = (input(q, true)?, input(k, true)?, input(v, true)?);
     q.apply_op3_no_bwd(&k, &v, &op)?.reshape((b, s, hq * d))
+}
+
+/// Query rows per tile of the CUDA forward (`FwdCfg<D>::BM`).
+const FWD_TILE: usize = 64;
+
+/// The device index [`flash_attention_packed`] reads for sequences packed
+/// end to end at token `offsets` (`offsets[0] = 0`, one more entry than
+/// sequences, non-decreasing): the offsets, then the prefix sums of each
+/// sequence's query tiles (u32, `2 · offsets.len()` values). Made once per
+/// batch and shared by every layer.
+///
+/// # Errors
+/// Offsets that are not as described or do not fit u32; upload failures.
+pub fn flash_packed_index(
+    offsets: &[usize],
+    device: &candle_core::Device,
+) -> candle_core::Result<Tensor> {
+    if offsets.first() != Some(&0) || offsets.windows(2).any(|w| w[1] < w[0]) {
+        candle_core::bail!("flash_attention_packed: offsets must start at 0 and not decrease");
+    }
+    let mut index = Vec::with_capacity(2 * offsets.len());
+    let mut tiles = 0usize;
+    let mut tile_index = Vec::with_capacity(offsets.len());
+    tile_index.push(0);
+    for w in offsets.windows(2) {
+        tiles += (w[1] - w[0]).div_ceil(FWD_TILE);
+        tile_index.push(tiles);
+    }
+    for &x in offsets.iter().chain(&tile_index) {
+        index.push(u32::try_from(x).map_err(|_| {
+            candle_core::Error::Msg(format!("flash_attention_packed: offset {x} too large"))
+        })?);
+    }
+    let n = index.len();
+    Tensor::from_vec(index, n, device)
+}
+
+/// Attention over sequences packed end to end (the variable-length batches
+/// of text-embeddings-inference): `q`, `k`, `v` are `[1, heads, tokens, d]`
+/// (`heads` a multiple of `k`'s), sequence `i` holding tokens
+/// `offsets[i]..offsets[i + 1]` and attending (bidirectionally) to those
+/// only; `index` is [`flash_packed_index`] of the same offsets. `bias`
+/// (optional, f32, broadcastable to `[1, heads, n, n]` for some `n` at
+/// least the longest sequence) is indexed by row and column within each
+/// sequence, e.g. MPNet's relative position bias. Returns `[tokens, heads
+/// · d]`: heads merged. CUDA bf16/f16 with head dim 32, 64 or 128 only
+/// ([`flash_attention_supported`]); inference only. Padding costs nothing:
+/// no padded token is read or computed.
+///
+/// # Errors
+/// Inputs the kernel does not take, mismatched shapes, offsets that do not
+/// end at `tokens`, a bias smaller than the longest sequence.
+pub fn flash_attention_packed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    offsets: &[usize],
+    index: &Tensor,
+    bias: Option<&Tensor>,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let dims = Dims::new(q, k, v)?;
+    if !q.device().is_cuda() || !flash_attention_supported(q, k, v) {
+        candle_core::bail!("flash_attention_packed: CUDA bf16/f16 with head dim 32, 64 or 128");
+    }
+    let n = offsets.len().saturating_sub(1);
+    if dims.b != 1 || dims.s != dims.t || offsets.last() != Some(&dims.s) || n == 0 {
+        candle_core::bail!(
+            "flash_attention_packed: q {:?} is not [1, heads, tokens, d] for offsets ending at {:?}",
+            q.dims(),
+            offsets.last()
+        );
+    }
+    if index.dtype() != DType::U32
+        || index.dims() != [2 * offsets.len()]
+        || !index.device().same_device(q.device())
+    {
+        candle_core::bail!(
+            "flash_attention_packed: index is not flash_packed_index of the offsets"
+        );
+    }
+    let longest = offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    let bias = match bias {
+        Some(b) => {
+            let side = b.dims().last().copied().unwrap_or(0);
+            if b.rank() != 4 || b.dim(2)? != side || side < longest {
+                candle_core::bail!(
+                    "flash_attention_packed: bias {:?} is not [1, heads or 1, n, n] with n >= {longest}",
+                    b.dims()
+                );
+            }
+            let b = b.detach().to_dtype(DType::F32)?;
+            let b = b.broadcast_as((1, dims.hq, side, side))?;
+            Some(if b.stride()[3] != 1 {
+                b.contiguous()?
+            } else {
+                b
+            })
+        }
+        None => None,
+    };
+    let tiles = offsets
+        .windows(2)
+        .map(|w| (w[1] - w[0]).div_ceil(FWD_TILE))
+        .sum::<usize>();
+    let op = FlashAttn {
+        p: Params {
+            dims,
+            bias,
+            scale: scale as f32,
+            causal: false,
+            window: 0,
+            out_bshd: true,
+            keys: None,
+            packed: Some((index.contiguous()?, n, tiles)),
+        },
+        lse: Mutex::new(None),
+    };
+    let (q, k, v) = (input(q, true)?, input(k, true)?, input(v, true)?);
+    q.apply_op3_no_bwd(&k, &v, &op)?
+        .reshape((dims.s, dims.hq * dims.d))
 }
 
 /// Contiguous, and on CUDA starting on a 16-byte boundary (the kernel loads
@@ -394,6 +517,10 @@ struct Params {
     /// many of the `t` key rows are keys (read by the kernel).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     keys: Option<Tensor>,
+    /// For [`flash_attention_packed`]: the sequences' index
+    /// ([`flash_packed_index`]), their count and the forward's tiles.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    packed: Option<(Tensor, usize, usize)>,
 }
 
 impl Params {
@@ -746,7 +873,7 @@ mod cuda {
     /// Threads per block of the attention kernels (4 warps).
     const THREADS: u32 = 128;
     /// Query rows per forward block and keys per backward block.
-    const TILE: usize = 64;
+    const TILE: usize = super::FWD_TILE;
 
     /// Dynamic shared memory of the forward: `FwdCfg<D>::SMEM` in
     /// flash_attn.cu (Q tile and one K and one V tile of 64 rows, rows padded
@@ -898,14 +1025,15 @@ mod cuda {
         // reads them. At least one element: CUDA refuses empty allocations.
         let out = unsafe { dev.alloc::<T>(p.dims.q_elems().max(1))? };
         let lse = unsafe { dev.alloc::<f32>(rows.max(1))? };
-        if rows > 0 && decodes(p) {
+        if rows > 0 && p.packed.is_none() && decodes(p) {
             decode_t::<T>(p, (&qv, &kv, &vv), &out, &lse, dev)?;
         } else if rows > 0 {
             let smem = fwd_smem(d);
-            let entry = if p.bias.is_none() && no_bias_entry() {
-                "fwd_nb"
-            } else {
-                "fwd"
+            let entry = match (p.packed.is_some(), p.bias.is_none() && no_bias_entry()) {
+                (false, true) => "fwd_nb",
+                (false, false) => "fwd",
+                (true, true) => "fwd_packed_nb",
+                (true, false) => "fwd_packed",
             };
             let f = func(dev, &format!("flash_attn_{entry}_d{d}_{}", T::SUFFIX), smem)?;
             let guard = p.bias.as_ref().map(Tensor::storage_and_layout);
@@ -939,7 +1067,21 @@ mod cuda {
                 Some(k) => l.arg(k),
                 None => l.arg(&null),
             };
-            let cfg = grid(s.div_ceil(TILE), p, smem)?;
+            let packed_guard = p.packed.as_ref().map(|(i, ..)| i.storage_and_layout());
+            let seqs = match &packed_guard {
+                Some((s, l)) => Some(view::<u32>(storage_of(s, "index")?, l, "index")?),
+                None => None,
+            };
+            match &seqs {
+                Some(x) => l.arg(x),
+                None => l.arg(&null),
+            };
+            let (nseq, tiles) = match &p.packed {
+                Some((_, n, tiles)) => (int(*n, "sequences")?, *tiles),
+                None => (0, s.div_ceil(TILE)),
+            };
+            l.arg(&nseq);
+            let cfg = grid(tiles, p, smem)?;
             // SAFETY: arguments in the order and C types of
             // flash_attn_fwd_d{D}_{dtype}; sizes checked against the views.
             unsafe { l.launch(cfg) }.w()?;

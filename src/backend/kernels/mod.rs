@@ -37,7 +37,7 @@ pub(crate) use cross_entropy::{cross_entropy_grad, cross_entropy_stats};
 pub use embed_sum::embed_sum;
 pub use flash_attn::{
     flash_attention, flash_attention_available, flash_attention_cached, flash_attention_merged,
-    flash_attention_supported,
+    flash_attention_packed, flash_attention_supported, flash_packed_index,
 };
 pub(crate) use flash_attn::{flash_attention_taped, FlashTape};
 pub use kv_write::kv_write;
