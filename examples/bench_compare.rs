@@ -110,6 +110,17 @@ const EMBED_MODELS: [&str; 6] = [
 /// rows only.
 const FULL_ROWS: [(&str, usize); 2] = [("all-MiniLM-L6-v2", 256), ("all-mpnet-base-v2", 384)];
 
+/// The corpus rows' models with the real models' `max_seq_length` (BGE and
+/// E5: 512).
+const CORPUS_MAX_SEQ: [(&str, usize); 6] = [
+    FULL_ROWS[0],
+    FULL_ROWS[1],
+    ("bge-base-en-v1.5", 512),
+    ("bge-large-en-v1.5", 512),
+    ("e5-base-v2", 512),
+    ("e5-large-v2", 512),
+];
+
 /// The embedding models `--embed-names` picks (default: all).
 fn embed_names(args: &Args) -> Result<Vec<&'static str>> {
     let Some(list) = &args.embed_names else {
@@ -304,7 +315,7 @@ fn bench_embeddings_corpus(args: &Args, device: &Device) -> Result<()> {
         &CORPUS_BATCHES[..]
     };
     for name in embed_names(args)? {
-        let Some(&(_, max_seq)) = FULL_ROWS.iter().find(|(n, _)| *n == name) else {
+        let Some(&(_, max_seq)) = CORPUS_MAX_SEQ.iter().find(|(n, _)| *n == name) else {
             continue;
         };
         let dir = std::path::Path::new(&args.embed_models).join(name);

@@ -137,7 +137,8 @@ EMBED_MODELS = {
 FULL_ROWS = ("all-MiniLM-L6-v2", "all-mpnet-base-v2")
 # max_seq_length of the real models' sentence_bert_config.json (the corpus
 # rows truncate there, as the real models do).
-REAL_MAX_SEQ = {"all-MiniLM-L6-v2": 256, "all-mpnet-base-v2": 384}
+REAL_MAX_SEQ = {"all-MiniLM-L6-v2": 256, "all-mpnet-base-v2": 384, "bge-base-en-v1.5": 512,
+                "bge-large-en-v1.5": 512, "e5-base-v2": 512, "e5-large-v2": 512}
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
     "Retrieval-augmented generation grounds answers in documents.",
