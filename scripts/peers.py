@@ -205,6 +205,8 @@ def bench_embeddings(args):
     root = args.embed_models
     prepare_embedding_models(root, embed_names(args))
     dtypes = ["f32", "bf16"] if args.device.startswith("cuda") else ["f32"]
+    if args.dtype:
+        dtypes = [args.dtype]
     shapes = [(1, 128), (32, 128)] if args.quick else [(1, 128), (32, 128), (512, 128), (128, 512)]
     for name in embed_names(args):
         path = os.path.join(root, name)

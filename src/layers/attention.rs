@@ -276,7 +276,8 @@ pub fn attention_packed(
     let (n, s) = (seqs.len(), seqs.max_len());
     let padded = |x: &Tensor| -> candle_core::Result<Tensor> {
         let h = x.dim(1)?;
-        x.index_select(&pad.to_padded, 2)?
+        x.contiguous()?
+            .index_select(&pad.to_padded, 2)?
             .reshape((h, n, s, d))?
             .transpose(0, 1)?
             .contiguous()

@@ -6,7 +6,7 @@
 use candle_core::{Tensor, D};
 
 use crate::backend::kernels::{
-    add_layer_norm, bias_act, embed_sum, split_heads, Activation, Heads,
+    add_layer_norm, embed_sum, flash_attention_available, split_heads, Activation, Heads,
 };
 use crate::error::{Error, Result};
 use crate::io::Weights;
@@ -60,11 +60,14 @@ pub(crate) struct LayerDims {
 
 /// One encoder layer, laid out for its fused ops (as text-embeddings-
 /// inference loads BERT): q, k and v as one projection (weights stacked at
-/// load) whose output [`split_heads`] adds the bias to and splits into
-/// heads; each residual + LayerNorm with the projection bias before it as
-/// one [`add_layer_norm`]; the MLP's bias and activation as one
-/// [`bias_act`]. On an H200 (MiniLM, b512 × 128, bf16) that is 10 kernels a
-/// layer instead of about 25 (BENCHMARKS.md).
+/// load); each residual + LayerNorm with the projection bias before it as
+/// one [`add_layer_norm`]; the MLP's bias and activation fused with its
+/// first product ([`Linear::forward_act`]). Where the fused attention
+/// kernel runs (CUDA, bf16/f16), the q/k/v product carries its bias in the
+/// GEMM's epilogue and the kernel reads q, k and v as views of it; elsewhere
+/// [`split_heads`] adds the bias and copies them into heads. On an H200
+/// (MiniLM, b512 × 128, bf16) that is 7 kernels a layer instead of about
+/// 25 (BENCHMARKS.md).
 #[derive(Debug, Clone)]
 pub(crate) struct EncoderLayer {
     /// The stacked q/k/v projection (no bias); three projections if a
@@ -72,11 +75,14 @@ pub(crate) struct EncoderLayer {
     qkv: Vec<Linear>,
     /// `[3 · hidden]`: the q, k and v biases.
     qkv_bias: Tensor,
+    /// The stacked projection with its bias, when it is one dense product
+    /// (the views path).
+    qkv_biased: Option<Linear>,
     o: Linear,
     /// `[3, hidden]`: o's bias, the attention LayerNorm's weight and bias.
     attn_norm: Tensor,
+    /// With its bias (applied with the activation).
     up: Linear,
-    up_bias: Tensor,
     down: Linear,
     /// `[3, hidden]`: down's bias, the output LayerNorm's weight and bias.
     out_norm: Tensor,
@@ -105,9 +111,12 @@ impl EncoderLayer {
         );
         let (dtype, dev) = (w.dtype(), w.device());
         let qkv_bias = Linear::stacked_bias(&[&q, &k, &v], dtype, dev)?;
-        let qkv = match Linear::stack_shared(&mut [&mut q, &mut k, &mut v])? {
-            Some(fused) => vec![fused],
-            None => vec![q, k, v],
+        let (qkv, qkv_biased) = match Linear::stack_shared(&mut [&mut q, &mut k, &mut v])? {
+            Some(fused) => {
+                let biased = fused.clone().with_bias(qkv_bias.clone());
+                (vec![fused], Some(biased))
+            }
+            None => (vec![q, k, v], None),
         };
         let o = lin(n.o, d.hidden, d.hidden)?;
         let up = lin(n.up, d.hidden, d.intermediate)?;
@@ -123,9 +132,9 @@ impl EncoderLayer {
             qkv_bias,
             attn_norm: norm(n.attn_norm, &o)?,
             out_norm: norm(n.out_norm, &down)?,
-            up_bias: Linear::stacked_bias(&[&up], dtype, dev)?,
+            qkv_biased,
             o: o.without_bias(),
-            up: up.without_bias(),
+            up,
             down: down.without_bias(),
             heads: d.heads,
             head_dim: d.hidden / d.heads,
@@ -136,6 +145,31 @@ impl EncoderLayer {
 
     /// `x`: `[b, s, hidden]` laid out as `batch` says.
     pub(crate) fn forward(&self, x: &Tensor, batch: Batch<'_>) -> candle_core::Result<Tensor> {
+        let (q, k, v) = self.qkv(x)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let ctx = match batch {
+            Batch::Padded(bias) => attention(&q, &k, &v, &Mask::bidirectional(bias), scale)?,
+            Batch::Packed(seqs, bias) => attention_packed(&q, &k, &v, seqs, bias, scale)?,
+        };
+        let attn = add_layer_norm(&self.o.forward(&ctx)?, x, &self.attn_norm, self.eps)?;
+        let up = self.up.forward_act(&attn, self.act)?;
+        add_layer_norm(&self.down.forward(&up)?, &attn, &self.out_norm, self.eps)
+    }
+
+    /// q, k, v `[b, heads, s, d]` (biases added) from `x` `[b, s, hidden]`:
+    /// views of one product where the fused attention kernel reads them in
+    /// place, else split into heads by [`split_heads`].
+    fn qkv(&self, x: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let (b, s, _) = x.dims3()?;
+        if let Some(fused) = &self.qkv_biased {
+            if flash_attention_available(x.device(), x.dtype(), self.head_dim) {
+                let qkv = fused
+                    .forward(x)?
+                    .reshape((b, s, 3, self.heads, self.head_dim))?;
+                let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
+                return Ok((part(0)?, part(1)?, part(2)?));
+            }
+        }
         let qkv = match self.qkv.as_slice() {
             [fused] => fused.forward(x)?,
             parts => {
@@ -151,15 +185,7 @@ impl EncoderLayer {
             kv: self.heads,
             dim: self.head_dim,
         };
-        let (q, k, v) = split_heads(&qkv, &self.qkv_bias, heads)?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let ctx = match batch {
-            Batch::Padded(bias) => attention(&q, &k, &v, &Mask::bidirectional(bias), scale)?,
-            Batch::Packed(seqs, bias) => attention_packed(&q, &k, &v, seqs, bias, scale)?,
-        };
-        let attn = add_layer_norm(&self.o.forward(&ctx)?, x, &self.attn_norm, self.eps)?;
-        let up = bias_act(&self.up.forward(&attn)?, &self.up_bias, self.act)?;
-        add_layer_norm(&self.down.forward(&up)?, &attn, &self.out_norm, self.eps)
+        split_heads(&qkv, &self.qkv_bias, heads)
     }
 }
 

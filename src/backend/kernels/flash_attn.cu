@@ -8,7 +8,8 @@
 // registers one [64 x BN] tile at a time with an online softmax; the backward
 // recomputes them from the saved log-sum-exp instead of storing them.
 //
-// Layouts (all contiguous, element offsets):
+// Layouts (element offsets; contiguous except the forward's q, k, v, which
+// take strides per batch, head and row, see `Strides`):
 //   q, o, dout, dq : [b, hq, s, d]      k, v, dk, dv : [b, hkv, t, d]
 //   lse, dsum      : [b, hq, s] f32     bias         : f32, element strides
 //   (b_stride, h_stride, row_stride) over [b, hq, s, t], last dim contiguous,
@@ -74,6 +75,17 @@ __device__ __forceinline__ float ex2(float x) {
 // rows one ldmatrix phase reads fall in distinct banks for d = 32, 64, 128.
 template <int D> struct Pad { static constexpr int LD = D + 8; };
 
+// Element strides of a [b, h, rows, D] input per batch, head and row (the
+// head dim contiguous; every stride a multiple of 8 so rows stay 16-byte
+// aligned): q, k and v may be views, e.g. of one fused q/k/v projection
+// [b, s, 3, h, D], read in place instead of split into copies.
+// The head and row strides are 32-bit (the host checks every offset they
+// reach fits): 64-bit ones raised the d = 32 forward's spills.
+struct Strides {
+  long long b;
+  int h, r;
+};
+
 template <typename T> __device__ __forceinline__ uint32_t pack2(float a, float b);
 template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
   __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
@@ -137,17 +149,18 @@ __device__ __forceinline__ uint32_t dynamic_smem_size() {
   return v;
 }
 
-// ROWS x D elements from global (row stride D) into shared (row stride LD),
-// rows at or past `valid` zero-filled. `src` must point at a valid row 0.
+// ROWS x D elements from global (row stride D, or `rs` elements) into shared
+// (row stride LD), rows at or past `valid` zero-filled. `src` must point at
+// a valid row 0.
 template <typename T, int ROWS, int D, int NT>
-__device__ __forceinline__ void load_tile(T* dst, const T* src, int valid, int tid) {
+__device__ __forceinline__ void load_tile(T* dst, const T* src, int valid, int tid, int rs = D) {
   constexpr int CH = D / 8;
   constexpr int LD = Pad<D>::LD;
 #pragma unroll
   for (int c = tid; c < ROWS * CH; c += NT) {
     const int r = c / CH, col = (c % CH) * 8;
     const bool ok = r < valid;
-    cp_async16(dst + r * LD + col, src + (ok ? (size_t)r * D + col : 0), ok);
+    cp_async16(dst + r * LD + col, src + (ok ? r * rs + col : 0), ok);
   }
 }
 
@@ -174,7 +187,8 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
                                     int s, int t, float scale, int causal, int window,
                                     long long bias_bs, long long bias_hs, long long bias_rs,
                                     int o_bshd, const unsigned int* t_dev,
-                                    const unsigned int* seqs, int nseq) {
+                                    const unsigned int* seqs, int nseq, Strides qst,
+                                    Strides kvst) {
   using C = FwdCfg<D>;
   // With t_dev, k and v hold t rows per head (a preallocated cache) of
   // which the first *t_dev are keys: the count lives on the device so a
@@ -191,16 +205,19 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
   const int h = blockIdx.y, hk = h / (hq / hkv);
   int m0, bi;
-  // Rows (of D elements) where this block's sequence starts in q / lse and
-  // in k / v, and its first token in a [tokens, hq, D] output.
-  size_t q_row0, kv_row0, o_tok0;
+  // Rows (of D elements) where this block's sequence starts in lse and a
+  // [b, hq, s, D] output, its first token in a [tokens, hq, D] output, and
+  // the element offsets of its first query and key rows.
+  size_t q_row0, o_tok0;
+  long long q_el0, kv_el0;
   if constexpr (!PACKED) {
     // Heaviest (latest, under a causal mask) query tiles first.
     m0 = (gridDim.x - 1 - blockIdx.x) * BM;
     bi = blockIdx.z;
     q_row0 = ((size_t)bi * hq + h) * s;
-    kv_row0 = ((size_t)bi * hkv + hk) * t_rows;
     o_tok0 = (size_t)bi * s;
+    q_el0 = bi * qst.b + h * qst.h;
+    kv_el0 = bi * kvst.b + hk * kvst.h;
   } else {
     // Packed sequences (see the header): find the one this tile is in.
     const unsigned int* tiles = seqs + nseq + 1;
@@ -214,12 +231,14 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
     m0 = (int)(blockIdx.x - tiles[lo]) * BM;
     bi = 0;
     q_row0 = (size_t)h * total + start;
-    kv_row0 = (size_t)hk * total + start;
     o_tok0 = start;
+    q_el0 = h * qst.h + start * qst.r;
+    kv_el0 = hk * kvst.h + start * kvst.r;
   }
-  const T* qb = q + (q_row0 + m0) * D;
-  const T* kb = k + kv_row0 * D;
-  const T* vb = v + kv_row0 * D;
+  const T* qb = q + q_el0 + m0 * qst.r;
+  const T* kb = k + kv_el0;
+  const T* vb = v + kv_el0;
+  const int krs = kvst.r;
   const float* biasb = HAS_BIAS ? bias + bi * bias_bs + h * bias_hs : nullptr;
   const int off = t - s;
 
@@ -241,10 +260,10 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
   for (int i = 0; i < D / 8; ++i) oacc[i][0] = oacc[i][1] = oacc[i][2] = oacc[i][3] = 0.f;
   uint32_t qf[D / 16][4];
 
-  load_tile<T, BM, D, NT>(sQ, qb, s - m0, tid);
-  if (n_begin < n_hi) load_tile<T, BN, D, NT>(sK, kb + (size_t)n_begin * D, t - n_begin, tid);
+  load_tile<T, BM, D, NT>(sQ, qb, s - m0, tid, qst.r);
+  if (n_begin < n_hi) load_tile<T, BN, D, NT>(sK, kb + n_begin * krs, t - n_begin, tid, krs);
   cp_async_commit();
-  if (n_begin < n_hi) load_tile<T, BN, D, NT>(sV, vb + (size_t)n_begin * D, t - n_begin, tid);
+  if (n_begin < n_hi) load_tile<T, BN, D, NT>(sV, vb + n_begin * krs, t - n_begin, tid, krs);
   cp_async_commit();
 
   for (int n0 = n_begin; n0 < n_hi; n0 += BN) {
@@ -325,7 +344,7 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
     }
     cp_async_wait<0>();
     __syncthreads();  // V ready; every warp is done with this K tile
-    if (n0 + BN < n_hi) load_tile<T, BN, D, NT>(sK, kb + (size_t)(n0 + BN) * D, t - n0 - BN, tid);
+    if (n0 + BN < n_hi) load_tile<T, BN, D, NT>(sK, kb + (n0 + BN) * krs, t - n0 - BN, tid, krs);
     cp_async_commit();
     // O += P V, P straight from the S accumulators.
 #pragma unroll
@@ -343,7 +362,7 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
       }
     }
     __syncthreads();  // every warp is done with this V tile
-    if (n0 + BN < n_hi) load_tile<T, BN, D, NT>(sV, vb + (size_t)(n0 + BN) * D, t - n0 - BN, tid);
+    if (n0 + BN < n_hi) load_tile<T, BN, D, NT>(sV, vb + (n0 + BN) * krs, t - n0 - BN, tid, krs);
     cp_async_commit();
   }
 
@@ -821,21 +840,21 @@ __device__ __forceinline__ void decode_combine(const float* __restrict__ part_o,
 //   decode: grid (ceil(t_rows / 128), hkv, b), 128 threads, s = 1, no bias,
 //           hq / hkv <= 16; combine: grid b * hq, D threads
 // Blocks per SM the no-bias forward is register-capped for: 6 at d = 32
-// (80 registers, 52 bytes of spill stores), 4 at d = 64 (128 registers,
-// 48 bytes), none at d = 128 (a cap spills 432 bytes); ptxas, sm_90.
+// (80 registers, 32 bytes of spill stores), 4 at d = 64 (128 registers,
+// 12 bytes), none at d = 128 (a cap spills 432 bytes); ptxas, sm_90.
 #define FWD_NB_MIN_BLOCKS(D) ((D) == 32 ? 6 : (D) == 64 ? 4 : 1)
 #define FLASH_ATTN_OPS(T, SUFFIX, D)                                                               \
   extern "C" __global__ void __launch_bounds__(128) flash_attn_fwd_d##D##_##SUFFIX(              \
       const T* q, const T* k, const T* v, const float* bias, T* o, float* lse, int hq, int hkv,   \
       int s, int t, float scale, int causal, int window, long long bias_bs, long long bias_hs,    \
       long long bias_rs, int o_bshd, const unsigned int* t_dev, const unsigned int* seqs,        \
-      int nseq) {                                                                                 \
+      int nseq, flash::Strides qst, flash::Strides kvst) {                                                                                 \
     if (bias)                                                                                     \
       flash::fwd<T, D, true>(q, k, v, bias, o, lse, hq, hkv, s, t, scale, causal, window,        \
-                             bias_bs, bias_hs, bias_rs, o_bshd, t_dev, seqs, nseq);               \
+                             bias_bs, bias_hs, bias_rs, o_bshd, t_dev, seqs, nseq, qst, kvst);               \
     else                                                                                          \
       flash::fwd<T, D, false>(q, k, v, bias, o, lse, hq, hkv, s, t, scale, causal, window,       \
-                              bias_bs, bias_hs, bias_rs, o_bshd, t_dev, seqs, nseq);              \
+                              bias_bs, bias_hs, bias_rs, o_bshd, t_dev, seqs, nseq, qst, kvst);              \
   }                                                                                               \
   /* Without a bias, at a register cap that fits more blocks per SM (the    \
      combined entry's bias path needs 125 registers at d = 32: 4 blocks). */ \
@@ -844,31 +863,31 @@ __device__ __forceinline__ void decode_combine(const float* __restrict__ part_o,
           const T* q, const T* k, const T* v, const float* bias, T* o, float* lse, int hq,       \
           int hkv, int s, int t, float scale, int causal, int window, long long bias_bs,          \
           long long bias_hs, long long bias_rs, int o_bshd, const unsigned int* t_dev,            \
-          const unsigned int* seqs, int nseq) {                                                   \
+          const unsigned int* seqs, int nseq, flash::Strides qst, flash::Strides kvst) {                                                   \
     flash::fwd<T, D, false>(q, k, v, nullptr, o, lse, hq, hkv, s, t, scale, causal, window,      \
-                            bias_bs, bias_hs, bias_rs, o_bshd, t_dev, seqs, nseq);                \
+                            bias_bs, bias_hs, bias_rs, o_bshd, t_dev, seqs, nseq, qst, kvst);                \
   }                                                                                               \
   /* Packed sequences (seqs non-null), with and without a bias. */                              \
   extern "C" __global__ void __launch_bounds__(128) flash_attn_fwd_packed_d##D##_##SUFFIX(       \
       const T* q, const T* k, const T* v, const float* bias, T* o, float* lse, int hq, int hkv,   \
       int s, int t, float scale, int causal, int window, long long bias_bs, long long bias_hs,    \
       long long bias_rs, int o_bshd, const unsigned int* t_dev, const unsigned int* seqs,        \
-      int nseq) {                                                                                 \
+      int nseq, flash::Strides qst, flash::Strides kvst) {                                                                                 \
     if (bias)                                                                                     \
       flash::fwd<T, D, true, true>(q, k, v, bias, o, lse, hq, hkv, s, t, scale, causal, window,  \
-                                   bias_bs, bias_hs, bias_rs, o_bshd, t_dev, seqs, nseq);         \
+                                   bias_bs, bias_hs, bias_rs, o_bshd, t_dev, seqs, nseq, qst, kvst);         \
     else                                                                                          \
       flash::fwd<T, D, false, true>(q, k, v, bias, o, lse, hq, hkv, s, t, scale, causal, window, \
-                                    bias_bs, bias_hs, bias_rs, o_bshd, t_dev, seqs, nseq);        \
+                                    bias_bs, bias_hs, bias_rs, o_bshd, t_dev, seqs, nseq, qst, kvst);        \
   }                                                                                               \
   extern "C" __global__ void __launch_bounds__(128, FWD_NB_MIN_BLOCKS(D))                       \
       flash_attn_fwd_packed_nb_d##D##_##SUFFIX(                                                   \
           const T* q, const T* k, const T* v, const float* bias, T* o, float* lse, int hq,       \
           int hkv, int s, int t, float scale, int causal, int window, long long bias_bs,          \
           long long bias_hs, long long bias_rs, int o_bshd, const unsigned int* t_dev,            \
-          const unsigned int* seqs, int nseq) {                                                   \
+          const unsigned int* seqs, int nseq, flash::Strides qst, flash::Strides kvst) {                                                   \
     flash::fwd<T, D, false, true>(q, k, v, nullptr, o, lse, hq, hkv, s, t, scale, causal,        \
-                                  window, bias_bs, bias_hs, bias_rs, o_bshd, t_dev, seqs, nseq);  \
+                                  window, bias_bs, bias_hs, bias_rs, o_bshd, t_dev, seqs, nseq, qst, kvst);  \
   }                                                                                               \
   extern "C" __global__ void __launch_bounds__(128) flash_attn_bwd_d##D##_##SUFFIX(              \
       const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* dsum,    \

@@ -66,7 +66,10 @@ pub fn flash_attention_available(
 ///
 /// - `q`: `[b, heads, s, d]`; `k`, `v`: `[b, kv_heads, t, d]`, `heads` a
 ///   multiple of `kv_heads` (query head `h` uses key/value head
-///   `h / (heads / kv_heads)`). Any layout (made contiguous here).
+///   `h / (heads / kv_heads)`). Any layout: made contiguous here, except
+///   that the CUDA inference forwards ([`flash_attention_merged`],
+///   [`flash_attention_packed`]) read views with a contiguous head dim in
+///   place.
 /// - `bias`: optional, any float dtype (used as f32), broadcastable to
 ///   `[b, heads, s, t]`, e.g. a padding mask `[b, 1, s, t]` (0 or a large
 ///   negative such as `f32::MIN`) or a relative position bias
@@ -104,6 +107,11 @@ pub fn flash_attention(
 /// backward, unless it writes the merged layout (inference).
 fn apply_flash(op: FlashAttn, q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
     let on_cuda = q.device().is_cuda();
+    if op.p.out_bshd && on_cuda && op.p.dims.s > 1 {
+        // The inference forward reads views in place (no backward to feed).
+        let (q, k, v) = strided_inputs(q, k, v)?;
+        return q.apply_op3_no_bwd(&k, &v, &op);
+    }
     let (q, k, v) = (input(q, on_cuda)?, input(k, on_cuda)?, input(v, on_cuda)?);
     if op.p.out_bshd {
         q.apply_op3_no_bwd(&k, &v, &op)
@@ -423,9 +431,39 @@ pub fn flash_attention_packed(
         },
         lse: Mutex::new(None),
     };
-    let (q, k, v) = (input(q, true)?, input(k, true)?, input(v, true)?);
+    let (q, k, v) = strided_inputs(q, k, v)?;
     q.apply_op3_no_bwd(&k, &v, &op)?
         .reshape((dims.s, dims.hq * dims.d))
+}
+
+/// q, k, v for the CUDA forward, which reads `[b, h, rows, d]` views in
+/// place when the head dim is contiguous, every stride is a multiple of 8
+/// elements and the view starts on a 16-byte boundary (the kernel loads
+/// rows with 16-byte copies), and k and v share their strides: the q/k/v
+/// views of one fused projection `[b, s, 3, h, d]` cost no copy. Anything
+/// else is made contiguous ([`input`]).
+fn strided_inputs(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    fn readable(x: &Tensor) -> bool {
+        let l = x.layout();
+        let st = l.stride();
+        x.rank() == 4
+            && st[3] == 1
+            && st[..3].iter().all(|s| s.is_multiple_of(8))
+            && (l.start_offset() * x.dtype().size_in_bytes()).is_multiple_of(16)
+    }
+    let q = if readable(q) {
+        q.clone()
+    } else {
+        input(q, true)?
+    };
+    if readable(k) && readable(v) && k.stride() == v.stride() {
+        return Ok((q, k.clone(), v.clone()));
+    }
+    Ok((q, input(k, true)?, input(v, true)?))
 }
 
 /// Contiguous, and on CUDA starting on a 16-byte boundary (the kernel loads
@@ -929,6 +967,61 @@ mod cuda {
         })
     }
 
+    /// `Strides` in flash_attn.cu: element strides per batch, head and row.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    struct Strides {
+        b: i64,
+        h: i32,
+        r: i32,
+    }
+
+    // SAFETY: laid out as the kernel's `struct { long long b; int h, r; }`.
+    unsafe impl DeviceRepr for Strides {}
+
+    /// A `[b, h, rows, d]` input (head dim contiguous, see
+    /// [`super::strided_inputs`]) as its elements from the view's start and
+    /// its strides; every element the strides reach lies in the storage.
+    fn strided<'a, T: CudaDType>(
+        s: &'a CudaStorage,
+        l: &Layout,
+        what: &str,
+    ) -> candle_core::Result<(CudaView<'a, T>, Strides)> {
+        let (dims, st) = (l.dims(), l.stride());
+        if dims.len() != 4 || (st[3] != 1 && dims[3] > 1) {
+            candle_core::bail!("flash_attention: {what} is not [b, h, rows, d] with d contiguous");
+        }
+        let slice = s.as_cuda_slice::<T>()?;
+        let start = l.start_offset();
+        let reach = if dims.contains(&0) {
+            0
+        } else {
+            1 + dims
+                .iter()
+                .zip(st)
+                .map(|(&n, &s)| (n - 1) * s)
+                .sum::<usize>()
+        };
+        let Some(v) = slice.try_slice(start..start + reach) else {
+            candle_core::bail!("flash_attention: {what} lies outside its storage");
+        };
+        // Within a batch the kernel's offsets (head · h + row · r, under
+        // `reach`) are 32-bit.
+        let batch_reach = reach.saturating_sub(dims[0].saturating_sub(1) * st[0]);
+        if i32::try_from(batch_reach).is_err() {
+            candle_core::bail!("flash_attention: {what} spans more than 2^31 elements per batch");
+        }
+        let narrow = |x: usize| i32::try_from(x).unwrap_or(i32::MAX);
+        Ok((
+            v,
+            Strides {
+                b: i64::try_from(st[0]).unwrap_or(i64::MAX),
+                h: narrow(st[1]),
+                r: narrow(st[2]),
+            },
+        ))
+    }
+
     /// A contiguous input's elements.
     fn view<'a, T: CudaDType>(
         s: &'a CudaStorage,
@@ -1016,9 +1109,9 @@ mod cuda {
         let n = sizes(p)?;
         let dev = &q.0.device;
         let (qv, kv, vv) = (
-            view::<T>(q.0, q.1, "q")?,
-            view::<T>(k.0, k.1, "k")?,
-            view::<T>(v.0, v.1, "v")?,
+            strided::<T>(q.0, q.1, "q")?,
+            strided::<T>(k.0, k.1, "k")?,
+            strided::<T>(v.0, v.1, "v")?,
         );
         let rows = b * hq * s;
         // SAFETY: the kernel writes every row of O and lse before anything
@@ -1026,6 +1119,11 @@ mod cuda {
         let out = unsafe { dev.alloc::<T>(p.dims.q_elems().max(1))? };
         let lse = unsafe { dev.alloc::<f32>(rows.max(1))? };
         if rows > 0 && p.packed.is_none() && decodes(p) {
+            let (qv, kv, vv) = (
+                view::<T>(q.0, q.1, "q")?,
+                view::<T>(k.0, k.1, "k")?,
+                view::<T>(v.0, v.1, "v")?,
+            );
             decode_t::<T>(p, (&qv, &kv, &vv), &out, &lse, dev)?;
         } else if rows > 0 {
             let smem = fwd_smem(d);
@@ -1047,7 +1145,7 @@ mod cuda {
             let (scale, causal) = (p.scale, i32::from(p.causal));
             let stream = dev.cuda_stream();
             let mut l = stream.launch_builder(&f);
-            l.arg(&qv).arg(&kv).arg(&vv);
+            l.arg(&qv.0).arg(&kv.0).arg(&vv.0);
             match &bias {
                 Some(b) => l.arg(&b.view),
                 None => l.arg(&null),
@@ -1081,6 +1179,10 @@ mod cuda {
                 None => (0, s.div_ceil(TILE)),
             };
             l.arg(&nseq);
+            if kv.1 != vv.1 {
+                candle_core::bail!("flash_attention: k and v views with different strides");
+            }
+            l.arg(&qv.1).arg(&kv.1);
             let cfg = grid(tiles, p, smem)?;
             // SAFETY: arguments in the order and C types of
             // flash_attn_fwd_d{D}_{dtype}; sizes checked against the views.

@@ -21,6 +21,7 @@ mod bias_act;
 mod cross_entropy;
 mod embed_sum;
 mod flash_attn;
+mod gemm_epilogue;
 mod kv_write;
 mod rms_norm;
 #[cfg(feature = "cuda")]
@@ -40,6 +41,7 @@ pub use flash_attn::{
     flash_attention_packed, flash_attention_supported, flash_packed_index,
 };
 pub(crate) use flash_attn::{flash_attention_taped, FlashTape};
+pub use gemm_epilogue::gemm_bias_act;
 pub use kv_write::kv_write;
 pub(crate) use rms_norm::rms_norm_backward;
 pub use rms_norm::{add_rms_norm, rms_norm};
