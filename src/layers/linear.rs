@@ -148,7 +148,7 @@ impl Linear {
     }
 
     /// A layer over `weight` (`[out, in]`, dense) quantized to `format`
-    /// ([`quantize_on_device`]: on the CPU, then uploaded).
+    /// (quantized on the CPU, then uploaded).
     ///
     /// # Errors
     /// A width that is not a whole number of `format` blocks.

@@ -17,7 +17,7 @@
 //! parity tests); f32 never takes this path (f32 results match
 //! transformers to 1e-5). text-embeddings-inference makes the same choice.
 //!
-//! Small products (fewer than [`MIN_ROWS`] rows) keep the plain GEMM and the
+//! Small products (fewer than 512 rows, `MIN_ROWS`) keep the plain GEMM and the
 //! `bias_act` kernel: there the launch-bound forward gains nothing and
 //! cuBLASLt's per-call algorithm query costs host time (single-query
 //! latency). `METAL_CANDLE_GEMM_EPILOGUE=0` turns the path off (A/B runs).
@@ -31,7 +31,7 @@ use super::bias_act::Activation;
 const MIN_ROWS: usize = 512;
 
 /// `act(x Wᵀ + b)` through cuBLASLt, or `None` where this path does not
-/// apply (not CUDA, not bf16/f16, fewer than [`MIN_ROWS`] rows, an input
+/// apply (not CUDA, not bf16/f16, fewer than 512 rows, an input
 /// tracking gradients, an activation the epilogue lacks, or switched off):
 /// the caller then runs its plain GEMM and `bias_act`.
 ///
