@@ -800,7 +800,9 @@ impl EmbeddingModel {
         let hidden = if packed {
             let rows: Vec<&[u32]> = batch.iter().map(|&i| ids[i].as_slice()).collect();
             let (hidden, seqs) = self.backbone.forward_packed(&rows)?;
-            unpack(&hidden, &seqs, s)?
+            // Right-padded for pooling (one gather; the forward's matmuls and
+            // attention never saw the padding).
+            seqs.to_padded_rows(&hidden, s)?
         } else {
             let mut flat = Vec::with_capacity(batch.len() * s);
             for &i in batch {
@@ -835,22 +837,4 @@ const TOKENIZE_AHEAD_BATCHES: usize = 4;
 fn tokenize_ahead() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("METAL_CANDLE_TOKENIZE_AHEAD").as_deref() != Ok("0"))
-}
-
-/// Packed hidden states (`[1, tokens, h]`) as right-padded rows `[b, s, h]`
-/// for pooling: padding positions repeat a sequence's first token, which the
-/// pooling mask leaves out. One gather, against a forward whose matmuls
-/// and attention never saw the padding.
-fn unpack(hidden: &Tensor, seqs: &PackedSeqs, s: usize) -> Result<Tensor> {
-    let h = hidden.dim(2)?;
-    let mut index = Vec::with_capacity(seqs.len() * s);
-    for w in seqs.offsets().windows(2) {
-        let (start, n) = (w[0] as u32, (w[1] - w[0]) as u32);
-        index.extend((0..s as u32).map(|j| start + if j < n { j } else { 0 }));
-    }
-    let index = Tensor::from_vec(index, seqs.len() * s, hidden.device())?;
-    Ok(hidden
-        .squeeze(0)?
-        .index_select(&index, 0)?
-        .reshape((seqs.len(), s, h))?)
 }

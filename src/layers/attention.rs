@@ -170,12 +170,11 @@ impl PackedSeqs {
             return Ok(p);
         }
         let (n, s) = (self.len(), self.max_len());
-        let mut to_padded = Vec::with_capacity(n * s);
+        let to_padded = self.padded_index(s);
         let mut to_packed = Vec::with_capacity(self.tokens());
         let mut mask = Vec::with_capacity(n);
         for (i, w) in self.offsets.windows(2).enumerate() {
-            let (start, len) = (w[0], w[1] - w[0]);
-            to_padded.extend((0..s).map(|j| (start + if j < len { j } else { 0 }) as u32));
+            let len = w[1] - w[0];
             to_packed.extend((0..len).map(|j| (i * s + j) as u32));
             let mut m = vec![1u32; len];
             m.resize(s, 0);
@@ -191,6 +190,39 @@ impl PackedSeqs {
             bias,
         };
         Ok(self.padded.get_or_init(|| layout))
+    }
+
+    /// For each sequence, `s` indices into the packed tokens: its own, then
+    /// its first token again for each padding slot.
+    fn padded_index(&self, s: usize) -> Vec<u32> {
+        let mut index = Vec::with_capacity(self.len() * s);
+        for w in self.offsets.windows(2) {
+            let (start, len) = (w[0], w[1] - w[0]);
+            index.extend((0..s).map(|j| (start + if j < len { j } else { 0 }) as u32));
+        }
+        index
+    }
+
+    /// Packed rows `[1, tokens, h]` as right-padded rows `[n, s, h]` (`s` at
+    /// least the longest sequence), e.g. for pooling: a padding slot repeats
+    /// its sequence's first token, which a padding mask leaves out.
+    ///
+    /// # Errors
+    /// `x` not `[1, tokens, h]`, or `s` shorter than a sequence.
+    pub fn to_padded_rows(&self, x: &Tensor, s: usize) -> Result<Tensor> {
+        let (one, tokens, h) = x.dims3()?;
+        if one != 1 || tokens != self.tokens() || s < self.max_len() {
+            return Err(Error::InvalidInput(format!(
+                "packed rows {:?} for {} tokens padded to {s} (longest {})",
+                x.dims(),
+                self.tokens(),
+                self.max_len()
+            )));
+        }
+        let index = Tensor::from_vec(self.padded_index(s), self.len() * s, x.device())?;
+        Ok(x.squeeze(0)?
+            .index_select(&index, 0)?
+            .reshape((self.len(), s, h))?)
     }
 
     /// Token offsets: one more than there are sequences, from 0 to [`Self::tokens`].

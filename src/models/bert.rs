@@ -8,12 +8,12 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use super::encoder::{
-    check_config, check_inputs, check_vocab, padding_bias, parse_activation, Batch, EncoderLayer,
-    EncoderStack, LayerDims, LayerNames,
+    check_config, check_inputs, check_vocab, padding_bias, parse_activation, Batch, EncoderStack,
+    LayerDims, LayerNames, StackSizes,
 };
 use crate::error::{Error, Result};
 use crate::io::Weights;
-use crate::layers::{LayerNorm, PackedSeqs};
+use crate::layers::PackedSeqs;
 
 /// Hyper-parameters of a BERT encoder, as in `config.json`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -152,42 +152,28 @@ impl BertModel {
             act: parse_activation(&config.hidden_act)
                 .map_err(|m| Error::config("BERT config", m))?,
         };
-        let layers = (0..config.num_hidden_layers)
-            .map(|i| EncoderLayer::load(w, &format!("{p}encoder.layer.{i}"), &LAYER_NAMES, dims))
-            .collect::<Result<Vec<_>>>()?;
-        let mut position = w.get(
-            &format!("{p}embeddings.position_embeddings.weight"),
-            &[config.max_position_embeddings, h],
-        )?;
+        let sizes = StackSizes {
+            vocab: config.vocab_size,
+            max_positions: config.max_position_embeddings,
+            layers: config.num_hidden_layers,
+        };
+        let mut stack = EncoderStack::load(w, p, sizes, &LAYER_NAMES, dims)?;
         if config.type_vocab_size > 0 {
             if let Some(tt) = w.get_opt(
                 &format!("{p}embeddings.token_type_embeddings.weight"),
                 &[config.type_vocab_size, h],
             )? {
-                position = position.broadcast_add(&tt.narrow(0, 0, 1)?)?;
+                // Every token is type 0: its row folds into the positions.
+                stack.position = stack.position.broadcast_add(&tt.narrow(0, 0, 1)?)?;
             }
         }
         Ok(Self {
             position_ids: Tensor::arange(
                 0u32,
                 config.max_position_embeddings as u32,
-                position.device(),
+                stack.position.device(),
             )?,
-            stack: EncoderStack {
-                word: w.get(
-                    &format!("{p}embeddings.word_embeddings.weight"),
-                    &[config.vocab_size, h],
-                )?,
-                position,
-                norm: LayerNorm::load(
-                    w,
-                    &format!("{p}embeddings.LayerNorm"),
-                    h,
-                    config.layer_norm_eps,
-                )?,
-                layers,
-                heads: config.num_attention_heads,
-            },
+            stack,
             config: config.clone(),
         })
     }

@@ -201,7 +201,49 @@ pub(crate) struct EncoderStack {
     pub heads: usize,
 }
 
+/// What [`EncoderStack::load`] reads beyond the layer sizes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StackSizes {
+    pub vocab: usize,
+    pub max_positions: usize,
+    pub layers: usize,
+}
+
 impl EncoderStack {
+    /// The tables, embedding LayerNorm and layers under `prefix` in the
+    /// names BERT and MPNet share (`embeddings.word_embeddings`,
+    /// `embeddings.position_embeddings`, `embeddings.LayerNorm`,
+    /// `encoder.layer.{i}` with `names` inside).
+    ///
+    /// # Errors
+    /// Missing tensors or wrong shapes.
+    pub(crate) fn load(
+        w: &Weights,
+        prefix: &str,
+        sizes: StackSizes,
+        names: &LayerNames,
+        dims: LayerDims,
+    ) -> Result<Self> {
+        let p = prefix;
+        let h = dims.hidden;
+        let layers = (0..sizes.layers)
+            .map(|i| EncoderLayer::load(w, &format!("{p}encoder.layer.{i}"), names, dims))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            word: w.get(
+                &format!("{p}embeddings.word_embeddings.weight"),
+                &[sizes.vocab, h],
+            )?,
+            position: w.get(
+                &format!("{p}embeddings.position_embeddings.weight"),
+                &[sizes.max_positions, h],
+            )?,
+            norm: LayerNorm::load(w, &format!("{p}embeddings.LayerNorm"), h, dims.eps)?,
+            layers,
+            heads: dims.heads,
+        })
+    }
+
     /// Last hidden states `[b, s, hidden]`: `ids` and `positions` flat on
     /// the device, `(b, s)` the layout `batch` describes.
     pub(crate) fn run(

@@ -15,12 +15,12 @@ use serde::Deserialize;
 
 use super::bert::weight_prefix;
 use super::encoder::{
-    check_config, check_inputs, check_vocab, padding_bias, parse_activation, Batch, EncoderLayer,
-    EncoderStack, LayerDims, LayerNames,
+    check_config, check_inputs, check_vocab, padding_bias, parse_activation, Batch, EncoderStack,
+    LayerDims, LayerNames, StackSizes,
 };
 use crate::error::{Error, Result};
 use crate::io::Weights;
-use crate::layers::{LayerNorm, PackedSeqs};
+use crate::layers::PackedSeqs;
 
 /// MPNet's padding id, hard-coded in transformers' `MPNetEmbeddings` (it
 /// also anchors the position ids).
@@ -199,28 +199,13 @@ impl MpnetModel {
             act: parse_activation(&config.hidden_act)
                 .map_err(|m| Error::config("MPNet config", m))?,
         };
-        let layers = (0..config.num_hidden_layers)
-            .map(|i| EncoderLayer::load(w, &format!("{p}encoder.layer.{i}"), &LAYER_NAMES, dims))
-            .collect::<Result<Vec<_>>>()?;
+        let sizes = StackSizes {
+            vocab: config.vocab_size,
+            max_positions: config.max_position_embeddings,
+            layers: config.num_hidden_layers,
+        };
         Ok(Self {
-            stack: EncoderStack {
-                word: w.get(
-                    &format!("{p}embeddings.word_embeddings.weight"),
-                    &[config.vocab_size, h],
-                )?,
-                position: w.get(
-                    &format!("{p}embeddings.position_embeddings.weight"),
-                    &[config.max_position_embeddings, h],
-                )?,
-                norm: LayerNorm::load(
-                    w,
-                    &format!("{p}embeddings.LayerNorm"),
-                    h,
-                    config.layer_norm_eps,
-                )?,
-                layers,
-                heads: config.num_attention_heads,
-            },
+            stack: EncoderStack::load(w, p, sizes, &LAYER_NAMES, dims)?,
             relative_bias: w
                 .get(
                     &format!("{p}encoder.relative_attention_bias.weight"),
