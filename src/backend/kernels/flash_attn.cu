@@ -843,52 +843,33 @@ __device__ __forceinline__ void decode_combine(const float* __restrict__ part_o,
 // (80 registers, 32 bytes of spill stores), 4 at d = 64 (128 registers,
 // 12 bytes), none at d = 128 (a cap spills 432 bytes); ptxas, sm_90.
 #define FWD_NB_MIN_BLOCKS(D) ((D) == 32 ? 6 : (D) == 64 ? 4 : 1)
+// The forward's parameters and arguments, shared by its four entries.
+#define FLASH_FWD_PARAMS(T)                                                                        \
+  const T* q, const T* k, const T* v, const float* bias, T* o, float* lse, int hq, int hkv, int s, \
+      int t, float scale, int causal, int window, long long bias_bs, long long bias_hs,            \
+      long long bias_rs, int o_bshd, const unsigned int* t_dev, const unsigned int* seqs,          \
+      int nseq, flash::Strides qst, flash::Strides kvst
+#define FLASH_FWD_ARGS(BIAS)                                                                       \
+  q, k, v, BIAS, o, lse, hq, hkv, s, t, scale, causal, window, bias_bs, bias_hs, bias_rs, o_bshd,  \
+      t_dev, seqs, nseq, qst, kvst
+// `NAME` (bias picked at run time) and `NAME_nb` (no bias, at a register cap
+// that fits more blocks per SM: the combined entry's bias path needs 125
+// registers at d = 32, 4 blocks); PACKED: seqs non-null.
+#define FLASH_FWD_ENTRIES(T, SUFFIX, D, NAME, PACKED)                                              \
+  extern "C" __global__ void __launch_bounds__(128)                                                \
+      flash_attn_##NAME##_d##D##_##SUFFIX(FLASH_FWD_PARAMS(T)) {                                   \
+    if (bias)                                                                                      \
+      flash::fwd<T, D, true, PACKED>(FLASH_FWD_ARGS(bias));                                        \
+    else                                                                                           \
+      flash::fwd<T, D, false, PACKED>(FLASH_FWD_ARGS(bias));                                       \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(128, FWD_NB_MIN_BLOCKS(D))                          \
+      flash_attn_##NAME##_nb_d##D##_##SUFFIX(FLASH_FWD_PARAMS(T)) {                                \
+    flash::fwd<T, D, false, PACKED>(FLASH_FWD_ARGS(nullptr));                                      \
+  }
 #define FLASH_ATTN_OPS(T, SUFFIX, D)                                                               \
-  extern "C" __global__ void __launch_bounds__(128) flash_attn_fwd_d##D##_##SUFFIX(              \
-      const T* q, const T* k, const T* v, const float* bias, T* o, float* lse, int hq, int hkv,   \
-      int s, int t, float scale, int causal, int window, long long bias_bs, long long bias_hs,    \
-      long long bias_rs, int o_bshd, const unsigned int* t_dev, const unsigned int* seqs,        \
-      int nseq, flash::Strides qst, flash::Strides kvst) {                                                                                 \
-    if (bias)                                                                                     \
-      flash::fwd<T, D, true>(q, k, v, bias, o, lse, hq, hkv, s, t, scale, causal, window,        \
-                             bias_bs, bias_hs, bias_rs, o_bshd, t_dev, seqs, nseq, qst, kvst);               \
-    else                                                                                          \
-      flash::fwd<T, D, false>(q, k, v, bias, o, lse, hq, hkv, s, t, scale, causal, window,       \
-                              bias_bs, bias_hs, bias_rs, o_bshd, t_dev, seqs, nseq, qst, kvst);              \
-  }                                                                                               \
-  /* Without a bias, at a register cap that fits more blocks per SM (the    \
-     combined entry's bias path needs 125 registers at d = 32: 4 blocks). */ \
-  extern "C" __global__ void __launch_bounds__(128, FWD_NB_MIN_BLOCKS(D))                       \
-      flash_attn_fwd_nb_d##D##_##SUFFIX(                                                          \
-          const T* q, const T* k, const T* v, const float* bias, T* o, float* lse, int hq,       \
-          int hkv, int s, int t, float scale, int causal, int window, long long bias_bs,          \
-          long long bias_hs, long long bias_rs, int o_bshd, const unsigned int* t_dev,            \
-          const unsigned int* seqs, int nseq, flash::Strides qst, flash::Strides kvst) {                                                   \
-    flash::fwd<T, D, false>(q, k, v, nullptr, o, lse, hq, hkv, s, t, scale, causal, window,      \
-                            bias_bs, bias_hs, bias_rs, o_bshd, t_dev, seqs, nseq, qst, kvst);                \
-  }                                                                                               \
-  /* Packed sequences (seqs non-null), with and without a bias. */                              \
-  extern "C" __global__ void __launch_bounds__(128) flash_attn_fwd_packed_d##D##_##SUFFIX(       \
-      const T* q, const T* k, const T* v, const float* bias, T* o, float* lse, int hq, int hkv,   \
-      int s, int t, float scale, int causal, int window, long long bias_bs, long long bias_hs,    \
-      long long bias_rs, int o_bshd, const unsigned int* t_dev, const unsigned int* seqs,        \
-      int nseq, flash::Strides qst, flash::Strides kvst) {                                                                                 \
-    if (bias)                                                                                     \
-      flash::fwd<T, D, true, true>(q, k, v, bias, o, lse, hq, hkv, s, t, scale, causal, window,  \
-                                   bias_bs, bias_hs, bias_rs, o_bshd, t_dev, seqs, nseq, qst, kvst);         \
-    else                                                                                          \
-      flash::fwd<T, D, false, true>(q, k, v, bias, o, lse, hq, hkv, s, t, scale, causal, window, \
-                                    bias_bs, bias_hs, bias_rs, o_bshd, t_dev, seqs, nseq, qst, kvst);        \
-  }                                                                                               \
-  extern "C" __global__ void __launch_bounds__(128, FWD_NB_MIN_BLOCKS(D))                       \
-      flash_attn_fwd_packed_nb_d##D##_##SUFFIX(                                                   \
-          const T* q, const T* k, const T* v, const float* bias, T* o, float* lse, int hq,       \
-          int hkv, int s, int t, float scale, int causal, int window, long long bias_bs,          \
-          long long bias_hs, long long bias_rs, int o_bshd, const unsigned int* t_dev,            \
-          const unsigned int* seqs, int nseq, flash::Strides qst, flash::Strides kvst) {                                                   \
-    flash::fwd<T, D, false, true>(q, k, v, nullptr, o, lse, hq, hkv, s, t, scale, causal,        \
-                                  window, bias_bs, bias_hs, bias_rs, o_bshd, t_dev, seqs, nseq, qst, kvst);  \
-  }                                                                                               \
+  FLASH_FWD_ENTRIES(T, SUFFIX, D, fwd, false)                                                      \
+  FLASH_FWD_ENTRIES(T, SUFFIX, D, fwd_packed, true)                                                \
   extern "C" __global__ void __launch_bounds__(128) flash_attn_bwd_d##D##_##SUFFIX(              \
       const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* dsum,    \
       const float* bias, float* dq_acc, T* dk, T* dv, float* dk_acc, float* dv_acc, int hq,      \
