@@ -109,6 +109,8 @@ fn apply_flash(op: FlashAttn, q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core
     let on_cuda = q.device().is_cuda();
     if op.p.out_bshd && on_cuda && op.p.dims.s > 1 {
         // The inference forward reads views in place (no backward to feed).
+        // One query row may take the split-key decode kernels, which read
+        // contiguous rows: those inputs are made contiguous below.
         let (q, k, v) = strided_inputs(q, k, v)?;
         return q.apply_op3_no_bwd(&k, &v, &op);
     }
@@ -1108,11 +1110,6 @@ mod cuda {
         let Dims { b, hq, s, d, .. } = p.dims;
         let n = sizes(p)?;
         let dev = &q.0.device;
-        let (qv, kv, vv) = (
-            strided::<T>(q.0, q.1, "q")?,
-            strided::<T>(k.0, k.1, "k")?,
-            strided::<T>(v.0, v.1, "v")?,
-        );
         let rows = b * hq * s;
         // SAFETY: the kernel writes every row of O and lse before anything
         // reads them. At least one element: CUDA refuses empty allocations.
@@ -1126,6 +1123,11 @@ mod cuda {
             );
             decode_t::<T>(p, (&qv, &kv, &vv), &out, &lse, dev)?;
         } else if rows > 0 {
+            let (qv, kv, vv) = (
+                strided::<T>(q.0, q.1, "q")?,
+                strided::<T>(k.0, k.1, "k")?,
+                strided::<T>(v.0, v.1, "v")?,
+            );
             let smem = fwd_smem(d);
             let entry = match (p.packed.is_some(), p.bias.is_none() && no_bias_entry()) {
                 (false, true) => "fwd_nb",
