@@ -11,7 +11,6 @@ use serde::Deserialize;
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
 use super::pooling::{normalize, Pooling};
-use crate::backend::kernels::flash_attention_available;
 use crate::error::{Error, Result};
 use crate::io::{ModelLoader, ModelRepo};
 use crate::layers::PackedSeqs;
@@ -169,22 +168,13 @@ impl Backbone {
         }
     }
 
-    /// Whether the packed attention kernel runs for this model in `dtype`
-    /// where it is (CUDA, bf16/f16, head dim 32/64/128).
-    fn packed_kernel(&self, dtype: DType) -> bool {
-        let (device, hidden, heads) = match self {
-            Self::Bert(m) => (
-                m.device(),
-                m.config().hidden_size,
-                m.config().num_attention_heads,
-            ),
-            Self::Mpnet(m) => (
-                m.device(),
-                m.config().hidden_size,
-                m.config().num_attention_heads,
-            ),
-        };
-        flash_attention_available(device, dtype, hidden / heads)
+    /// Whether the packed attention kernel runs for this model where it is
+    /// (CUDA, bf16/f16, head dim 32/64/128).
+    fn packed_kernel(&self) -> bool {
+        match self {
+            Self::Bert(m) => m.stack().packed_kernel(),
+            Self::Mpnet(m) => m.stack().packed_kernel(),
+        }
     }
 }
 
@@ -297,7 +287,6 @@ pub struct EmbeddingModel {
     /// Whether `encode` packs each batch end to end (no padding); `None`:
     /// where the packed attention kernel runs.
     packed: Option<bool>,
-    dtype: DType,
     source: String,
     device: Device,
 }
@@ -437,7 +426,6 @@ impl EmbeddingModel {
             batch_size: DEFAULT_BATCH_SIZE,
             progress: false,
             packed: None,
-            dtype,
             source: repo.describe(),
             device: device.clone(),
         };
@@ -690,9 +678,7 @@ impl EmbeddingModel {
             }
             _ => 0,
         };
-        let packed = self
-            .packed
-            .unwrap_or_else(|| self.backbone.packed_kernel(self.dtype));
+        let packed = self.packed.unwrap_or_else(|| self.backbone.packed_kernel());
         // On a GPU the host tokenizes the next chunk of texts on another
         // thread while the device embeds this one (kernel launches return
         // at once), so tokenizing no longer adds to the device's time. The

@@ -178,6 +178,11 @@ impl BertModel {
         })
     }
 
+    /// The layers and tables BERT and MPNet share.
+    pub(crate) fn stack(&self) -> &EncoderStack {
+        &self.stack
+    }
+
     /// The config.
     #[must_use]
     pub fn config(&self) -> &BertConfig {

@@ -262,6 +262,18 @@ impl EncoderStack {
         Ok(x)
     }
 
+    /// Width of one attention head.
+    fn head_dim(&self) -> usize {
+        self.word.dims().get(1).copied().unwrap_or(0) / self.heads.max(1)
+    }
+
+    /// Whether packed batches take the packed attention kernel here (the
+    /// model's device and dtype, its head width), as [`Self::pack`]'s
+    /// [`PackedSeqs`] decides.
+    pub(crate) fn packed_kernel(&self) -> bool {
+        flash_attention_available(self.word.device(), self.word.dtype(), self.head_dim())
+    }
+
     /// `seqs` (token ids, each non-empty, at most `limit` long) packed end
     /// to end: the ids on the device and their [`PackedSeqs`].
     ///
@@ -275,14 +287,17 @@ impl EncoderStack {
                 limit,
             });
         }
-        let (device, dtype) = (self.word.device(), self.word.dtype());
-        let head_dim = self.word.dim(1)? / self.heads;
         let lengths: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
-        let packed = PackedSeqs::new(&lengths, device, dtype, head_dim)?;
+        let packed = PackedSeqs::new(
+            &lengths,
+            self.word.device(),
+            self.word.dtype(),
+            self.head_dim(),
+        )?;
         let ids = seqs.concat();
         check_vocab(ids.iter().copied().max().unwrap_or(0), self.word.dim(0)?)?;
         let tokens = ids.len();
-        Ok((Tensor::from_vec(ids, tokens, device)?, packed))
+        Ok((Tensor::from_vec(ids, tokens, self.word.device())?, packed))
     }
 }
 

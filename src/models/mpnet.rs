@@ -219,6 +219,11 @@ impl MpnetModel {
         })
     }
 
+    /// The layers and tables BERT and MPNet share.
+    pub(crate) fn stack(&self) -> &EncoderStack {
+        &self.stack
+    }
+
     /// The config.
     #[must_use]
     pub fn config(&self) -> &MpnetConfig {
