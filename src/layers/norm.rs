@@ -84,12 +84,16 @@ impl RmsNorm {
 
 /// Layer normalisation with a weight and a bias (BERT, MPNet).
 ///
-/// Encoders are inference-only here, so this is Candle's fused kernel
-/// (variance as `E[x²] − E[x]²` in f32), which has no backward.
+/// Encoders are inference-only here. On a GPU this is our one-pass kernel
+/// (`backend::kernels::layer_norm`, centred variance in f32 like
+/// transformers); elsewhere, and for gradient-tracking inputs, Candle's
+/// (variance as `E[x²] − E[x]²` in f32; its fused kernel has no backward).
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
+    /// `[2, dim]`: the weight and bias stacked for the GPU kernel.
+    params: Tensor,
     eps: f64,
 }
 
@@ -99,9 +103,13 @@ impl LayerNorm {
     /// # Errors
     /// Missing tensor or wrong shape.
     pub fn load(w: &Weights, prefix: &str, dim: usize, eps: f64) -> Result<Self> {
+        let weight = w.get(&format!("{prefix}.weight"), &[dim])?;
+        let bias = w.get(&format!("{prefix}.bias"), &[dim])?;
+        let params = Tensor::stack(&[&weight, &bias], 0)?;
         Ok(Self {
-            weight: w.get(&format!("{prefix}.weight"), &[dim])?,
-            bias: w.get(&format!("{prefix}.bias"), &[dim])?,
+            weight,
+            bias,
+            params,
             eps,
         })
     }
@@ -116,6 +124,9 @@ impl LayerNorm {
     /// # Errors
     /// Tensor errors.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if x.device().is_cuda() && x.dtype() == self.params.dtype() && !needs_grad(&[x]) {
+            return crate::backend::kernels::layer_norm(x, &self.params, self.eps as f32);
+        }
         candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)
     }
 }

@@ -210,10 +210,12 @@ impl BertModel {
             });
         }
         // Checked where they are: host ids (the `encode` path) need no
-        // device round trip.
+        // device round trip. Row maxima first: Candle reduces each row in
+        // one block, so a flat max over b x s ids ran in a single block
+        // (49 us at b128 x 512 on an H200, ncu).
         let ids = ids.to_dtype(DType::U32)?;
         check_vocab(
-            ids.flatten_all()?.max(0)?.to_scalar::<u32>()?,
+            ids.max(1)?.max(0)?.to_scalar::<u32>()?,
             self.config.vocab_size,
         )?;
         let ids = ids.to_device(self.device())?;

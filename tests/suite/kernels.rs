@@ -9,7 +9,7 @@ use crate::common::{abs_max, device, rel_diff};
 use candle_core::{DType, Device, Tensor, Var, D};
 use metal_candle::backend::kernels::{
     add_layer_norm, add_rms_norm, bias_act, embed_sum, flash_attention, flash_attention_merged,
-    gemm_bias_act, rms_norm, split_heads, swiglu, Activation, Heads,
+    gemm_bias_act, layer_norm, rms_norm, split_heads, swiglu, Activation, Heads,
 };
 use metal_candle::layers::{attention_packed, composed_attention, PackedSeqs};
 
@@ -140,9 +140,34 @@ const KERNELS: &[Row] = &[
         composed: |t| add_layer_norm_composed(&t[0], &t[1], &t[2], f64::from(EPS)),
         inputs: add_layer_norm_inputs,
         // Rows narrower than a warp, MiniLM's 384, MPNet's 768, and above
-        // one 1024-thread block.
-        // (50 x 768: enough rows for the CPU path's threads.)
-        shapes: &[&[5, 7], &[3, 4, 384], &[2, 768], &[50, 768], &[2, 1500]],
+        // one 1024-thread block. Rows of at most 64 16-byte vectors take half
+        // a warp each on CUDA, so [7, 384] and [3, 200] end in a warp whose
+        // second half has no row. (50 x 768: enough rows for the CPU path's
+        // threads.)
+        shapes: &[
+            &[5, 7],
+            &[3, 4, 384],
+            &[7, 384],
+            &[3, 200],
+            &[2, 768],
+            &[50, 768],
+            &[2, 1500],
+        ],
+        grads: 0,
+        runs_on: everywhere,
+        tolerances: TOLERANCES,
+    },
+    Row {
+        name: "layer_norm",
+        fused: |t| layer_norm(&t[0], &t[2].narrow(0, 1, 2)?, EPS),
+        // The same reference with a zero residual and projection bias.
+        composed: |t| {
+            let lb = t[2].narrow(0, 0, 1)?.zeros_like()?;
+            let p = Tensor::cat(&[&lb, &t[2].narrow(0, 1, 2)?], 0)?;
+            add_layer_norm_composed(&t[0], &t[0].zeros_like()?, &p, f64::from(EPS))
+        },
+        inputs: add_layer_norm_inputs,
+        shapes: &[&[5, 7], &[7, 384], &[3, 200], &[50, 768], &[2, 1500]],
         grads: 0,
         runs_on: everywhere,
         tolerances: TOLERANCES,

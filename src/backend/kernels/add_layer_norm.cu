@@ -3,61 +3,72 @@
 // add and its layer_norm kernel). The sums are rounded to T as the composed
 // ops round them (x + lin_bias, then + residual); mean and centred variance
 // in f32 (transformers' LayerNorm, not Candle's E[x^2] - E[x]^2); the output
-// is rounded once.
-// params: [3, n] = lin_bias, weight, bias.
+// is rounded once. layer_norm_* is the same without the residual and
+// projection bias (r and lb null): a plain LayerNorm.
+// params: [3, n] = lin_bias, weight, bias ([2, n] = weight, bias for
+// layer_norm_*).
 #include "common.cuh"
 
 template <typename T>
 __device__ __forceinline__ float summed(const T* x, const T* r, const T* lb, int i) {
+  if (r == nullptr) return to_f(x[i]);
   return to_f(from_f<T>(to_f(from_f<T>(to_f(x[i]) + to_f(lb[i]))) + to_f(r[i])));
 }
 
-// One warp per row, ROWS_PER_BLOCK rows a block. A row of up to 1024
-// elements (whole 16-byte vectors, aligned) is held in registers (32 per
-// lane), so x, residual and the bias are read once, 16 bytes at a time;
-// other rows take three passes over global memory.
-#define ROWS_PER_BLOCK 4
+// `lanes` (16 or 32, a power of two dividing the warp) lanes per row,
+// 128 / lanes rows a block. A row of up to lanes * 32 elements (whole
+// 16-byte vectors, aligned) is held in registers (32 per lane), so x,
+// residual and the bias are read once, 16 bytes at a time; other rows take
+// three passes over global memory. Half a warp per row for rows of at most
+// 64 vectors (the launcher's choice): at MiniLM's 384 bf16 columns (48
+// vectors) a whole warp left half its lanes idle on the second vector;
+// half-warps take three full passes for two rows.
 template <typename T>
-__device__ void add_layer_norm(const T* x, const T* r, const T* params, T* y, int rows, int n,
-                               float eps) {
-  const int lane = threadIdx.x % 32;
-  const int row = blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / 32;
-  if (row >= rows) return;  // the whole warp: warp_sum below stays full
+__device__ void add_layer_norm(const T* x, const T* r, const T* lb, const T* w, const T* b, T* y,
+                               int rows, int n, float eps, int lanes) {
+  const int lane = threadIdx.x % lanes;
+  const int row_id = blockIdx.x * (blockDim.x / lanes) + threadIdx.x / lanes;
+  // Lanes past the last row compute the last row again and store nothing:
+  // the shuffles below are full-warp and must not lose lanes.
+  const bool live = row_id < rows;
+  const int row = live ? row_id : rows - 1;
   const size_t off = (size_t)row * n;
   const T* xr = x + off;
-  const T* rr = r + off;
-  const T* lb = params;
-  const T* w = params + n;
-  const T* b = params + 2 * n;
+  const T* rr = r == nullptr ? nullptr : r + off;
   constexpr int V = Vec16<T>::N, K = 32 / V;
-  if (n <= 1024 && n % V == 0 && aligned16(x) && aligned16(r) && aligned16(params) &&
-      aligned16(y)) {
-    // Lane `lane` holds vectors lane, lane + 32, ... of the row (16 bytes each).
+  if (n <= lanes * 32 && n % V == 0 && aligned16(x) && aligned16(r) && aligned16(lb) &&
+      aligned16(w) && aligned16(b) && aligned16(y)) {
+    // Lane `lane` holds vectors lane, lane + lanes, ... of the row (16 bytes each).
     float v[32];
     float s = 0.f;
 #pragma unroll
     for (int j = 0; j < K; j++) {
-      const int i = (lane + 32 * j) * V;
+      const int i = (lane + lanes * j) * V;
       if (i < n) {
-        float a[V], c[V], e[V];
+        float a[V];
         load16(xr + i, a);
-        load16(lb + i, c);
-        load16(rr + i, e);
+        if (rr != nullptr) {
+          float c[V], e[V];
+          load16(lb + i, c);
+          load16(rr + i, e);
+#pragma unroll
+          for (int k = 0; k < V; k++) a[k] = to_f(from_f<T>(to_f(from_f<T>(a[k] + c[k])) + e[k]));
+        }
 #pragma unroll
         for (int k = 0; k < V; k++) {
-          v[j * V + k] = to_f(from_f<T>(to_f(from_f<T>(a[k] + c[k])) + e[k]));
-          s += v[j * V + k];
+          v[j * V + k] = a[k];
+          s += a[k];
         }
       } else {
 #pragma unroll
         for (int k = 0; k < V; k++) v[j * V + k] = 0.f;
       }
     }
-    const float mean = warp_sum(s) / n;
+    const float mean = group_sum(s, lanes) / n;
     float ss = 0.f;
 #pragma unroll
     for (int j = 0; j < K; j++) {
-      if ((lane + 32 * j) * V < n) {
+      if ((lane + lanes * j) * V < n) {
 #pragma unroll
         for (int k = 0; k < V; k++) {
           const float d = v[j * V + k] - mean;
@@ -65,10 +76,11 @@ __device__ void add_layer_norm(const T* x, const T* r, const T* params, T* y, in
         }
       }
     }
-    const float rstd = rsqrtf(warp_sum(ss) / n + eps);
+    const float rstd = rsqrtf(group_sum(ss, lanes) / n + eps);
+    if (!live) return;
 #pragma unroll
     for (int j = 0; j < K; j++) {
-      const int i = (lane + 32 * j) * V;
+      const int i = (lane + lanes * j) * V;
       if (i < n) {
         float wv[V], bv[V], o[V];
         load16(w + i, wv);
@@ -81,15 +93,16 @@ __device__ void add_layer_norm(const T* x, const T* r, const T* params, T* y, in
     return;
   }
   float s = 0.f;
-  for (int i = lane; i < n; i += 32) s += summed(xr, rr, lb, i);
-  const float mean = warp_sum(s) / n;
+  for (int i = lane; i < n; i += lanes) s += summed(xr, rr, lb, i);
+  const float mean = group_sum(s, lanes) / n;
   float ss = 0.f;
-  for (int i = lane; i < n; i += 32) {
+  for (int i = lane; i < n; i += lanes) {
     const float d = summed(xr, rr, lb, i) - mean;
     ss += d * d;
   }
-  const float rstd = rsqrtf(warp_sum(ss) / n + eps);
-  for (int i = lane; i < n; i += 32) {
+  const float rstd = rsqrtf(group_sum(ss, lanes) / n + eps);
+  if (!live) return;
+  for (int i = lane; i < n; i += lanes) {
     const float d = summed(xr, rr, lb, i) - mean;
     y[off + i] = from_f<T>(d * rstd * to_f(w[i]) + to_f(b[i]));
   }
@@ -97,8 +110,14 @@ __device__ void add_layer_norm(const T* x, const T* r, const T* params, T* y, in
 
 #define ADD_LAYER_NORM_OPS(T, SUFFIX)                                                       \
   extern "C" __global__ void add_layer_norm_##SUFFIX(const T* x, const T* r, const T* p,   \
-                                                     T* y, int rows, int n, float eps) {  \
-    add_layer_norm<T>(x, r, p, y, rows, n, eps);                                           \
+                                                     T* y, int rows, int n, float eps,    \
+                                                     int lanes) {                          \
+    add_layer_norm<T>(x, r, p, p + n, p + 2 * (size_t)n, y, rows, n, eps, lanes);          \
+  }                                                                                         \
+  extern "C" __global__ void layer_norm_##SUFFIX(const T* x, const T* p, T* y, int rows, int n, \
+                                                 float eps, int lanes) {                   \
+    add_layer_norm<T>(x, (const T*)nullptr, (const T*)nullptr, p, p + n, y, rows, n, eps,    \
+                      lanes);                                                               \
   }
 
 FOR_EACH_FLOAT(ADD_LAYER_NORM_OPS)

@@ -52,6 +52,13 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// Sum over aligned groups of `lanes` lanes (a power of two up to 32); every
+// lane of the warp must take part.
+__device__ __forceinline__ float group_sum(float v, int lanes) {
+  for (int o = lanes / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+  return v;
+}
+
 // Sum over the block; every thread gets the result. blockDim.x must be a
 // multiple of 32, at most 1024 (launch.rs's row config guarantees both).
 __device__ __forceinline__ float block_sum(float v) {

@@ -96,6 +96,11 @@ template <> __device__ __forceinline__ uint32_t pack2<__half>(float a, float b) 
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// Two 1.0s packed as an mma operand register.
+template <typename T> __device__ __forceinline__ constexpr uint32_t ones2();
+template <> __device__ __forceinline__ constexpr uint32_t ones2<__nv_bfloat16>() { return 0x3f803f80u; }
+template <> __device__ __forceinline__ constexpr uint32_t ones2<__half>() { return 0x3c003c00u; }
+
 template <typename T>
 __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
 template <>
@@ -151,14 +156,21 @@ __device__ __forceinline__ uint32_t dynamic_smem_size() {
 
 // ROWS x D elements from global (row stride D, or `rs` elements) into shared
 // (row stride LD), rows at or past `valid` zero-filled. `src` must point at
-// a valid row 0.
+// a valid row 0. `tid` < NT: each thread copies the same ROWS * CH / NT
+// chunks of every tile, so the trip count is a constant and the per-thread
+// row/column offsets are loop-invariant (a `c = tid; c < ROWS * CH; c += NT`
+// loop compiled into a generic loop with a remainder: about 55 instructions
+// per tile and operand at d = 32, a quarter of the forward's loop).
 template <typename T, int ROWS, int D, int NT>
 __device__ __forceinline__ void load_tile(T* dst, const T* src, int valid, int tid, int rs = D) {
   constexpr int CH = D / 8;
   constexpr int LD = Pad<D>::LD;
+  static_assert(NT % CH == 0 && (ROWS * CH) % NT == 0, "whole rows per pass, whole passes per tile");
+  constexpr int PASSES = ROWS * CH / NT, RSTEP = NT / CH;
+  const int r0 = tid / CH, col = (tid % CH) * 8;
 #pragma unroll
-  for (int c = tid; c < ROWS * CH; c += NT) {
-    const int r = c / CH, col = (c % CH) * 8;
+  for (int i = 0; i < PASSES; ++i) {
+    const int r = r0 + i * RSTEP;
     const bool ok = r < valid;
     cp_async16(dst + r * LD + col, src + (ok ? r * rs + col : 0), ok);
   }
@@ -254,7 +266,13 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
   // first like a biased one.
   const bool prescaled = HAS_BIAS || !(scale_log2 > 0.f);
   const float exp_scale = prescaled ? 1.f : scale_log2;
-  float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};
+  // Row sums of P, accumulated by the tensor cores: P (as packed for P·V)
+  // times a k16 x n8 block of ones gives every column the sum of its row's
+  // 16 weights, already reduced over the quad. That replaces 32 FADDs per
+  // tile and thread with 4 mma.sync (the fast path was issue-bound: about
+  // 350 instructions per warp and key tile at d = 32), and normalizes by the
+  // sum of the very weights P·V used (bf16/f16-rounded).
+  float m_r[2] = {-INFINITY, -INFINITY}, lacc[4] = {0.f, 0.f, 0.f, 0.f};
   float oacc[D / 8][4];
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) oacc[i][0] = oacc[i][1] = oacc[i][2] = oacc[i][3] = 0.f;
@@ -295,7 +313,17 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
     // (`prescaled` false); a bias is added in log2 units, so it scales first.
     const bool need_mask = n0 + BN > t || (causal && n0 + BN - 1 > m0 + off) ||
                            (window > 0 && n0 < m0 + BM - 1 + off - window + 1);
-    if (prescaled || need_mask) {
+    if (!prescaled && need_mask && !causal && window <= 0) {
+      // Bidirectional without a window (encoders: the last tile of every
+      // packed sequence): only keys past the end are masked, one compare
+      // per score instead of the general test (about 500 instructions).
+      const int lim = t - n0 - 2 * tq;
+#pragma unroll
+      for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (nt * 8 + (e & 1) >= lim) sacc[nt][e] = -INFINITY;
+    } else if (prescaled || need_mask) {
 #pragma unroll
       for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
@@ -326,7 +354,8 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
       mu[r] = m_new == -INFINITY ? 0.f : m_new;
       const float alpha = ex2(m_r[r] - mu[r]);
       m_r[r] = m_new;
-      l_r[r] *= alpha;
+      lacc[2 * r] *= alpha;
+      lacc[2 * r + 1] *= alpha;
 #pragma unroll
       for (int nn = 0; nn < D / 8; ++nn) {
         oacc[nn][2 * r] *= alpha;
@@ -337,9 +366,7 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
     for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float p = ex2(fmaf(sacc[nt][e], exp_scale, -mu[e >> 1]));
-        l_r[e >> 1] += p;
-        sacc[nt][e] = p;
+        sacc[nt][e] = ex2(fmaf(sacc[nt][e], exp_scale, -mu[e >> 1]));
       }
     }
     cp_async_wait<0>();
@@ -353,6 +380,7 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
                              pack2<T>(sacc[2 * kk][2], sacc[2 * kk][3]),
                              pack2<T>(sacc[2 * kk + 1][0], sacc[2 * kk + 1][1]),
                              pack2<T>(sacc[2 * kk + 1][2], sacc[2 * kk + 1][3])};
+      mma<T>(lacc, a, ones2<T>(), ones2<T>());
 #pragma unroll
       for (int nn = 0; nn < D / 16; ++nn) {
         uint32_t b[4];
@@ -366,11 +394,10 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
     cp_async_commit();
   }
 
-  float inv[2];
+  float inv[2], l_r[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    l_r[r] += __shfl_xor_sync(0xffffffff, l_r[r], 1);
-    l_r[r] += __shfl_xor_sync(0xffffffff, l_r[r], 2);
+    l_r[r] = lacc[2 * r];
     inv[r] = l_r[r] > 0.f ? 1.f / l_r[r] : 0.f;
   }
   // Stage this warp's rows of O in sQ (free since the first tile) for

@@ -33,6 +33,7 @@ mod swiglu;
 
 pub(crate) use adamw::{adamw_update, AdamWStep};
 pub use add_layer_norm::add_layer_norm;
+pub use add_layer_norm::layer_norm;
 pub use bias_act::{bias_act, Activation};
 pub(crate) use cross_entropy::{cross_entropy_grad, cross_entropy_stats};
 pub use embed_sum::embed_sum;
