@@ -57,6 +57,11 @@ enum BaseWeight {
     Quantized(Arc<QTensor>),
 }
 
+/// Rows from which [`Linear::forward`] takes the cuBLASLt epilogue path: a
+/// decoder's decode step (a row per sequence) stays on the plain GEMM and
+/// `bias_act`, the kernels its CUDA graphs were measured with.
+const EPILOGUE_MIN_ROWS: usize = 512;
+
 /// A linear layer `y = x Wᵀ + b` with an optional adapter hook. The base
 /// weight is dense or quantized; adapters work the same on both.
 #[derive(Debug, Clone)]
@@ -338,22 +343,36 @@ impl Linear {
     /// # Errors
     /// Tensor errors.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.forward_act(x, Activation::None)
+        self.forward_with(x, Activation::None, EPILOGUE_MIN_ROWS)
     }
 
-    /// `act(x Wᵀ + b + adapter(x))`: on CUDA in bf16/f16 at many rows, a
-    /// dense layer without an adapter is one cuBLASLt GEMM with the bias
-    /// and activation in its epilogue ([`gemm_bias_act`]); elsewhere the
-    /// product and then one [`bias_act`] pass.
+    /// `act(x Wᵀ + b + adapter(x))` for the encoders: on CUDA in bf16/f16 a
+    /// dense layer without an adapter is one cuBLASLt GEMM with the bias and
+    /// activation in its epilogue ([`gemm_bias_act`]) at every size, a
+    /// single query's few rows too; elsewhere the product and then one
+    /// [`bias_act`] pass.
     pub(crate) fn forward_act(&self, x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
+        self.forward_with(x, act, 1)
+    }
+
+    /// The product, the epilogue path from `epilogue_rows` rows on.
+    fn forward_with(
+        &self,
+        x: &Tensor,
+        act: Activation,
+        epilogue_rows: usize,
+    ) -> candle_core::Result<Tensor> {
         if act == Activation::None {
             if let Some(y) = self.fused_low_rank(x)? {
                 return Ok(y);
             }
         }
+        let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
         if let (BaseWeight::Dense(w), Some(b), None) = (&self.weight, &self.bias, &self.adapter) {
-            if let Some(y) = gemm_bias_act(x, w, b, act)? {
-                return Ok(y);
+            if rows >= epilogue_rows {
+                if let Some(y) = gemm_bias_act(x, w, b, act)? {
+                    return Ok(y);
+                }
             }
         }
         let y = match &self.weight {

@@ -163,9 +163,13 @@ impl EncoderLayer {
         let (b, s, _) = x.dims3()?;
         if let Some(fused) = &self.qkv_biased {
             if flash_attention_available(x.device(), x.dtype(), self.head_dim) {
-                let qkv = fused
-                    .forward(x)?
-                    .reshape((b, s, 3, self.heads, self.head_dim))?;
+                let qkv = fused.forward_act(x, Activation::None)?.reshape((
+                    b,
+                    s,
+                    3,
+                    self.heads,
+                    self.head_dim,
+                ))?;
                 let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
                 return Ok((part(0)?, part(1)?, part(2)?));
             }

@@ -17,21 +17,19 @@
 //! parity tests); f32 never takes this path (f32 results match
 //! transformers to 1e-5). text-embeddings-inference makes the same choice.
 //!
-//! Small products (fewer than 512 rows, `MIN_ROWS`) keep the plain GEMM and the
-//! `bias_act` kernel: there the launch-bound forward gains nothing and
-//! cuBLASLt's per-call algorithm query costs host time (single-query
-//! latency). `METAL_CANDLE_GEMM_EPILOGUE=0` turns the path off (A/B runs).
+//! Every size takes it, a single query's few rows too (one launch instead
+//! of a GEMM and a `bias_act`): the descriptors and the algorithm
+//! cuBLASLt's heuristic picks are made once per shape and kept (the
+//! heuristic query on every call had cost the launch-bound single-query
+//! path host time, so small products used to keep the plain GEMM).
+//! `METAL_CANDLE_GEMM_EPILOGUE=0` turns the path off (A/B runs).
 
 use candle_core::Tensor;
 
 use super::bias_act::Activation;
 
-/// Rows from which a product takes the epilogue path.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-const MIN_ROWS: usize = 512;
-
 /// `act(x Wᵀ + b)` through cuBLASLt, or `None` where this path does not
-/// apply (not CUDA, not bf16/f16, fewer than 512 rows, an input
+/// apply (not CUDA, not bf16/f16, no rows, an input
 /// tracking gradients, an activation the epilogue lacks, or switched off):
 /// the caller then runs its plain GEMM and `bias_act`.
 ///
@@ -60,7 +58,7 @@ pub fn gemm_bias_act(
         if !supported
             || !enabled()
             || lead.is_empty()
-            || rows < MIN_ROWS
+            || rows == 0
             || !x.device().is_cuda()
             || !matches!(
                 x.dtype(),
@@ -99,35 +97,161 @@ fn enabled() -> bool {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use std::sync::{Arc, Mutex, PoisonError};
+    use std::collections::HashMap;
+    use std::sync::{Mutex, PoisonError};
 
-    use candle_core::cuda_backend::cudarc::cublaslt::{self, CudaBlasLT, Matmul, MatmulConfig};
-    use candle_core::cuda_backend::cudarc::driver::{CudaView, DevicePtr};
+    use candle_core::cuda_backend::cudarc::cublaslt::{result, sys};
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DevicePtr};
     use candle_core::cuda_backend::{CudaDType, CudaDevice};
     use candle_core::{CpuStorage, CudaStorage, DType, Layout, Shape};
 
     use super::Activation;
 
-    /// The op: inputs x `[rows, k]`, W `[n, k]`, bias `[n]`, contiguous.
     pub(super) struct Gemm {
         pub act: Activation,
     }
 
-    /// One cuBLASLt handle (and its 32 MiB workspace on Hopper) per device,
-    /// on the device's stream, made on first use.
-    fn handle(dev: &CudaDevice) -> candle_core::Result<Arc<CudaBlasLT>> {
-        type Handles = Vec<(candle_core::cuda_backend::DeviceId, Arc<CudaBlasLT>)>;
-        static HANDLES: Mutex<Handles> = Mutex::new(Vec::new());
-        let mut handles = HANDLES.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((_, h)) = handles.iter().find(|(id, _)| *id == dev.id()) {
-            return Ok(h.clone());
+    /// cuBLASLt's workspace on Hopper (what cudarc's `CudaBlasLT` gives it).
+    const WORKSPACE: usize = 32 << 20;
+    /// Plans kept per device; past this (many distinct packed-batch token
+    /// counts) the cache starts again.
+    const MAX_PLANS: usize = 4096;
+
+    /// What a plan depends on: dtype, rows, output and input width, epilogue.
+    type Key = (DType, usize, usize, usize, sys::cublasLtEpilogue_t);
+
+    /// The descriptors and the algorithm cuBLASLt's heuristic picked for one
+    /// key, made once: the heuristic query costs host time on every call
+    /// otherwise (cudarc's `CudaBlasLT::matmul` makes and drops all of
+    /// them per call). Only the bias pointer changes between calls.
+    struct Plan {
+        desc: sys::cublasLtMatmulDesc_t,
+        layouts: [sys::cublasLtMatrixLayout_t; 3],
+        algo: sys::cublasLtMatmulAlgo_t,
+    }
+
+    impl Drop for Plan {
+        fn drop(&mut self) {
+            // SAFETY: made by `Plan::new`, used only under the device's lock,
+            // dropped once. Errors cannot be reported from a drop.
+            unsafe {
+                let _ = result::destroy_matmul_desc(self.desc);
+                for l in self.layouts {
+                    let _ = result::destroy_matrix_layout(l);
+                }
+            }
         }
-        let h = Arc::new(
-            CudaBlasLT::new(dev.cuda_stream())
-                .map_err(|e| candle_core::Error::Msg(format!("cuBLASLt: {e:?}")))?,
-        );
-        handles.push((dev.id(), h.clone()));
-        Ok(h)
+    }
+
+    /// One cuBLASLt handle, workspace and plan cache per device.
+    struct Lt {
+        device: candle_core::cuda_backend::DeviceId,
+        handle: sys::cublasLtHandle_t,
+        workspace: CudaSlice<u8>,
+        plans: HashMap<Key, Plan>,
+    }
+
+    // SAFETY: the raw cuBLASLt handles are only used with the `LTS` lock held.
+    unsafe impl Send for Lt {}
+
+    static LTS: Mutex<Vec<Lt>> = Mutex::new(Vec::new());
+
+    fn lt_err(what: &str, e: impl std::fmt::Debug) -> candle_core::Error {
+        candle_core::Error::Msg(format!("cuBLASLt {what}: {e:?}"))
+    }
+
+    fn new_lt(dev: &CudaDevice) -> candle_core::Result<Lt> {
+        dev.cuda_stream()
+            .context()
+            .bind_to_thread()
+            .map_err(|e| lt_err("context", e))?;
+        let handle = result::create_handle().map_err(|e| lt_err("handle", e))?;
+        // SAFETY: cuBLASLt writes the workspace only inside its own calls.
+        let workspace = unsafe { dev.alloc::<u8>(WORKSPACE)? };
+        Ok(Lt {
+            device: dev.id(),
+            handle,
+            workspace,
+            plans: HashMap::new(),
+        })
+    }
+
+    impl Plan {
+        /// Descriptors for `out[rows, n] = epi(x[rows, k] w[n, k]ᵀ + bias)`
+        /// in cuBLASLt's column-major terms (m = n, n = rows, A = w
+        /// transposed), and the heuristic's first algorithm.
+        fn new(handle: sys::cublasLtHandle_t, key: Key) -> candle_core::Result<Self> {
+            let (dtype, rows, n, k, epilogue) = key;
+            let ty = match dtype {
+                DType::BF16 => sys::cudaDataType_t::CUDA_R_16BF,
+                DType::F16 => sys::cudaDataType_t::CUDA_R_16F,
+                other => candle_core::bail!("gemm_bias_act: no cuBLASLt path for {other:?}"),
+            };
+            let int = |v: usize| {
+                i64::try_from(v).map_err(|_| candle_core::Error::Msg(format!("gemm: size {v}")))
+            };
+            let desc = result::create_matmul_desc(
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                sys::cudaDataType_t::CUDA_R_32F,
+            )
+            .map_err(|e| lt_err("matmul desc", e))?;
+            // From here on `plan` owns what is made: an error drops it.
+            let mut plan = Plan {
+                desc,
+                layouts: [std::ptr::null_mut(); 3],
+                algo: sys::cublasLtMatmulAlgo_t { data: [0; 8] },
+            };
+            let shapes = [(k, n, k), (k, rows, k), (n, rows, n)];
+            for (slot, (r, c, ld)) in plan.layouts.iter_mut().zip(shapes) {
+                *slot = result::create_matrix_layout(ty, r as u64, c as u64, int(ld)?)
+                    .map_err(|e| lt_err("layout", e))?;
+            }
+            let trans: i32 = 1;
+            // SAFETY: attributes of the descriptor just made, values of the
+            // sizes cuBLASLt documents for them.
+            unsafe {
+                result::set_matmul_desc_attribute(
+                    plan.desc,
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+                    (&trans) as *const i32 as *const _,
+                    std::mem::size_of::<i32>(),
+                )
+                .map_err(|e| lt_err("transa", e))?;
+                result::set_matmul_desc_attribute(
+                    plan.desc,
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
+                    (&epilogue) as *const sys::cublasLtEpilogue_t as *const _,
+                    std::mem::size_of::<sys::cublasLtEpilogue_t>(),
+                )
+                .map_err(|e| lt_err("epilogue", e))?;
+            }
+            let pref = result::create_matmul_pref().map_err(|e| lt_err("preference", e))?;
+            let ws = WORKSPACE;
+            // SAFETY: every descriptor is live; `pref` is destroyed below.
+            let heuristic = unsafe {
+                let set = result::set_matmul_pref_attribute(
+                    pref,
+                    sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                    (&ws) as *const usize as *const _,
+                    std::mem::size_of::<usize>(),
+                );
+                let h = set.and_then(|()| {
+                    result::get_matmul_algo_heuristic(
+                        handle,
+                        plan.desc,
+                        plan.layouts[0],
+                        plan.layouts[1],
+                        plan.layouts[2],
+                        plan.layouts[2],
+                        pref,
+                    )
+                });
+                let _ = result::destroy_matmul_pref(pref);
+                h.map_err(|e| lt_err("heuristic", e))?
+            };
+            plan.algo = heuristic.algo;
+            Ok(plan)
+        }
     }
 
     fn run<T>(
@@ -138,53 +262,87 @@ mod cuda {
     ) -> candle_core::Result<CudaStorage>
     where
         T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
-        CudaBlasLT: Matmul<T>,
         for<'a> CudaView<'a, T>: DevicePtr<T>,
     {
+        use candle_core::backend::BackendStorage;
+        let dtype = x.0.dtype();
         use super::super::launch::view;
         let (x, w, b) = (
             view::<T>(x.0, x.1, "gemm_bias_act: x")?,
             view::<T>(w.0, w.1, "gemm_bias_act: weight")?,
             view::<T>(b.0, b.1, "gemm_bias_act: bias")?,
         );
-        let lt = handle(dev)?;
-        let int = |v: usize| {
-            i64::try_from(v).map_err(|_| candle_core::Error::Msg(format!("gemm: size {v}")))
-        };
-        // Column-major view of row-major data: C (n × rows, ld n) =
-        // Wᵀ (W stored k × n, ld k, transposed) · X (k × rows, ld k); the
-        // bias runs along C's n rows, broadcast over its columns.
-        let cfg = MatmulConfig {
-            transa: true,
-            transb: false,
-            transc: false,
-            m: n as u64,
-            n: rows as u64,
-            k: k as u64,
-            alpha: 1.0,
-            lda: int(k)?,
-            ldb: int(k)?,
-            beta: 0.0,
-            ldc: int(n)?,
-            stride_a: None,
-            stride_b: None,
-            stride_c: None,
-            stride_bias: None,
-            batch_size: None,
-        };
-        let act = match act {
-            Activation::None => None,
-            Activation::Relu => Some(cublaslt::Activation::Relu),
-            // The tanh form for both (see the module's header).
-            Activation::GeluErf | Activation::GeluTanh => Some(cublaslt::Activation::Gelu),
+        let epilogue = match act {
+            Activation::None => sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
+            Activation::Relu => sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_RELU_BIAS,
+            Activation::GeluErf | Activation::GeluTanh => {
+                sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU_BIAS
+            }
             Activation::Silu => candle_core::bail!("gemm_bias_act: no SiLU epilogue"),
         };
-        // SAFETY: every element of the output is written by the GEMM.
-        let mut out = unsafe { dev.alloc::<T>((rows * n).max(1))? };
-        // SAFETY: the views hold rows·k, n·k and n elements (checked by the
-        // caller's shapes and `view`), the output rows·n, as `cfg` describes.
-        unsafe { lt.matmul(cfg, &w, &x, &mut out, Some(&b), act.as_ref()) }
-            .map_err(|e| candle_core::Error::Msg(format!("cuBLASLt matmul: {e:?}")))?;
+        let key: Key = (dtype, rows, n, k, epilogue);
+        // SAFETY: every element is written by the GEMM before anyone reads it.
+        let out = unsafe { dev.alloc::<T>((rows * n).max(1))? };
+        let stream = dev.cuda_stream();
+        let mut lts = LTS.lock().unwrap_or_else(PoisonError::into_inner);
+        let i = match lts.iter().position(|l| l.device == dev.id()) {
+            Some(i) => i,
+            None => {
+                lts.push(new_lt(dev)?);
+                lts.len() - 1
+            }
+        };
+        let lt = &mut lts[i];
+        if !lt.plans.contains_key(&key) {
+            if lt.plans.len() >= MAX_PLANS {
+                lt.plans.clear();
+            }
+            let plan = Plan::new(lt.handle, key)?;
+            lt.plans.insert(key, plan);
+        }
+        let Some(plan) = lt.plans.get(&key) else {
+            candle_core::bail!("gemm_bias_act: plan cache lost its entry");
+        };
+        let (alpha, beta) = (1f32, 0f32);
+        let (xp, _gx) = x.device_ptr(&stream);
+        let (wp, _gw) = w.device_ptr(&stream);
+        let (bp, _gb) = b.device_ptr(&stream);
+        let (op, _go) = out.device_ptr(&stream);
+        let (wsp, _gws) = lt.workspace.device_ptr(&stream);
+        // SAFETY: the plan's descriptors match these buffers' shapes (the
+        // key), the lock is held while the bias pointer is set and the GEMM
+        // is queued, and every buffer outlives the queued work (Candle's
+        // stream order keeps them until later work frees them).
+        unsafe {
+            result::set_matmul_desc_attribute(
+                plan.desc,
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                (&bp) as *const _ as *const _,
+                std::mem::size_of_val(&bp),
+            )
+            .map_err(|e| lt_err("bias", e))?;
+            result::matmul(
+                lt.handle,
+                plan.desc,
+                (&alpha) as *const f32 as *const _,
+                (&beta) as *const f32 as *const _,
+                wp as *const _,
+                plan.layouts[0],
+                xp as *const _,
+                plan.layouts[1],
+                op as *const _,
+                plan.layouts[2],
+                op as *mut _,
+                plan.layouts[2],
+                &plan.algo,
+                wsp as *mut _,
+                WORKSPACE,
+                stream.cu_stream() as *mut _,
+            )
+            .map_err(|e| lt_err("matmul", e))?;
+        }
+        drop((_gx, _gw, _gb, _go, _gws));
+        drop(lts);
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
 
