@@ -90,9 +90,7 @@ impl RmsNorm {
 /// (variance as `E[x²] − E[x]²` in f32; its fused kernel has no backward).
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    /// `[2, dim]`: the weight and bias stacked for the GPU kernel.
+    /// `[2, dim]`: the weight and the bias, stacked as the GPU kernel takes them.
     params: Tensor,
     eps: f64,
 }
@@ -105,18 +103,15 @@ impl LayerNorm {
     pub fn load(w: &Weights, prefix: &str, dim: usize, eps: f64) -> Result<Self> {
         let weight = w.get(&format!("{prefix}.weight"), &[dim])?;
         let bias = w.get(&format!("{prefix}.bias"), &[dim])?;
-        let params = Tensor::stack(&[&weight, &bias], 0)?;
         Ok(Self {
-            weight,
-            bias,
-            params,
+            params: Tensor::stack(&[&weight, &bias], 0)?,
             eps,
         })
     }
 
-    /// The weight and bias.
-    pub(crate) fn params(&self) -> (&Tensor, &Tensor) {
-        (&self.weight, &self.bias)
+    /// The weight and bias, `[2, dim]`.
+    pub(crate) fn params(&self) -> &Tensor {
+        &self.params
     }
 
     /// Normalises over the last dimension.
@@ -127,6 +122,7 @@ impl LayerNorm {
         if x.device().is_cuda() && x.dtype() == self.params.dtype() && !needs_grad(&[x]) {
             return crate::backend::kernels::layer_norm(x, &self.params, self.eps as f32);
         }
-        candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)
+        let (weight, bias) = (self.params.get(0)?, self.params.get(1)?);
+        candle_nn::ops::layer_norm(&x.contiguous()?, &weight, &bias, self.eps as f32)
     }
 }

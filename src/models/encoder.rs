@@ -123,9 +123,8 @@ impl EncoderLayer {
         let down = lin(n.down, d.intermediate, d.hidden)?;
         let norm = |name: &str, proj: &Linear| -> Result<Tensor> {
             let ln = LayerNorm::load(w, &format!("{prefix}.{name}"), d.hidden, d.eps)?;
-            let (weight, bias) = ln.params();
-            let lin_bias = Linear::stacked_bias(&[proj], dtype, dev)?;
-            Ok(Tensor::stack(&[&lin_bias, weight, bias], 0)?)
+            let lin_bias = Linear::stacked_bias(&[proj], dtype, dev)?.unsqueeze(0)?;
+            Ok(Tensor::cat(&[&lin_bias, ln.params()], 0)?)
         };
         Ok(Self {
             qkv,

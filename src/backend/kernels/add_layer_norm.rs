@@ -42,10 +42,7 @@ pub fn add_layer_norm(
     x.contiguous()?.apply_op3_no_bwd(
         &residual.contiguous()?,
         &params.contiguous()?,
-        &AddLayerNorm {
-            eps,
-            residual: true,
-        },
+        &AddLayerNorm { eps },
     )
 }
 
@@ -69,13 +66,8 @@ pub fn layer_norm(x: &Tensor, params: &Tensor, eps: f32) -> candle_core::Result<
             params.dtype()
         );
     }
-    x.contiguous()?.apply_op2_no_bwd(
-        &params.contiguous()?,
-        &AddLayerNorm {
-            eps,
-            residual: false,
-        },
-    )
+    x.contiguous()?
+        .apply_op2_no_bwd(&params.contiguous()?, &AddLayerNorm { eps })
 }
 
 /// The same with Candle's differentiable ops (transformers' LayerNorm:
@@ -98,11 +90,10 @@ fn composed(
         .to_dtype(dtype)
 }
 
-/// With `residual`: inputs x, residual, params `[3, n]`; without: x,
-/// params `[2, n]` (no projection bias either).
+/// As a three-input op: x, residual, params `[3, n]`; as a two-input op
+/// (`layer_norm`): x, params `[2, n]` (no residual or projection bias).
 struct AddLayerNorm {
     eps: f32,
-    residual: bool,
 }
 
 impl CpuOp for AddLayerNorm {
@@ -110,13 +101,13 @@ impl CpuOp for AddLayerNorm {
 
     fn run<T: Float>(&self, inputs: &[&[T]], layout: &Layout) -> candle_core::Result<Vec<T>> {
         let n = layout.dims().last().copied().unwrap_or(1).max(1);
-        let (x, r, lb, w, b) = match (self.residual, inputs) {
-            (true, &[x, r, p]) => {
+        let (x, r, lb, w, b) = match *inputs {
+            [x, r, p] => {
                 let (lb, rest) = p.split_at(n);
                 let (w, b) = rest.split_at(n);
                 (x, Some(r), lb, w, b)
             }
-            (false, &[x, p]) => {
+            [x, p] => {
                 let (w, b) = p.split_at(n);
                 (x, None, &[][..], w, b)
             }
@@ -246,7 +237,7 @@ impl AddLayerNorm {
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        let base = if self.residual {
+        let base = if inputs.len() == 3 {
             "add_layer_norm"
         } else {
             "layer_norm"
