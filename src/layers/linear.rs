@@ -57,9 +57,10 @@ enum BaseWeight {
     Quantized(Arc<QTensor>),
 }
 
-/// Rows from which [`Linear::forward`] takes the cuBLASLt epilogue path: a
-/// decoder's decode step (a row per sequence) stays on the plain GEMM and
-/// `bias_act`, the kernels its CUDA graphs were measured with.
+/// Rows from which [`Linear::forward`] takes the cuBLASLt epilogue path
+/// (with or without a bias): a decoder's decode step (a row per sequence)
+/// stays on the plain GEMM and `bias_act`, the kernels its CUDA graphs
+/// were measured with.
 const EPILOGUE_MIN_ROWS: usize = 512;
 
 /// A linear layer `y = x Wᵀ + b` with an optional adapter hook. The base
@@ -368,9 +369,9 @@ impl Linear {
             }
         }
         let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
-        if let (BaseWeight::Dense(w), Some(b), None) = (&self.weight, &self.bias, &self.adapter) {
+        if let (BaseWeight::Dense(w), None) = (&self.weight, &self.adapter) {
             if rows >= epilogue_rows {
-                if let Some(y) = gemm_bias_act(x, w, b, act)? {
+                if let Some(y) = gemm_bias_act(x, w, self.bias.as_ref(), act)? {
                     return Ok(y);
                 }
             }

@@ -219,11 +219,18 @@ impl BertModel {
             self.config.vocab_size,
         )?;
         let ids = ids.to_device(self.device())?;
+        // Copied on the device from the kept 0..max table: built on the
+        // host, b x s positions were a vector and an upload before the
+        // first kernel could start (the device idle meanwhile).
+        let positions = self.position_ids.narrow(0, 0, s)?;
         let positions = if b == 1 {
-            self.position_ids.narrow(0, 0, s)?
+            positions
         } else {
-            let positions: Vec<u32> = (0..b * s).map(|k| (k % s) as u32).collect();
-            Tensor::from_vec(positions, b * s, self.device())?
+            positions
+                .unsqueeze(0)?
+                .broadcast_as((b, s))?
+                .contiguous()?
+                .flatten_all()?
         };
         let bias = padding_bias(mask, self.device())?;
         self.stack.run(

@@ -919,32 +919,44 @@ fn flash_attention_reads_a_fused_projection_in_place() {
 /// `gemm_bias_act` (cuBLASLt with the bias and activation in the epilogue;
 /// CUDA, bf16/f16) against `act(x Wᵀ + b)` composed in f32 from the same
 /// values: bf16 within 1e-2 relative (the erf GELU runs in the epilogue's
-/// tanh form, at most 4.7e-4 apart), at 600 rows and at 5 and 1 (a single
-/// query's tokens), each shape twice with different biases (the plan made
-/// for a shape is reused with the next call's bias); `None` wherever the
-/// path does not apply, so callers fall back to their own GEMM.
+/// tanh form, at most 4.7e-4 apart), at 600 rows, at 5 and 1 (a single
+/// query's tokens), 4,096 and 3,000 (algorithms timed for their row
+/// bucket, then reused), each shape twice with different biases (the plan
+/// made for a shape is reused with the next call's bias) and without one;
+/// `None` wherever the path does not apply, so callers fall back to their
+/// own GEMM.
 #[test]
 fn gemm_epilogue_matches_composed() {
     let dev = device();
     let f32_of = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
     for dtype in [DType::BF16, DType::F16] {
         let w = randn(0.0, 0.2, &[200, 96], dtype, &dev);
-        for shape in [&[2, 300, 96][..], &[1, 5, 96], &[1, 96]] {
+        // 4,096 and 3,000 rows: timed algorithms, the second reusing the
+        // first's bucket (4,096).
+        for shape in [
+            &[2, 300, 96][..],
+            &[1, 5, 96],
+            &[1, 96],
+            &[4096, 96],
+            &[3000, 96],
+        ] {
             let x = randn(0.0, 1.0, shape, dtype, &dev);
-            for bias_mean in [0.0, 2.0] {
-                let bias = randn(bias_mean, 1.0, &[200], dtype, &dev);
-                let pre = f32_of(&x)
+            for bias_mean in [Some(0.0), Some(2.0), None] {
+                let bias = bias_mean.map(|m| randn(m, 1.0, &[200], dtype, &dev));
+                let prod = f32_of(&x)
                     .broadcast_matmul(&f32_of(&w).t().unwrap())
-                    .unwrap()
-                    .broadcast_add(&f32_of(&bias))
                     .unwrap();
+                let pre = match &bias {
+                    Some(b) => prod.broadcast_add(&f32_of(b)).unwrap(),
+                    None => prod,
+                };
                 for act in [
                     Activation::None,
                     Activation::Relu,
                     Activation::GeluErf,
                     Activation::GeluTanh,
                 ] {
-                    let ours = gemm_bias_act(&x, &w, &bias, act).unwrap();
+                    let ours = gemm_bias_act(&x, &w, bias.as_ref(), act).unwrap();
                     if !dev.is_cuda() {
                         assert!(ours.is_none(), "gemm_bias_act ran on {dev:?}");
                         continue;
@@ -972,7 +984,7 @@ fn gemm_epilogue_matches_composed() {
     let x = randn(0.0, 1.0, &[600, 96], DType::F32, &dev);
     let w = randn(0.0, 0.2, &[200, 96], DType::F32, &dev);
     let bias = randn(0.0, 1.0, &[200], DType::F32, &dev);
-    assert!(gemm_bias_act(&x, &w, &bias, Activation::None)
+    assert!(gemm_bias_act(&x, &w, Some(&bias), Activation::None)
         .unwrap()
         .is_none());
     let (xb, wb, bb) = (
@@ -980,13 +992,13 @@ fn gemm_epilogue_matches_composed() {
         w.to_dtype(DType::BF16).unwrap(),
         bias.to_dtype(DType::BF16).unwrap(),
     );
-    assert!(gemm_bias_act(&xb, &wb, &bb, Activation::Silu)
+    assert!(gemm_bias_act(&xb, &wb, Some(&bb), Activation::Silu)
         .unwrap()
         .is_none());
     if dev.is_cuda() {
         // A bias of the wrong width is an error, not a wrong answer.
         let short = bb.narrow(0, 0, 100).unwrap();
-        assert!(gemm_bias_act(&xb, &wb, &short, Activation::None).is_err());
+        assert!(gemm_bias_act(&xb, &wb, Some(&short), Activation::None).is_err());
     }
 }
 

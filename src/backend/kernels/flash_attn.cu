@@ -40,7 +40,8 @@
 //
 // Forward, one block per (64 query rows, head, batch), 4 warps of 16 rows:
 // Q fragments stay in registers, K/V tiles stream through shared memory with
-// cp.async (the next K tile loads during P·V, the next V tile during Q·Kᵀ),
+// cp.async (at d = 32 double-buffered; otherwise the next K tile loads
+// during P·V, the next V tile during Q·Kᵀ),
 // P never leaves registers (the m16n8k16 accumulator layout of S is the A
 // operand layout of P·V). Writes O (input dtype) and lse (natural log).
 //
@@ -185,11 +186,18 @@ __device__ __forceinline__ bool visible(int j, int qpos, int t, int causal, int 
 
 // (Tiles of 128 keys were tried: 3% faster at d = 32 without a bias, 16%
 // slower for MPNet's d = 64 with its position bias; H200, 2026-11-28.)
-template <int D> struct FwdCfg {
+// K/V tile buffers: two for the unbiased forward at d = 32 (the next tile's
+// K and V load during the whole of this one, one barrier per tile): 3.6%
+// faster at MiniLM's b128 x 512 (0.243 vs 0.252 ms a layer). Otherwise one
+// (the next K loads during P·V, the next V during Q·Kᵀ): two were 2% slower
+// at d = 64, 10% with MPNet's bias, and took the biased d = 32 entry from
+// 128 to 161 registers (flash_check, H200, 2026-11-29). SMEM covers both.
+template <int D, bool HAS_BIAS = false> struct FwdCfg {
   static constexpr int WARPS = 4;
   static constexpr int BM = 16 * WARPS;
   static constexpr int BN = 64;
-  static constexpr int SMEM = (BM + 2 * BN) * Pad<D>::LD * 2;
+  static constexpr int STAGES = D == 32 && !HAS_BIAS ? 2 : 1;
+  static constexpr int SMEM = (BM + 2 * (D == 32 ? 2 : 1) * BN) * Pad<D>::LD * 2;
 };
 
 template <typename T, int D, bool HAS_BIAS, bool PACKED = false>
@@ -201,7 +209,7 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
                                     int o_bshd, const unsigned int* t_dev,
                                     const unsigned int* seqs, int nseq, Strides qst,
                                     Strides kvst) {
-  using C = FwdCfg<D>;
+  using C = FwdCfg<D, HAS_BIAS>;
   // With t_dev, k and v hold t rows per head (a preallocated cache) of
   // which the first *t_dev are keys: the count lives on the device so a
   // captured decode step replays at every length.
@@ -278,15 +286,32 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
   for (int i = 0; i < D / 8; ++i) oacc[i][0] = oacc[i][1] = oacc[i][2] = oacc[i][3] = 0.f;
   uint32_t qf[D / 16][4];
 
+  constexpr bool TWO = C::STAGES == 2;
   load_tile<T, BM, D, NT>(sQ, qb, s - m0, tid, qst.r);
   if (n_begin < n_hi) load_tile<T, BN, D, NT>(sK, kb + n_begin * krs, t - n_begin, tid, krs);
-  cp_async_commit();
+  if (!TWO) cp_async_commit();
   if (n_begin < n_hi) load_tile<T, BN, D, NT>(sV, vb + n_begin * krs, t - n_begin, tid, krs);
   cp_async_commit();
 
-  for (int n0 = n_begin; n0 < n_hi; n0 += BN) {
-    cp_async_wait<1>();
-    __syncthreads();
+  // With two stages, stage `stage` holds this tile's K then V (sK, sV for
+  // stage 0) and the other stage takes the next tile's.
+  int stage = 0;
+  for (int n0 = n_begin; n0 < n_hi; n0 += BN, stage ^= 1) {
+    const T* cK = sK + (TWO ? stage * 2 * BN * LD : 0);
+    const T* cV = cK + BN * LD;
+    if constexpr (TWO) {
+      cp_async_wait<0>();
+      __syncthreads();  // this tile is in; every warp is done with the other stage
+      if (n0 + BN < n_hi) {
+        T* nK = sK + (stage ^ 1) * 2 * BN * LD;
+        load_tile<T, BN, D, NT>(nK, kb + (n0 + BN) * krs, t - n0 - BN, tid, krs);
+        load_tile<T, BN, D, NT>(nK + BN * LD, vb + (n0 + BN) * krs, t - n0 - BN, tid, krs);
+      }
+      cp_async_commit();
+    } else {
+      cp_async_wait<1>();
+      __syncthreads();
+    }
     if (n0 == n_begin) {
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk)
@@ -301,7 +326,7 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
 #pragma unroll
       for (int nn = 0; nn < BN / 16; ++nn) {
         uint32_t b[4];
-        ldsm_x4(b, sK + (nn * 16 + (lane & 7) + (lane >> 4) * 8) * LD + kk * 16 + ((lane >> 3) & 1) * 8);
+        ldsm_x4(b, cK + (nn * 16 + (lane & 7) + (lane >> 4) * 8) * LD + kk * 16 + ((lane >> 3) & 1) * 8);
         mma<T>(sacc[2 * nn], qf[kk], b[0], b[1]);
         mma<T>(sacc[2 * nn + 1], qf[kk], b[2], b[3]);
       }
@@ -344,8 +369,22 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float mx = -INFINITY;
+      if constexpr (D >= 64) {
+        // A tree instead of a chain of 2 * BN / 8 dependent FMNMX: 0.5% at
+        // d = 64, 1.5% at d = 128; at d = 32 3.5% slower (more registers
+        // live; flash_check, H200, 2026-11-29).
+        float tm[BN / 8];
 #pragma unroll
-      for (int nt = 0; nt < BN / 8; ++nt) mx = fmaxf(mx, fmaxf(sacc[nt][2 * r], sacc[nt][2 * r + 1]));
+        for (int nt = 0; nt < BN / 8; ++nt) tm[nt] = fmaxf(sacc[nt][2 * r], sacc[nt][2 * r + 1]);
+#pragma unroll
+        for (int w = BN / 16; w > 0; w /= 2)
+#pragma unroll
+          for (int i = 0; i < w; ++i) tm[i] = fmaxf(tm[i], tm[i + w]);
+        mx = tm[0];
+      } else {
+#pragma unroll
+        for (int nt = 0; nt < BN / 8; ++nt) mx = fmaxf(mx, fmaxf(sacc[nt][2 * r], sacc[nt][2 * r + 1]));
+      }
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
       const float m_new = fmaxf(m_r[r], mx * exp_scale);
@@ -369,10 +408,12 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
         sacc[nt][e] = ex2(fmaf(sacc[nt][e], exp_scale, -mu[e >> 1]));
       }
     }
-    cp_async_wait<0>();
-    __syncthreads();  // V ready; every warp is done with this K tile
-    if (n0 + BN < n_hi) load_tile<T, BN, D, NT>(sK, kb + (n0 + BN) * krs, t - n0 - BN, tid, krs);
-    cp_async_commit();
+    if constexpr (!TWO) {
+      cp_async_wait<0>();
+      __syncthreads();  // V ready; every warp is done with this K tile
+      if (n0 + BN < n_hi) load_tile<T, BN, D, NT>(sK, kb + (n0 + BN) * krs, t - n0 - BN, tid, krs);
+      cp_async_commit();
+    }
     // O += P V, P straight from the S accumulators.
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
@@ -384,14 +425,16 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
 #pragma unroll
       for (int nn = 0; nn < D / 16; ++nn) {
         uint32_t b[4];
-        ldsm_x4_t(b, sV + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + nn * 16 + (lane >> 4) * 8);
+        ldsm_x4_t(b, cV + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + nn * 16 + (lane >> 4) * 8);
         mma<T>(oacc[2 * nn], a, b[0], b[1]);
         mma<T>(oacc[2 * nn + 1], a, b[2], b[3]);
       }
     }
-    __syncthreads();  // every warp is done with this V tile
-    if (n0 + BN < n_hi) load_tile<T, BN, D, NT>(sV, vb + (n0 + BN) * krs, t - n0 - BN, tid, krs);
-    cp_async_commit();
+    if constexpr (!TWO) {
+      __syncthreads();  // every warp is done with this V tile
+      if (n0 + BN < n_hi) load_tile<T, BN, D, NT>(sV, vb + (n0 + BN) * krs, t - n0 - BN, tid, krs);
+      cp_async_commit();
+    }
   }
 
   float inv[2], l_r[2];

@@ -916,10 +916,12 @@ mod cuda {
     const TILE: usize = super::FWD_TILE;
 
     /// Dynamic shared memory of the forward: `FwdCfg<D>::SMEM` in
-    /// flash_attn.cu (Q tile and one K and one V tile of 64 rows, rows padded
-    /// by 8 elements). The kernel traps if it gets less than it needs.
+    /// flash_attn.cu (Q tile and `STAGES` K and V tiles of 64 rows, two at
+    /// d = 32, rows padded by 8 elements). The kernel traps if it gets less
+    /// than it needs.
     fn fwd_smem(d: usize) -> usize {
-        (TILE + 2 * TILE) * (d + 8) * 2
+        let stages = if d == 32 { 2 } else { 1 };
+        (TILE + 2 * stages * TILE) * (d + 8) * 2
     }
 
     /// Whether an unbiased forward takes `flash_attn_fwd_nb_*` (register-
