@@ -191,13 +191,15 @@ __device__ __forceinline__ bool visible(int j, int qpos, int t, int causal, int 
 // faster at MiniLM's b128 x 512 (0.243 vs 0.252 ms a layer). Otherwise one
 // (the next K loads during P·V, the next V during Q·Kᵀ): two were 2% slower
 // at d = 64, 10% with MPNet's bias, and took the biased d = 32 entry from
-// 128 to 161 registers (flash_check, H200, 2026-11-29). SMEM covers both.
+// 128 to 161 registers (flash_check, H200, 2026-11-29). SMEM is sized for
+// MAX_STAGES, so both entries of a head dim launch with the same bytes.
 template <int D, bool HAS_BIAS = false> struct FwdCfg {
   static constexpr int WARPS = 4;
   static constexpr int BM = 16 * WARPS;
   static constexpr int BN = 64;
-  static constexpr int STAGES = D == 32 && !HAS_BIAS ? 2 : 1;
-  static constexpr int SMEM = (BM + 2 * (D == 32 ? 2 : 1) * BN) * Pad<D>::LD * 2;
+  static constexpr int MAX_STAGES = D == 32 ? 2 : 1;
+  static constexpr int STAGES = HAS_BIAS ? 1 : MAX_STAGES;
+  static constexpr int SMEM = (BM + 2 * MAX_STAGES * BN) * Pad<D>::LD * 2;
 };
 
 template <typename T, int D, bool HAS_BIAS, bool PACKED = false>

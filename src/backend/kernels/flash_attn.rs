@@ -916,8 +916,8 @@ mod cuda {
     const TILE: usize = super::FWD_TILE;
 
     /// Dynamic shared memory of the forward: `FwdCfg<D>::SMEM` in
-    /// flash_attn.cu (Q tile and `STAGES` K and V tiles of 64 rows, two at
-    /// d = 32, rows padded by 8 elements). The kernel traps if it gets less
+    /// flash_attn.cu (Q tile and `MAX_STAGES` K and V tiles of 64 rows, two
+    /// at d = 32, rows padded by 8 elements). The kernel traps if it gets less
     /// than it needs.
     fn fwd_smem(d: usize) -> usize {
         let stages = if d == 32 { 2 } else { 1 };

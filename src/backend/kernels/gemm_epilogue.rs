@@ -463,23 +463,26 @@ mod cuda {
             let capturing = stream.capture_status().ok()
                 != Some(CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE);
             let tune = rows >= TUNE_MIN_ROWS && autotune() && !capturing;
-            let (mut plan, candidates) = Plan::new(handle, key, if tune { CANDIDATES } else { 1 })?;
-            if tune {
-                let bucket: Key = (dtype, rows.next_power_of_two(), n, k, epilogue);
-                match lt.tuned.get(&bucket) {
-                    Some(algo) => {
-                        if plan.accepts(handle, algo) {
-                            plan.algo = *algo;
-                        }
-                    }
-                    None => {
-                        set_bias(&plan)?;
-                        let run_with = |a: &sys::cublasLtMatmulAlgo_t| matmul(&plan, a);
-                        if let Some(algo) = fastest(&stream, &candidates, &run_with)? {
-                            plan.algo = algo;
-                            lt.tuned.insert(bucket, algo);
-                        }
-                    }
+            let bucket: Key = (dtype, rows.next_power_of_two(), n, k, epilogue);
+            let timed = if tune {
+                lt.tuned.get(&bucket).copied()
+            } else {
+                None
+            };
+            // Candidates only where this bucket is timed now.
+            let time_now = tune && timed.is_none();
+            let (mut plan, candidates) =
+                Plan::new(handle, key, if time_now { CANDIDATES } else { 1 })?;
+            if let Some(algo) = timed {
+                if plan.accepts(handle, &algo) {
+                    plan.algo = algo;
+                }
+            } else if time_now {
+                set_bias(&plan)?;
+                let run_with = |a: &sys::cublasLtMatmulAlgo_t| matmul(&plan, a);
+                if let Some(algo) = fastest(&stream, &candidates, &run_with)? {
+                    plan.algo = algo;
+                    lt.tuned.insert(bucket, algo);
                 }
             }
             lt.plans.insert(key, plan);
