@@ -20,10 +20,12 @@ def main():
     ap.add_argument("--shape", default="128x512")
     ap.add_argument("--embed-models", default=".dev/bench-models")
     ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32"])
     args = ap.parse_args()
     b, s = (int(v) for v in args.shape.split("x"))
+    dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[args.dtype]
     model = AutoModel.from_pretrained(os.path.join(args.embed_models, args.name),
-                                      dtype=torch.bfloat16).cuda().eval()
+                                      dtype=dtype).cuda().eval()
     x = ((torch.arange(b * s) * 2654435761) % 2600).reshape(b, s).cuda()
     mask = torch.ones_like(x)
 
@@ -40,7 +42,7 @@ def main():
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     total = sum(e.device_time_total for e in events)
-    print(f"{args.name} b{b} s{s} bf16 (PyTorch sdpa): {total / 1e3:.2f} ms GPU time")
+    print(f"{args.name} b{b} s{s} {args.dtype} (PyTorch sdpa): {total / 1e3:.2f} ms GPU time")
     for e in sorted(events, key=lambda e: -e.device_time_total)[:args.top]:
         print(f"{e.device_time_total / 1e3:9.3f} {100 * e.device_time_total / total:5.1f}% {e.count:6d}  {e.key[:90]}")
 

@@ -1,17 +1,27 @@
 """Sums an `ncu --csv --metrics gpu__time_duration.sum` log by kernel name:
-count, total and share of GPU time, heaviest first."""
+count, total and share of GPU time, heaviest first.
+
+    python3 scripts/profile/ncu_sum.py ncu.csv [--from-last REGEX]
+
+`--from-last REGEX`: only the kernels from the last one whose name matches
+(e.g. the first kernel of a forward, to leave out a warm-up run)."""
+import argparse
 import csv
-import sys
+import re
 from collections import defaultdict
 
 
-def main(path):
+def main(path, from_last=None):
     rows = []
     with open(path) as f:
         lines = [l for l in f if l.startswith('"')]
     for r in csv.DictReader(lines):
         if r.get("Metric Name") == "gpu__time_duration.sum":
             rows.append((r["Kernel Name"], float(r["Metric Value"].replace(",", ""))))
+    if from_last:
+        starts = [i for i, (name, _) in enumerate(rows) if re.search(from_last, name)]
+        if starts:
+            rows = rows[starts[-1]:]
     by = defaultdict(lambda: [0, 0.0])
     for name, ns in rows:
         short = name.split("(")[0][:90]
@@ -25,4 +35,8 @@ def main(path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("csv")
+    ap.add_argument("--from-last")
+    a = ap.parse_args()
+    main(a.csv, a.from_last)

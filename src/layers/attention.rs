@@ -15,7 +15,8 @@ use candle_core::{DType, Device, Tensor, D};
 use crate::backend::autograd::{needs_grad, with_backward};
 use crate::backend::kernels::{
     flash_attention, flash_attention_available, flash_attention_merged, flash_attention_packed,
-    flash_attention_supported, flash_attention_taped, flash_packed_index, FlashTape,
+    flash_attention_supported, flash_attention_taped, flash_forward_available,
+    flash_forward_supported, flash_packed_index, FlashTape,
 };
 use crate::error::{Error, Result};
 
@@ -84,6 +85,8 @@ impl<'a> Mask<'a> {
 ///   backward; the causal/window part as flags, `mask.bias` as bias); for
 ///   inference it writes the merged layout itself
 ///   (`flash_attention_merged`), saving a transposing copy;
+/// - on CUDA in f32 with head dim 32 or 64, for inference without a causal
+///   or window mask (the encoders), the same kernel's f32 forward;
 /// - elsewhere [`composed_attention`] with `mask.dense`.
 ///
 /// A query row whose keys are all padding gets weights that differ
@@ -100,12 +103,17 @@ pub fn attention(
 ) -> candle_core::Result<Tensor> {
     let (b, heads, s, d) = q.dims4()?;
     let merge = |o: Tensor| o.transpose(1, 2)?.reshape((b, s, heads * d));
+    let (causal, window) = mask.kind.kernel_flags();
     if flash_attention_supported(q, k, v) {
-        let (causal, window) = mask.kind.kernel_flags();
         if !needs_grad(&[q, k, v]) {
             return flash_attention_merged(q, k, v, mask.bias, scale, causal, window);
         }
         return merge(flash_attention(q, k, v, mask.bias, scale, causal, window)?);
+    }
+    // The f32 forward serves the encoders (bidirectional, no window);
+    // decoders in f32 keep the composed path.
+    if !causal && window.is_none() && !needs_grad(&[q, k, v]) && flash_forward_supported(q, k, v) {
+        return flash_attention_merged(q, k, v, mask.bias, scale, false, None);
     }
     mask.check_composed(s, k.dim(2)?)?;
     merge(composed_attention(q, k, v, mask.dense, scale)?)
@@ -152,7 +160,7 @@ impl PackedSeqs {
         for &n in lengths {
             offsets.push(offsets[offsets.len() - 1] + n);
         }
-        let index = if flash_attention_available(device, dtype, head_dim) {
+        let index = if flash_forward_available(device, dtype, head_dim) {
             Some(flash_packed_index(&offsets, device)?)
         } else {
             None
@@ -266,7 +274,7 @@ impl PackedSeqs {
 /// `[1, heads, n, n]` with `n` at least the longest sequence and is read by
 /// row and column within the sequence (MPNet's relative position bias).
 /// Returns `[1, tokens, heads · d]`. On CUDA in bf16/f16 with head dim 32,
-/// 64 or 128 the packed kernel ([`crate::backend::kernels::flash_attention_packed`])
+/// 64 or 128 (f32: 32 or 64) the packed kernel ([`crate::backend::kernels::flash_attention_packed`])
 /// runs all sequences in one launch; elsewhere the sequences are gathered
 /// into padded rows for [`attention`] (with a padding mask) and back.
 /// Inference only (no backward).
@@ -290,7 +298,7 @@ pub fn attention_packed(
         );
     }
     if let Some(index) = &seqs.index {
-        if flash_attention_supported(q, k, v) {
+        if flash_forward_supported(q, k, v) {
             return flash_attention_packed(q, k, v, &seqs.offsets, index, bias, scale)?.reshape((
                 1,
                 tokens,

@@ -347,11 +347,11 @@ impl Linear {
         self.forward_with(x, Activation::None, EPILOGUE_MIN_ROWS)
     }
 
-    /// `act(x Wᵀ + b + adapter(x))` for the encoders: on CUDA in bf16/f16 a
-    /// dense layer without an adapter is one cuBLASLt GEMM with the bias and
-    /// activation in its epilogue ([`gemm_bias_act`]) at every size, a
-    /// single query's few rows too; elsewhere the product and then one
-    /// [`bias_act`] pass.
+    /// `act(x Wᵀ + b + adapter(x))` for the encoders: on CUDA in bf16/f16 (in
+    /// f32 without GELU) a dense layer without an adapter is one cuBLASLt
+    /// GEMM with the bias and activation in its epilogue ([`gemm_bias_act`])
+    /// at every size, a single query's few rows too; elsewhere the product
+    /// and then one [`bias_act`] pass.
     pub(crate) fn forward_act(&self, x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
         self.forward_with(x, act, 1)
     }

@@ -6,7 +6,7 @@
 use candle_core::{Tensor, D};
 
 use crate::backend::kernels::{
-    add_layer_norm, embed_sum, flash_attention_available, split_heads, Activation, Heads,
+    add_layer_norm, embed_sum, flash_forward_available, split_heads, Activation, Heads,
 };
 use crate::error::{Error, Result};
 use crate::io::Weights;
@@ -161,7 +161,7 @@ impl EncoderLayer {
     fn qkv(&self, x: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let (b, s, _) = x.dims3()?;
         if let Some(fused) = &self.qkv_biased {
-            if flash_attention_available(x.device(), x.dtype(), self.head_dim) {
+            if flash_forward_available(x.device(), x.dtype(), self.head_dim) {
                 let qkv = fused.forward_act(x, Activation::None)?.reshape((
                     b,
                     s,
@@ -274,7 +274,7 @@ impl EncoderStack {
     /// model's device and dtype, its head width), as [`Self::pack`]'s
     /// [`PackedSeqs`] decides.
     pub(crate) fn packed_kernel(&self) -> bool {
-        flash_attention_available(self.word.device(), self.word.dtype(), self.head_dim())
+        flash_forward_available(self.word.device(), self.word.dtype(), self.head_dim())
     }
 
     /// `seqs` (token ids, each non-empty, at most `limit` long) packed end

@@ -156,19 +156,19 @@ __device__ __forceinline__ uint32_t dynamic_smem_size() {
 }
 
 // ROWS x D elements from global (row stride D, or `rs` elements) into shared
-// (row stride LD), rows at or past `valid` zero-filled. `src` must point at
-// a valid row 0. `tid` < NT: each thread copies the same ROWS * CH / NT
-// chunks of every tile, so the trip count is a constant and the per-thread
-// row/column offsets are loop-invariant (a `c = tid; c < ROWS * CH; c += NT`
-// loop compiled into a generic loop with a remainder: about 55 instructions
-// per tile and operand at d = 32, a quarter of the forward's loop).
-template <typename T, int ROWS, int D, int NT>
+// (row stride LD), rows at or past `valid` zero-filled, in 16-byte chunks.
+// `src` must point at a valid row 0. `tid` < NT: each thread copies the same
+// ROWS * CH / NT chunks of every tile, so the trip count is a constant and
+// the per-thread row/column offsets are loop-invariant (a `c = tid; c < ROWS
+// * CH; c += NT` loop compiled into a generic loop with a remainder: about
+// 55 instructions per tile and operand at d = 32, a quarter of the forward's
+// loop).
+template <typename T, int ROWS, int D, int NT, int LD = Pad<D>::LD>
 __device__ __forceinline__ void load_tile(T* dst, const T* src, int valid, int tid, int rs = D) {
-  constexpr int CH = D / 8;
-  constexpr int LD = Pad<D>::LD;
+  constexpr int EL = 16 / (int)sizeof(T), CH = D / EL;
   static_assert(NT % CH == 0 && (ROWS * CH) % NT == 0, "whole rows per pass, whole passes per tile");
   constexpr int PASSES = ROWS * CH / NT, RSTEP = NT / CH;
-  const int r0 = tid / CH, col = (tid % CH) * 8;
+  const int r0 = tid / CH, col = (tid % CH) * EL;
 #pragma unroll
   for (int i = 0; i < PASSES; ++i) {
     const int r = r0 + i * RSTEP;
@@ -202,6 +202,105 @@ template <int D, bool HAS_BIAS = false> struct FwdCfg {
   static constexpr int SMEM = (BM + 2 * MAX_STAGES * BN) * Pad<D>::LD * 2;
 };
 
+// Where a forward block works: its first query row `m0` and batch `bi`;
+// its sequence's query and key counts `s`, `t` (a packed block's own
+// sequence); the rows (of D elements) where the sequence starts in lse and a
+// [b, hq, s, D] output, its first token in a [tokens, hq, D] output, and the
+// element offsets of its first query and key rows. With t_dev, k and v hold
+// t rows per head (a preallocated cache) of which the first *t_dev are keys:
+// the count lives on the device so a captured decode step replays at every
+// length.
+// Queries sit `off` = t - s positions after key 0; the tile's queries see
+// keys [n_begin, n_hi) at most (n_begin rounded down to a BN tile).
+struct FwdBlock {
+  int m0, bi, s, t, off, n_begin, n_hi;
+  size_t q_row0, o_tok0;
+  long long q_el0, kv_el0;
+};
+
+template <int BM, int BN, bool PACKED>
+__device__ __forceinline__ FwdBlock fwd_block(int h, int hk, int hq, int s, int t,
+                                              const unsigned int* t_dev,
+                                              const unsigned int* seqs, int nseq,
+                                              const Strides& qst, const Strides& kvst,
+                                              int causal, int window) {
+  FwdBlock f;
+  f.s = s;
+  f.t = t_dev != nullptr ? (int)*t_dev : t;
+  if constexpr (!PACKED) {
+    // Heaviest (latest, under a causal mask) query tiles first.
+    f.m0 = (gridDim.x - 1 - blockIdx.x) * BM;
+    f.bi = blockIdx.z;
+    f.q_row0 = ((size_t)f.bi * hq + h) * s;
+    f.o_tok0 = (size_t)f.bi * s;
+    f.q_el0 = f.bi * qst.b + h * qst.h;
+    f.kv_el0 = f.bi * kvst.b + hk * kvst.h;
+  } else {
+    // Packed sequences (see the header): find the one this tile is in.
+    const unsigned int* tiles = seqs + nseq + 1;
+    int lo = 0, hi = nseq - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (tiles[mid] <= blockIdx.x) lo = mid; else hi = mid - 1;
+    }
+    const int start = (int)seqs[lo];
+    f.s = f.t = (int)(seqs[lo + 1] - seqs[lo]);
+    f.m0 = (int)(blockIdx.x - tiles[lo]) * BM;
+    f.bi = 0;
+    f.q_row0 = (size_t)h * s + start;
+    f.o_tok0 = start;
+    f.q_el0 = h * qst.h + start * qst.r;
+    f.kv_el0 = hk * kvst.h + start * kvst.r;
+  }
+  f.off = f.t - f.s;
+  int n_lo = 0;
+  f.n_hi = f.t;
+  if (causal) f.n_hi = min(f.t, f.m0 + BM + f.off);
+  if (window > 0) n_lo = max(0, f.m0 + f.off - window + 1);
+  f.n_begin = (n_lo / BN) * BN;
+  return f;
+}
+
+// Whether the key tile at n0 needs the per-score visibility test for the
+// query tile at m0: it crosses the end of the keys, the causal diagonal or
+// the window edge.
+template <int BM, int BN>
+__device__ __forceinline__ bool tile_needs_mask(int n0, int m0, int off, int t, int causal,
+                                                int window) {
+  return n0 + BN > t || (causal && n0 + BN - 1 > m0 + off) ||
+         (window > 0 && n0 < m0 + BM - 1 + off - window + 1);
+}
+
+// How scores are scaled: unbiased scores stay unscaled until the exponent
+// (one FMA per score, `in_exp`); a bias is added in log2 units, so biased
+// scores are scaled first (`first`), and so is everything under a scale
+// that is not positive, which would turn -inf into NaN in the exponent.
+struct ScoreScale {
+  float log2, in_exp;
+  bool first;
+};
+template <bool HAS_BIAS> __device__ __forceinline__ ScoreScale score_scale(float scale) {
+  ScoreScale c;
+  c.log2 = scale * LOG2E;
+  c.first = HAS_BIAS || !(c.log2 > 0.f);
+  c.in_exp = c.first ? 1.f : c.log2;
+  return c;
+}
+
+// One score of the general (masked or biased) path in log2 units: scaled
+// if `sc.first`, the bias added and floored, -inf where the key is hidden.
+template <bool HAS_BIAS>
+__device__ __forceinline__ float masked_score(float x, int row, int col, const ScoreScale& sc,
+                                              const float* biasb, long long bias_rs, int s,
+                                              int t, bool need_mask, int off, int causal,
+                                              int window) {
+  if (sc.first) x *= sc.log2;
+  if (HAS_BIAS && row < s && col < t)
+    x = fmaxf(x + biasb[(long long)row * bias_rs + col] * LOG2E, SCORE_FLOOR);
+  if (need_mask && !visible(col, row + off, t, causal, window)) x = -INFINITY;
+  return x;
+}
+
 template <typename T, int D, bool HAS_BIAS, bool PACKED = false>
 __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict__ k,
                                     const T* __restrict__ v, const float* __restrict__ bias,
@@ -212,11 +311,6 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
                                     const unsigned int* seqs, int nseq, Strides qst,
                                     Strides kvst) {
   using C = FwdCfg<D, HAS_BIAS>;
-  // With t_dev, k and v hold t rows per head (a preallocated cache) of
-  // which the first *t_dev are keys: the count lives on the device so a
-  // captured decode step replays at every length.
-  const int t_rows = t;
-  if (t_dev != nullptr) t = (int)*t_dev;
   constexpr int BM = C::BM, BN = C::BN, NT = 32 * C::WARPS, LD = Pad<D>::LD;
   extern __shared__ __align__(16) unsigned char smem[];
   if (dynamic_smem_size() < (uint32_t)C::SMEM) __trap();
@@ -226,56 +320,19 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
   const int h = blockIdx.y, hk = h / (hq / hkv);
-  int m0, bi;
-  // Rows (of D elements) where this block's sequence starts in lse and a
-  // [b, hq, s, D] output, its first token in a [tokens, hq, D] output, and
-  // the element offsets of its first query and key rows.
-  size_t q_row0, o_tok0;
-  long long q_el0, kv_el0;
-  if constexpr (!PACKED) {
-    // Heaviest (latest, under a causal mask) query tiles first.
-    m0 = (gridDim.x - 1 - blockIdx.x) * BM;
-    bi = blockIdx.z;
-    q_row0 = ((size_t)bi * hq + h) * s;
-    o_tok0 = (size_t)bi * s;
-    q_el0 = bi * qst.b + h * qst.h;
-    kv_el0 = bi * kvst.b + hk * kvst.h;
-  } else {
-    // Packed sequences (see the header): find the one this tile is in.
-    const unsigned int* tiles = seqs + nseq + 1;
-    int lo = 0, hi = nseq - 1;
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) / 2;
-      if (tiles[mid] <= blockIdx.x) lo = mid; else hi = mid - 1;
-    }
-    const int start = (int)seqs[lo], total = s;
-    s = t = (int)(seqs[lo + 1] - seqs[lo]);
-    m0 = (int)(blockIdx.x - tiles[lo]) * BM;
-    bi = 0;
-    q_row0 = (size_t)h * total + start;
-    o_tok0 = start;
-    q_el0 = h * qst.h + start * qst.r;
-    kv_el0 = hk * kvst.h + start * kvst.r;
-  }
+  const FwdBlock fb =
+      fwd_block<BM, BN, PACKED>(h, hk, hq, s, t, t_dev, seqs, nseq, qst, kvst, causal, window);
+  s = fb.s;
+  t = fb.t;
+  const int m0 = fb.m0, bi = fb.bi, off = fb.off, n_begin = fb.n_begin, n_hi = fb.n_hi;
+  const size_t q_row0 = fb.q_row0, o_tok0 = fb.o_tok0;
+  const long long q_el0 = fb.q_el0, kv_el0 = fb.kv_el0;
   const T* qb = q + q_el0 + m0 * qst.r;
   const T* kb = k + kv_el0;
   const T* vb = v + kv_el0;
   const int krs = kvst.r;
   const float* biasb = HAS_BIAS ? bias + bi * bias_bs + h * bias_hs : nullptr;
-  const int off = t - s;
-
-  // Keys any row of this tile can see.
-  int n_lo = 0, n_hi = t;
-  if (causal) n_hi = min(t, m0 + BM + off);
-  if (window > 0) n_lo = max(0, m0 + off - window + 1);
-  const int n_begin = (n_lo / BN) * BN;
-
-  const float scale_log2 = scale * LOG2E;
-  // Unbiased scores are scaled inside the exponent (one FMA per score); a
-  // scale that is not positive would turn -inf into NaN there, so it scales
-  // first like a biased one.
-  const bool prescaled = HAS_BIAS || !(scale_log2 > 0.f);
-  const float exp_scale = prescaled ? 1.f : scale_log2;
+  const ScoreScale sc = score_scale<HAS_BIAS>(scale);
   // Row sums of P, accumulated by the tensor cores: P (as packed for P·V)
   // times a k16 x n8 block of ones gives every column the sum of its row's
   // 16 weights, already reduced over the quad. That replaces 32 FADDs per
@@ -337,10 +394,9 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
     // that cross the end of the keys, the causal diagonal or the window edge
     // need the per-element test. Without a bias the scores stay unscaled
     // here and the scale joins the exponent's subtraction as one FMA
-    // (`prescaled` false); a bias is added in log2 units, so it scales first.
-    const bool need_mask = n0 + BN > t || (causal && n0 + BN - 1 > m0 + off) ||
-                           (window > 0 && n0 < m0 + BM - 1 + off - window + 1);
-    if (!prescaled && need_mask && !causal && window <= 0) {
+    // (`sc.first` false); a bias is added in log2 units, so it scales first.
+    const bool need_mask = tile_needs_mask<BM, BN>(n0, m0, off, t, causal, window);
+    if (!sc.first && need_mask && !causal && window <= 0) {
       // Bidirectional without a window (encoders: the last tile of every
       // packed sequence): only keys past the end are masked, one compare
       // per score instead of the general test (about 500 instructions).
@@ -350,19 +406,15 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
 #pragma unroll
         for (int e = 0; e < 4; ++e)
           if (nt * 8 + (e & 1) >= lim) sacc[nt][e] = -INFINITY;
-    } else if (prescaled || need_mask) {
+    } else if (sc.first || need_mask) {
 #pragma unroll
       for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int row = m0 + warp * 16 + g + (e >> 1) * 8;
           const int col = n0 + nt * 8 + 2 * tq + (e & 1);
-          float x = sacc[nt][e];
-          if (prescaled) x *= scale_log2;
-          if (HAS_BIAS && row < s && col < t)
-            x = fmaxf(x + biasb[(long long)row * bias_rs + col] * LOG2E, SCORE_FLOOR);
-          if (need_mask && !visible(col, row + off, t, causal, window)) x = -INFINITY;
-          sacc[nt][e] = x;
+          sacc[nt][e] = masked_score<HAS_BIAS>(sacc[nt][e], row, col, sc, biasb, bias_rs, s, t,
+                                               need_mask, off, causal, window);
         }
       }
     }
@@ -389,7 +441,7 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
       }
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-      const float m_new = fmaxf(m_r[r], mx * exp_scale);
+      const float m_new = fmaxf(m_r[r], mx * sc.in_exp);
       // A row with nothing visible yet keeps max -inf; subtract 0 instead so
       // exp2 gives 0 rather than NaN.
       mu[r] = m_new == -INFINITY ? 0.f : m_new;
@@ -407,7 +459,7 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
     for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        sacc[nt][e] = ex2(fmaf(sacc[nt][e], exp_scale, -mu[e >> 1]));
+        sacc[nt][e] = ex2(fmaf(sacc[nt][e], sc.in_exp, -mu[e >> 1]));
       }
     }
     if constexpr (!TWO) {
@@ -475,6 +527,192 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
       const int row = m0 + warp * 16 + g + 8 * r;
       if (row < s) lse[q_row0 + row] = l_r[r] > 0.f ? (m_r[r] + log2f(l_r[r])) * LN2 : INFINITY;
     }
+  }
+}
+
+// ------------------------------------------------------------ f32 forward --
+
+// f32 (f32 encoders: PyTorch's f32 attention also runs plain FMAs, and the
+// composed path wrote, scaled, softmaxed and read back the [b, h, s, t]
+// scores: 26.7 ms of MiniLM's 60.4 ms forward at b128 x 512 on an H200): the
+// blocks, masks, bias, packing and outputs of the half-precision forward
+// above, with IEEE f32 FMAs instead of tensor cores. A block's 128 threads
+// are 16 row groups x 8 key groups: thread (rg, cg) owns query rows rg + 16i
+// (i < 4), for S = Q Kᵀ keys cg + 8j (j < 8), for O columns 4cg + 32c
+// (c < D / 32, a float4 each). Q, K and V tiles sit in shared memory row-major
+// with rows padded by 4 floats, so the float4 reads of a warp's rows (8 keys
+// or 4 query rows, consecutive) fall in distinct 16-byte bank groups; each
+// float4 of Q and K feeds 4 x 8 x 4 FMAs. A row's 64 scores span the 8 lanes
+// of its row group (max by shuffles; the sum stays per lane until the end).
+// P goes through shared memory for P·V (rows padded by 8 floats: the scalar
+// stores of a warp's 4 row groups and 8 key groups hit 32 banks).
+template <int D> struct FwdCfgF32 {
+  static constexpr int BM = 64, BN = 64, NT = 128, LD = D + 4, LDP = BN + 8;
+  static constexpr int SMEM = ((BM + 2 * BN) * LD + BM * LDP) * 4;
+};
+
+template <int D, bool HAS_BIAS, bool PACKED>
+__device__ __forceinline__ void fwd_f32(const float* __restrict__ q, const float* __restrict__ k,
+                                        const float* __restrict__ v,
+                                        const float* __restrict__ bias, float* __restrict__ o,
+                                        float* __restrict__ lse, int hq, int hkv, int s, int t,
+                                        float scale, int causal, int window, long long bias_bs,
+                                        long long bias_hs, long long bias_rs, int o_bshd,
+                                        const unsigned int* t_dev, const unsigned int* seqs,
+                                        int nseq, Strides qst, Strides kvst) {
+  using C = FwdCfgF32<D>;
+  constexpr int BM = C::BM, BN = C::BN, NT = C::NT, LD = C::LD, LDP = C::LDP, OC = D / 32;
+  static_assert(D % 32 == 0 && NT == 16 * 8 && BM == 4 * 16 && BN == 8 * 8, "thread layout");
+  extern __shared__ __align__(16) unsigned char smem[];
+  if (dynamic_smem_size() < (uint32_t)C::SMEM) __trap();
+  float* sQ = reinterpret_cast<float*>(smem);
+  float* sK = sQ + BM * LD;
+  float* sV = sK + BN * LD;
+  float* sP = sV + BN * LD;
+
+  const int tid = threadIdx.x, rg = tid / 8, cg = tid % 8;
+  const int h = blockIdx.y, hk = h / (hq / hkv);
+  const FwdBlock fb =
+      fwd_block<BM, BN, PACKED>(h, hk, hq, s, t, t_dev, seqs, nseq, qst, kvst, causal, window);
+  s = fb.s;
+  t = fb.t;
+  const int m0 = fb.m0, off = fb.off, n_begin = fb.n_begin, n_hi = fb.n_hi;
+  const float* qb = q + fb.q_el0 + (long long)m0 * qst.r;
+  const float* kb = k + fb.kv_el0;
+  const float* vb = v + fb.kv_el0;
+  const int krs = kvst.r;
+  const float* biasb = HAS_BIAS ? bias + fb.bi * bias_bs + h * bias_hs : nullptr;
+  const ScoreScale sc = score_scale<HAS_BIAS>(scale);
+
+  float m_r[4], l_r[4], oacc[4][OC][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    m_r[i] = -INFINITY;
+    l_r[i] = 0.f;
+#pragma unroll
+    for (int c = 0; c < OC; ++c) oacc[i][c][0] = oacc[i][c][1] = oacc[i][c][2] = oacc[i][c][3] = 0.f;
+  }
+
+  // The next K tile loads during P·V, the next V tile during Q·Kᵀ.
+  load_tile<float, BM, D, NT, LD>(sQ, qb, s - m0, tid, qst.r);
+  if (n_begin < n_hi) load_tile<float, BN, D, NT, LD>(sK, kb + (long long)n_begin * krs, t - n_begin, tid, krs);
+  cp_async_commit();
+  if (n_begin < n_hi) load_tile<float, BN, D, NT, LD>(sV, vb + (long long)n_begin * krs, t - n_begin, tid, krs);
+  cp_async_commit();
+
+  for (int n0 = n_begin; n0 < n_hi; n0 += BN) {
+    cp_async_wait<1>();
+    __syncthreads();  // Q and this K tile are in
+    float sacc[4][8];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) sacc[i][j] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D; kk += 4) {
+      float4 qv[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) qv[i] = *reinterpret_cast<const float4*>(sQ + (rg + 16 * i) * LD + kk);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const float4 kv = *reinterpret_cast<const float4*>(sK + (cg + 8 * j) * LD + kk);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          sacc[i][j] = fmaf(qv[i].x, kv.x, sacc[i][j]);
+          sacc[i][j] = fmaf(qv[i].y, kv.y, sacc[i][j]);
+          sacc[i][j] = fmaf(qv[i].z, kv.z, sacc[i][j]);
+          sacc[i][j] = fmaf(qv[i].w, kv.w, sacc[i][j]);
+        }
+      }
+    }
+    // Scores in log2 units, bias added, invisible keys at -inf (as above).
+    const bool need_mask = tile_needs_mask<BM, BN>(n0, m0, off, t, causal, window);
+    if (sc.first || need_mask) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+          sacc[i][j] = masked_score<HAS_BIAS>(sacc[i][j], m0 + rg + 16 * i, n0 + cg + 8 * j, sc,
+                                              biasb, bias_rs, s, t, need_mask, off, causal, window);
+    }
+    // Online softmax; P to shared memory.
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float mx = sacc[i][0];
+#pragma unroll
+      for (int j = 1; j < 8; ++j) mx = fmaxf(mx, sacc[i][j]);
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 4));
+      const float m_new = fmaxf(m_r[i], mx * sc.in_exp);
+      const float mu = m_new == -INFINITY ? 0.f : m_new;
+      const float alpha = ex2(m_r[i] - mu);
+      m_r[i] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const float p = ex2(fmaf(sacc[i][j], sc.in_exp, -mu));
+        sum += p;
+        sP[(rg + 16 * i) * LDP + cg + 8 * j] = p;
+      }
+      l_r[i] = fmaf(l_r[i], alpha, sum);
+#pragma unroll
+      for (int c = 0; c < OC; ++c)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) oacc[i][c][e] *= alpha;
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // V is in, P is written, every thread is done with K
+    if (n0 + BN < n_hi)
+      load_tile<float, BN, D, NT, LD>(sK, kb + (long long)(n0 + BN) * krs, t - n0 - BN, tid, krs);
+    cp_async_commit();
+    // O += P V.
+#pragma unroll 4
+    for (int kk = 0; kk < BN; kk += 4) {
+      float4 pv[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) pv[i] = *reinterpret_cast<const float4*>(sP + (rg + 16 * i) * LDP + kk);
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+#pragma unroll
+        for (int c = 0; c < OC; ++c) {
+          const float4 vv = *reinterpret_cast<const float4*>(sV + (kk + u) * LD + 4 * cg + 32 * c);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const float p = u == 0 ? pv[i].x : u == 1 ? pv[i].y : u == 2 ? pv[i].z : pv[i].w;
+            oacc[i][c][0] = fmaf(p, vv.x, oacc[i][c][0]);
+            oacc[i][c][1] = fmaf(p, vv.y, oacc[i][c][1]);
+            oacc[i][c][2] = fmaf(p, vv.z, oacc[i][c][2]);
+            oacc[i][c][3] = fmaf(p, vv.w, oacc[i][c][3]);
+          }
+        }
+      }
+    }
+    __syncthreads();  // every thread is done with V and P
+    if (n0 + BN < n_hi)
+      load_tile<float, BN, D, NT, LD>(sV, vb + (long long)(n0 + BN) * krs, t - n0 - BN, tid, krs);
+    cp_async_commit();
+  }
+  // With no key tile at all the Q load may still be in flight.
+  cp_async_wait<0>();
+
+  // Row sums over the row group's lanes; O (as [b, hq, s, D], or with
+  // o_bshd [b, s, hq, D]) and lse (natural log, +inf for a row that saw no key).
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float l = l_r[i];
+    l += __shfl_xor_sync(0xffffffff, l, 1);
+    l += __shfl_xor_sync(0xffffffff, l, 2);
+    l += __shfl_xor_sync(0xffffffff, l, 4);
+    const int row = m0 + rg + 16 * i;
+    if (row >= s) continue;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    float* orow = o_bshd ? o + ((fb.o_tok0 + row) * hq + h) * D : o + (fb.q_row0 + row) * D;
+#pragma unroll
+    for (int c = 0; c < OC; ++c)
+      *reinterpret_cast<float4*>(orow + 4 * cg + 32 * c) =
+          make_float4(oacc[i][c][0] * inv, oacc[i][c][1] * inv, oacc[i][c][2] * inv, oacc[i][c][3] * inv);
+    if (cg == 0) lse[fb.q_row0 + row] = l > 0.f ? (m_r[i] + log2f(l)) * LN2 : INFINITY;
   }
 }
 
@@ -978,6 +1216,28 @@ __device__ __forceinline__ void decode_combine(const float* __restrict__ part_o,
     FOR_EACH_ELEMENT(i, n) dst[i] = from_f<T>(src[i] * scale);                                    \
   }
 
-// Only the half-precision dtypes: f32 attention takes the composed path.
 FLASH_ATTN_DTYPE(__nv_bfloat16, bf16)
 FLASH_ATTN_DTYPE(__half, f16)
+
+// f32: the forward only (inference), head dims 32 and 64 (the encoders'),
+// under the half-precision forward's names and arguments. BOUNDS: ptxas
+// gives the unbiased d = 32 entries 128 registers without spills from
+// (128) (with a minimum of 1 or 3 blocks per SM it takes 168; 4 spilled
+// 4-76 bytes), and at d = 64 the unbiased ones 128 with 64 bytes of spills
+// unless (128, 3) lets them have 168.
+#define FLASH_FWD_F32_ENTRIES(D, NAME, PACKED, BOUNDS)                                             \
+  extern "C" __global__ void __launch_bounds__ BOUNDS                                              \
+      flash_attn_##NAME##_d##D##_f32(FLASH_FWD_PARAMS(float)) {                                    \
+    if (bias)                                                                                      \
+      flash::fwd_f32<D, true, PACKED>(FLASH_FWD_ARGS(bias));                                       \
+    else                                                                                           \
+      flash::fwd_f32<D, false, PACKED>(FLASH_FWD_ARGS(bias));                                      \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__ BOUNDS                                              \
+      flash_attn_##NAME##_nb_d##D##_f32(FLASH_FWD_PARAMS(float)) {                                 \
+    flash::fwd_f32<D, false, PACKED>(FLASH_FWD_ARGS(nullptr));                                     \
+  }
+FLASH_FWD_F32_ENTRIES(32, fwd, false, (128))
+FLASH_FWD_F32_ENTRIES(32, fwd_packed, true, (128))
+FLASH_FWD_F32_ENTRIES(64, fwd, false, (128, 3))
+FLASH_FWD_F32_ENTRIES(64, fwd_packed, true, (128, 3))

@@ -27,6 +27,9 @@ use super::cpu::{cpu_map, CpuOp, Float};
 /// Head dims the CUDA kernel is instantiated for.
 const HEAD_DIMS: [usize; 3] = [32, 64, 128];
 
+/// Head dims of the f32 forward (the encoders').
+const F32_HEAD_DIMS: [usize; 2] = [32, 64];
+
 /// Lowest score (natural-log units, after scale and bias) when there is a
 /// bias: the kernel's `SCORE_FLOOR` (-16384 in log2 units). Far below any
 /// real score, so masked keys weigh `exp(floor - max) = 0`, yet small
@@ -60,6 +63,35 @@ pub fn flash_attention_available(
         && device.is_cuda()
         && matches!(dtype, DType::BF16 | DType::F16)
         && HEAD_DIMS.contains(&head_dim)
+}
+
+/// Whether the CUDA inference forward ([`flash_attention_merged`],
+/// [`flash_attention_packed`]) runs for inputs of this device, dtype and
+/// head width: where [`flash_attention_available`] holds, and for f32 with
+/// head dim 32 or 64 (the encoders'), which runs on f32 FMAs, without a
+/// backward or the decode kernels.
+#[must_use]
+pub(crate) fn flash_forward_available(
+    device: &candle_core::Device,
+    dtype: DType,
+    head_dim: usize,
+) -> bool {
+    flash_attention_available(device, dtype, head_dim)
+        || (cfg!(feature = "cuda")
+            && device.is_cuda()
+            && dtype == DType::F32
+            && F32_HEAD_DIMS.contains(&head_dim))
+}
+
+/// [`flash_attention_supported`] for the inference forward
+/// ([`flash_forward_available`]).
+#[must_use]
+pub(crate) fn flash_forward_supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    q.rank() == 4
+        && flash_forward_available(q.device(), q.dtype(), q.dims()[3])
+        && k.dtype() == q.dtype()
+        && v.dtype() == q.dtype()
+        && [k, v].iter().all(|x| x.rank() == 4)
 }
 
 /// `softmax(q kᵀ · scale + bias + masks) v`, fused.
@@ -143,10 +175,16 @@ fn flash_op(
             v.dtype()
         );
     }
-    if q.device().is_cuda() && !flash_attention_supported(q, k, v) {
+    // The merged layout is the inference forward's, which also takes f32.
+    let supported = if out_bshd {
+        flash_forward_supported(q, k, v)
+    } else {
+        flash_attention_supported(q, k, v)
+    };
+    if q.device().is_cuda() && !supported {
         candle_core::bail!(
-            "flash_attention: the CUDA kernel takes bf16/f16 with head dim 32, 64 or 128, \
-             not {:?} with {} (use layers::attention)",
+            "flash_attention: the CUDA kernel takes bf16/f16 with head dim 32, 64 or 128 \
+             (for inference also f32 with 32 or 64), not {:?} with {} (use layers::attention)",
             q.dtype(),
             dims.d
         );
@@ -360,8 +398,8 @@ pub fn flash_packed_index(
 /// (optional, f32, broadcastable to `[1, heads, n, n]` for some `n` at
 /// least the longest sequence) is indexed by row and column within each
 /// sequence, e.g. MPNet's relative position bias. Returns `[tokens, heads
-/// · d]`: heads merged. CUDA bf16/f16 with head dim 32, 64 or 128 only
-/// ([`flash_attention_supported`]); inference only. Padding costs nothing:
+/// · d]`: heads merged. CUDA bf16/f16 with head dim 32, 64 or 128, or f32
+/// with 32 or 64; inference only. Padding costs nothing:
 /// no padded token is read or computed.
 ///
 /// # Errors
@@ -377,8 +415,10 @@ pub fn flash_attention_packed(
     scale: f64,
 ) -> candle_core::Result<Tensor> {
     let dims = Dims::new(q, k, v)?;
-    if !q.device().is_cuda() || !flash_attention_supported(q, k, v) {
-        candle_core::bail!("flash_attention_packed: CUDA bf16/f16 with head dim 32, 64 or 128");
+    if !q.device().is_cuda() || !flash_forward_supported(q, k, v) {
+        candle_core::bail!(
+            "flash_attention_packed: CUDA bf16/f16 with head dim 32, 64 or 128, or f32 with 32 or 64"
+        );
     }
     let n = offsets.len().saturating_sub(1);
     if dims.b != 1 || dims.s != dims.t || offsets.last() != Some(&dims.s) || n == 0 {
@@ -917,9 +957,14 @@ mod cuda {
 
     /// Dynamic shared memory of the forward: `FwdCfg<D>::SMEM` in
     /// flash_attn.cu (Q tile and `MAX_STAGES` K and V tiles of 64 rows, two
-    /// at d = 32, rows padded by 8 elements). The kernel traps if it gets less
-    /// than it needs.
-    fn fwd_smem(d: usize) -> usize {
+    /// at d = 32, rows padded by 8 elements), `FwdCfgF32<D>::SMEM` for f32.
+    /// The kernel traps if it gets less than it needs.
+    fn fwd_smem(d: usize, dtype: DType) -> usize {
+        if dtype == DType::F32 {
+            // `FwdCfgF32<D>::SMEM`: Q, K and V tiles with rows padded by 4
+            // floats, and P (64 x 64, rows padded by 8).
+            return ((3 * TILE) * (d + 4) + TILE * (TILE + 8)) * 4;
+        }
         let stages = if d == 32 { 2 } else { 1 };
         (TILE + 2 * stages * TILE) * (d + 8) * 2
     }
@@ -1099,6 +1144,7 @@ mod cuda {
         match q.0.dtype() {
             DType::BF16 => forward_t::<half::bf16>(p, q, k, v),
             DType::F16 => forward_t::<half::f16>(p, q, k, v),
+            DType::F32 => forward_t::<f32>(p, q, k, v),
             other => candle_core::bail!("flash_attention: no CUDA kernel for {other:?}"),
         }
     }
@@ -1117,7 +1163,9 @@ mod cuda {
         // reads them. At least one element: CUDA refuses empty allocations.
         let out = unsafe { dev.alloc::<T>(p.dims.q_elems().max(1))? };
         let lse = unsafe { dev.alloc::<f32>(rows.max(1))? };
-        if rows > 0 && p.packed.is_none() && decodes(p) {
+        // f32 has the tiled forward only.
+        let half = T::SUFFIX != "f32";
+        if rows > 0 && p.packed.is_none() && half && decodes(p) {
             let (qv, kv, vv) = (
                 view::<T>(q.0, q.1, "q")?,
                 view::<T>(k.0, k.1, "k")?,
@@ -1130,7 +1178,7 @@ mod cuda {
                 strided::<T>(k.0, k.1, "k")?,
                 strided::<T>(v.0, v.1, "v")?,
             );
-            let smem = fwd_smem(d);
+            let smem = fwd_smem(d, q.0.dtype());
             let entry = match (p.packed.is_some(), p.bias.is_none() && no_bias_entry()) {
                 (false, true) => "fwd_nb",
                 (false, false) => "fwd",

@@ -1,6 +1,6 @@
 //! `act(x Wᵀ + b)` as one cuBLASLt GEMM whose epilogue adds the bias and
-//! applies the activation (CUDA, bf16/f16, inference), as
-//! text-embeddings-inference runs its encoders' linears.
+//! applies the activation (CUDA, bf16/f16, and f32 without GELU;
+//! inference), as text-embeddings-inference runs its encoders' linears.
 //!
 //! Why: after a plain GEMM the bias (and the MLP's GELU) is another pass
 //! over the output; at MiniLM's b128 × 512 in bf16 the `bias_act` pass of
@@ -14,8 +14,10 @@
 //! where GELU is -0.0094): a tenth of bf16's rounding step at 1, the scale
 //! of the activations the next product sums. The bf16 bounds hold
 //! (`kernels::gemm_epilogue_matches_composed`, the half-precision encoder
-//! parity tests); f32 never takes this path (f32 results match
-//! transformers to 1e-5). text-embeddings-inference makes the same choice.
+//! parity tests); f32 takes this path only for the exact epilogues (bias,
+//! ReLU, none; GELU stays with `bias_act`), with f32 products and sums
+//! (`CUBLAS_COMPUTE_32F`, no TF32), so f32 results still match transformers
+//! to 1e-5. text-embeddings-inference makes the same choice for GELU.
 //!
 //! Every size takes it, a single query's few rows too (one launch instead
 //! of a GEMM and a `bias_act`): the descriptors and the algorithm
@@ -35,9 +37,10 @@ use candle_core::Tensor;
 use super::bias_act::Activation;
 
 /// `act(x Wᵀ + b)` (`act(x Wᵀ)` without a bias) through cuBLASLt, or
-/// `None` where this path does not apply (not CUDA, not bf16/f16, no rows,
-/// an input tracking gradients, an activation the epilogue lacks, or
-/// switched off): the caller then runs its plain GEMM and `bias_act`.
+/// `None` where this path does not apply (not CUDA, not bf16/f16/f32, a
+/// GELU in f32, no rows, an input tracking gradients, an activation the
+/// epilogue lacks, or switched off): the caller then runs its plain GEMM
+/// and `bias_act`.
 ///
 /// `x`: `[.., k]`; `w`: `[n, k]`; `bias`: `[n]`, all of one dtype.
 ///
@@ -57,19 +60,20 @@ pub fn gemm_bias_act(
             return Ok(None);
         };
         let rows: usize = lead.iter().product();
-        let supported = matches!(
-            act,
-            Activation::None | Activation::Relu | Activation::GeluErf | Activation::GeluTanh
-        );
+        // The epilogue's GELU is the tanh form: only half precision takes it.
+        let supported = match x.dtype() {
+            candle_core::DType::BF16 | candle_core::DType::F16 => matches!(
+                act,
+                Activation::None | Activation::Relu | Activation::GeluErf | Activation::GeluTanh
+            ),
+            candle_core::DType::F32 => matches!(act, Activation::None | Activation::Relu),
+            _ => false,
+        };
         if !supported
             || !enabled()
             || lead.is_empty()
             || rows == 0
             || !x.device().is_cuda()
-            || !matches!(
-                x.dtype(),
-                candle_core::DType::BF16 | candle_core::DType::F16
-            )
             || w.dtype() != x.dtype()
             || bias.is_some_and(|b| b.dtype() != x.dtype())
             || crate::backend::autograd::needs_grad(&[x, w])
@@ -215,6 +219,7 @@ mod cuda {
             let ty = match dtype {
                 DType::BF16 => sys::cudaDataType_t::CUDA_R_16BF,
                 DType::F16 => sys::cudaDataType_t::CUDA_R_16F,
+                DType::F32 => sys::cudaDataType_t::CUDA_R_32F,
                 other => candle_core::bail!("gemm_bias_act: no cuBLASLt path for {other:?}"),
             };
             let int = |v: usize| {
@@ -512,6 +517,7 @@ mod cuda {
             let out = match x.0.dtype() {
                 DType::BF16 => run::<half::bf16>(dev, self.act, x, w, b, dims)?,
                 DType::F16 => run::<half::f16>(dev, self.act, x, w, b, dims)?,
+                DType::F32 => run::<f32>(dev, self.act, x, w, b, dims)?,
                 other => candle_core::bail!("gemm_bias_act: no cuBLASLt path for {other:?}"),
             };
             Ok((out, Shape::from((rows, n))))

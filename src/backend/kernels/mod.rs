@@ -41,7 +41,9 @@ pub use flash_attn::{
     flash_attention, flash_attention_available, flash_attention_cached, flash_attention_merged,
     flash_attention_packed, flash_attention_supported, flash_packed_index,
 };
-pub(crate) use flash_attn::{flash_attention_taped, FlashTape};
+pub(crate) use flash_attn::{
+    flash_attention_taped, flash_forward_available, flash_forward_supported, FlashTape,
+};
 pub use gemm_epilogue::gemm_bias_act;
 pub use kv_write::kv_write;
 pub(crate) use rms_norm::rms_norm_backward;
