@@ -1118,7 +1118,8 @@ fn packed_attention_equals_each_sequence_alone() {
 /// batches) against the composed path in f32, within 1e-5 relative: a
 /// padding mask (batch `i` hides its last `2i` keys), MPNet's kind of
 /// position bias, none; grouped heads; 130 and 77 rows (a partial last
-/// tile); the fused q/k/v projection's views read in place.
+/// tile); the fused q/k/v projection's views read in place; and the
+/// merged forward's causal and window masks.
 #[test]
 fn f32_attention_forward_matches_composed() {
     let dev = device();
@@ -1165,6 +1166,19 @@ fn f32_attention_forward_matches_composed() {
                 "f32 attention b {b} h {h}/{kv} s {s} d {d} {what}: {diff}"
             );
         }
+    }
+    // The kernel's causal and window masks in f32 (decoders keep the
+    // composed path, but the merged forward takes them).
+    let x = attention_inputs(&[2, 4, 2, 130, 130, 32], DType::F32, &dev);
+    for window in [None, Some(7)] {
+        let ours =
+            flash_attention_merged(&x[0], &x[1], &x[2], None, scale(&x[0]), true, window).unwrap();
+        let theirs = merge_heads(&attention_composed(&x, None, true, window).unwrap()).unwrap();
+        let diff = rel_diff(&ours, &theirs);
+        assert!(
+            diff <= 1e-5,
+            "f32 causal attention window {window:?}: {diff}"
+        );
     }
     if dev.is_cuda() {
         // No f32 kernel at head dim 128, nor with gradients: the merged

@@ -1164,7 +1164,7 @@ mod cuda {
         let out = unsafe { dev.alloc::<T>(p.dims.q_elems().max(1))? };
         let lse = unsafe { dev.alloc::<f32>(rows.max(1))? };
         // f32 has the tiled forward only.
-        let half = T::SUFFIX != "f32";
+        let half = q.0.dtype() != DType::F32;
         if rows > 0 && p.packed.is_none() && half && decodes(p) {
             let (qv, kv, vv) = (
                 view::<T>(q.0, q.1, "q")?,
