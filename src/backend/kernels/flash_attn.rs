@@ -42,8 +42,19 @@ const SCORE_FLOOR: f32 = -16384.0 * std::f32::consts::LN_2;
 /// the composed attention.
 #[must_use]
 pub fn flash_attention_supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    inputs_fit(q, k, v, flash_attention_available)
+}
+
+/// q, k, v of one dtype, all rank 4, and `available` for q's device, dtype
+/// and head width.
+fn inputs_fit(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    available: fn(&candle_core::Device, DType, usize) -> bool,
+) -> bool {
     q.rank() == 4
-        && flash_attention_available(q.device(), q.dtype(), q.dims()[3])
+        && available(q.device(), q.dtype(), q.dims()[3])
         && k.dtype() == q.dtype()
         && v.dtype() == q.dtype()
         && [k, v].iter().all(|x| x.rank() == 4)
@@ -87,11 +98,7 @@ pub(crate) fn flash_forward_available(
 /// ([`flash_forward_available`]).
 #[must_use]
 pub(crate) fn flash_forward_supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
-    q.rank() == 4
-        && flash_forward_available(q.device(), q.dtype(), q.dims()[3])
-        && k.dtype() == q.dtype()
-        && v.dtype() == q.dtype()
-        && [k, v].iter().all(|x| x.rank() == 4)
+    inputs_fit(q, k, v, flash_forward_available)
 }
 
 /// `softmax(q kᵀ · scale + bias + masks) v`, fused.
